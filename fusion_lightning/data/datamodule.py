@@ -1,0 +1,69 @@
+"""The LightningDataModule base every fusion level subclasses: load the logs once, split, report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from fusion_lightning.data.logtable import LogTable, load_logs
+from fusion_lightning.data.readers import ReaderOptions
+
+SOURCE_DEFAULTS: dict[str, Any] = {
+    "format": "synthetic", "path": None, "catalog": None, "queries": None, "task": None,
+    "on_error": "raise", "split": "auto", "split_seed": 0, "val_fraction": 0.1, "test_fraction": 0.2,
+    "synthetic": {"n_queries": 1200, "models": 20, "seed": 0},
+}
+
+
+def load_from_config(data: Mapping[str, Any] | DictConfig) -> LogTable:
+    """The `data` config group -> a validated, split LogTable."""
+    if isinstance(data, DictConfig):
+        data = OmegaConf.to_container(data, resolve=True)
+    unknown = set(data) - set(SOURCE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown data key(s) {sorted(unknown)}; valid: {', '.join(SOURCE_DEFAULTS)}")
+    d = {**SOURCE_DEFAULTS, **data}
+    options = ReaderOptions(catalog=d["catalog"], queries=d["queries"], task=d["task"])
+    split_args = dict(on_error=d["on_error"], split=d["split"], split_seed=d["split_seed"],
+                      val_fraction=d["val_fraction"], test_fraction=d["test_fraction"])
+    if d["format"] == "synthetic":
+        from fusion_lightning.data.readers.llmfusionbench import from_tables
+        from fusion_lightning.data.synthetic import generate_llmfusionbench
+
+        table = generate_llmfusionbench(**d["synthetic"])
+        return load_logs("synthetic", source=from_tables([("synthetic", table)], options), **split_args)
+    if d["path"] is None:
+        raise ValueError(f"data.path is required for data.format={d['format']}")
+    return load_logs(d["format"], d["path"], options=options, **split_args)
+
+
+class LogDataModule(L.LightningDataModule):
+    """Loads the logs named by the `data` config once; subclasses turn them into batches."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.data_config = dict(data or {})
+        self._logs: LogTable | None = None
+
+    @property
+    def logs(self) -> LogTable:
+        if self._logs is None:
+            self._logs = load_from_config(self.data_config)
+        return self._logs
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """What the LightningModule needs to know about the data (sizes, names); fit passes it on."""
+        return {}
+
+    def summary(self) -> dict[str, int]:
+        """Counts for summary.json."""
+        return self.logs.summary()
+
+    def write_artifacts(self, run_dir: Path) -> dict[str, str]:
+        """Files the data step leaves in the run dir (quarantined rows), name -> path."""
+        q = self.logs.report.write_quarantine(Path(run_dir) / "quarantine.jsonl")
+        return {"quarantine": str(q)} if q else {}

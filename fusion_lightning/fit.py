@@ -1,0 +1,156 @@
+"""`python -m fusion_lightning.fit recipe=NAME [key=value ...]`: run one recipe end to end.
+
+The whole of a run: compose → seed → instantiate data, model, callbacks, loggers, trainer from their
+`_target_` entries → fit → test on the best checkpoint → summary.json. No level-specific branches:
+a level differs only by the DataModule and LightningModule its recipe names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fusion_lightning.config import ConfigError, compose_recipe, list_recipes
+from fusion_lightning.data.matrix import REWARD_SETTINGS
+
+USAGE = """usage: python -m fusion_lightning.fit recipe=NAME [key=value ...]
+
+Runs a recipe from recipes/; every other argument is a Hydra override, e.g.
+  trainer.max_epochs=3   data=llmrouter   data.path=DIR   +trainer.fast_dev_run=true   run_dir=PATH
+"""
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """`run_dir` if set, else <runs_root>/<recipe>/<timestamp> (a suffix keeps concurrent runs apart)."""
+    if cfg.get("run_dir"):
+        path = Path(str(cfg.run_dir))
+    else:
+        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        base = Path(str(cfg.get("runs_root") or "checkpoints/runs")) / cfg.recipe / stamp
+        path, i = base, 1
+        while path.exists():
+            path, i = base.with_name(f"{base.name}_{i}"), i + 1
+    path = path.expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    return [instantiate(c) for c in (node or {}).values() if isinstance(c, DictConfig) and c.get("_target_")]
+
+
+def _strategy(node: DictConfig | None) -> Any:
+    if node is None or not node.get("_target_"):
+        return (node or {}).get("name", "auto")
+    return instantiate(node)
+
+
+def _float_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if k.split("/", 1)[0] in ("train", "val", "test"):
+            try:
+                out[k] = float(v)
+            except (TypeError, ValueError):
+                continue
+    return dict(sorted(out.items()))
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['recipe']} — test metrics", show_lines=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    shown = [k for k in summary["metrics"] if k.startswith("test/") and k.count("/") <= 2
+             and not any(k.startswith(f"test/{s}/") for s in REWARD_SETTINGS)]
+    for k in shown:
+        table.add_row(k, f"{summary['metrics'][k]:.4g}")
+    Console(stderr=False).print(table)
+
+
+def fit(cfg: DictConfig) -> dict[str, Any]:
+    """Run a composed recipe; returns the summary (also written to <run_dir>/summary.json)."""
+    run_dir = resolve_run_dir(cfg)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.datamodule, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(cfg.model, **datamodule.model_kwargs(), _convert_="all")
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     strategy=_strategy(cfg.get("strategy")))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_path if ckpt_cb is not None and getattr(ckpt_cb, "best_model_path", "") else None
+    trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+
+    artifacts = {"config": "config.yaml"}
+    if best:
+        artifacts["best_checkpoint"] = best
+    if ckpt_cb is not None and getattr(ckpt_cb, "last_model_path", ""):
+        artifacts["last_checkpoint"] = ckpt_cb.last_model_path
+    artifacts.update(datamodule.write_artifacts(run_dir))
+    for obj in (model, *callbacks):
+        artifacts.update(getattr(obj, "artifacts", {}) or {})
+    summary = {
+        "recipe": cfg.recipe,
+        "seed": int(cfg.seed),
+        "data": datamodule.summary(),
+        "metrics": _float_metrics(trainer.callback_metrics),
+        "artifacts": {k: str(Path(v).resolve().relative_to(run_dir)) if Path(v).is_absolute() else str(v)
+                      for k, v in artifacts.items()},
+    }
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        print("recipes:")
+        recipes = list_recipes()
+        width = max((len(n) for n in recipes), default=0)
+        for name, desc in recipes.items():
+            print(f"  {name.ljust(width)}  {desc}")
+        return 0 if argv else 2
+    recipe = [a.split("=", 1)[1] for a in argv if a.startswith("recipe=")]
+    overrides = [a for a in argv if not a.startswith("recipe=")]
+    if len(recipe) != 1:
+        print(f"error: give exactly one recipe=NAME; choose from: {', '.join(list_recipes())}", file=sys.stderr)
+        return 2
+    try:
+        cfg = compose_recipe(recipe[0], overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = fit(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad data or settings: one clear line, no traceback
+        if os.environ.get("FUSION_LIGHTNING_DEBUG"):
+            raise
+        print(f"error: {e}  (FUSION_LIGHTNING_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+    _print_summary(summary)
+    print(f"run dir: {cfg.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""RouterDataModule: query embeddings, task ids and the queries × models targets of each split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fusion_lightning.data.datamodule import LogDataModule
+from fusion_lightning.data.embeddings import build_encoder, embed_texts
+from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
+
+UNKNOWN_TASK = "<unk>"
+
+
+class RouterSplit(Dataset):
+    """One split as tensors; items are dicts so every router reads the same batch."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self.n = len(next(iter(tensors.values())))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+class RouterDataModule(LogDataModule):
+    def __init__(self, data: dict | None = None, encoder: str = "minilm", embedding_cache: str | None = None,
+                 batch_size: int = 128, num_workers: int = 0):
+        super().__init__(data)
+        self.encoder_name, self.cache_dir = encoder, embedding_cache
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.splits: dict[str, RouterSplit] = {}
+        self.matrices: dict[str, QueryMatrix] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        qm = self.logs.matrix()
+        encoder = build_encoder(self.encoder_name)
+        emb = embed_texts(qm.queries, encoder, self.cache_dir)
+        self.encoder_id = encoder.name
+        train = qm.split("train")
+        if len(train) == 0:
+            raise ValueError("the train split has no queries; check data.split and the file names")
+        self.normaliser = TaskNormaliser.fit(train)
+        self.tasks = [UNKNOWN_TASK, *sorted(set(train.tasks.tolist()))]
+        self.embed_dim = emb.shape[1]
+        task_index = {t: i for i, t in enumerate(self.tasks)}
+        for split in ("train", "val", "test"):
+            rows = np.flatnonzero(qm.splits == split)
+            m = qm.take(rows)
+            self.matrices[split] = m
+            perf_n = self.normaliser.performance(m.performance, m.tasks)
+            cost_n = self.normaliser.cost(m.cost, m.tasks)
+            self.splits[split] = RouterSplit({
+                "x": torch.from_numpy(emb[rows]),
+                "task": torch.tensor([task_index.get(t, 0) for t in m.tasks], dtype=torch.long),
+                "perf": torch.from_numpy(np.nan_to_num(m.performance, nan=0.0)),
+                "perf_n": torch.from_numpy(np.nan_to_num(perf_n, nan=0.0)),
+                "cost": torch.from_numpy(np.nan_to_num(m.cost, nan=0.0)),
+                "cost_n": torch.from_numpy(np.nan_to_num(cost_n, nan=0.0)),
+                "mask": torch.from_numpy(m.mask),
+            })
+
+    def model_kwargs(self) -> dict[str, Any]:
+        self.setup()
+        cat = self.logs.catalog
+        return {
+            "embed_dim": self.embed_dim, "models": list(self.matrices["train"].models), "tasks": self.tasks,
+            "binary": self.matrices["train"].binary, "encoder": self.encoder_id,
+            "normaliser": self.normaliser.state_dict(),
+            "model_sizes": [cat[m].params_b if m in cat else None for m in self.matrices["train"].models],
+        }
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.splits[split]
+        if len(ds) == 0:
+            raise ValueError(f"the {split} split has no queries; adjust data.val_fraction/test_fraction")
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=g if shuffle else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

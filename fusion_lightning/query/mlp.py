@@ -1,0 +1,54 @@
+"""MLP router: query embedding (+ learned task embedding) -> every model's score and cost."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusion_lightning.query.base import RouterModule
+
+
+class MLPRouter(RouterModule):
+    """Predicts performance (BCE for 0/1 scores, MSE otherwise) and normalised cost per model."""
+
+    def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
+                 normaliser: dict, model_sizes: list[float | None], hidden_dims: tuple[int, ...] = (256, 128),
+                 task_embedding_dim: int = 16, dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 cost_loss_weight: float = 0.5, lam: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters()  # models, tasks, encoder and normaliser: all a checkpoint needs to route
+        m = len(models)
+        self.task_emb = nn.Embedding(len(tasks), task_embedding_dim) if task_embedding_dim else None
+        layers: list[nn.Module] = []
+        d = embed_dim + (task_embedding_dim or 0)
+        for h in hidden_dims:
+            layers += [nn.Linear(d, h), nn.GELU(), nn.Dropout(dropout)]
+            d = h
+        self.body = nn.Sequential(*layers)
+        self.perf_head = nn.Linear(d, m)
+        self.cost_head = nn.Linear(d, m)
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.task_emb is not None:
+            x = torch.cat([x, self.task_emb(task)], dim=-1)
+        h = self.body(x)
+        return self.perf_head(h), self.cost_head(h)
+
+    def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, cost = self(x, task)
+        return torch.sigmoid(logits), cost
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits, cost = self(batch["x"], batch["task"])
+        mask = batch["mask"].float()
+        n = mask.sum().clamp_min(1.0)
+        if self.hparams.binary:
+            perf_loss = F.binary_cross_entropy_with_logits(logits, batch["perf"], reduction="none")
+        else:
+            perf_loss = (torch.sigmoid(logits) - batch["perf"]) ** 2
+        cost_loss = (cost - batch["cost_n"]) ** 2
+        return ((perf_loss + self.hparams.cost_loss_weight * cost_loss) * mask).sum() / n
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
