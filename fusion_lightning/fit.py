@@ -97,7 +97,11 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb is not None and getattr(ckpt_cb, "best_model_path", "") else None
-    trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    metrics = _float_metrics(trainer.callback_metrics)  # train/* of the last epoch
+    # val/* and test/* both from the checkpoint that test uses, so the numbers belong together
+    for run in (trainer.validate, trainer.test):
+        run(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics.update(_float_metrics(trainer.callback_metrics))
 
     artifacts = {"config": "config.yaml"}
     if best:
@@ -111,7 +115,7 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
         "recipe": cfg.recipe,
         "seed": int(cfg.seed),
         "data": datamodule.summary(),
-        "metrics": _float_metrics(trainer.callback_metrics),
+        "metrics": dict(sorted(metrics.items())),
         "artifacts": {k: str(Path(v).resolve().relative_to(run_dir)) if Path(v).is_absolute() else str(v)
                       for k, v in artifacts.items()},
     }

@@ -40,6 +40,12 @@ def _np(a) -> np.ndarray:
     return np.asarray(a.to_numpy(zero_copy_only=False))
 
 
+def _first_by(group: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Per group id 0..G-1, the row holding the smallest `key` (row order breaks no ties that matter)."""
+    order = np.lexsort((key, group))
+    return order[np.unique(group[order], return_index=True)[1]]
+
+
 def _stratified_assign(keys: np.ndarray, strata: np.ndarray, fractions: dict[str, float], seed: int,
                        rest: str) -> np.ndarray:
     """Assign each key a split, per stratum, with seeded shuffles; `rest` gets what the fractions leave."""
@@ -102,10 +108,15 @@ class LogTable:
         by_files = mode == "files" or (mode == "auto" and file_splits)
         enc = pc.dictionary_encode(t["query"]).combine_chunks()
         texts = _np(enc.dictionary).astype(object)
-        first = np.unique(_np(enc.indices), return_index=True)[1]
-        strata = _np(t["task"].take(pa.array(first)))
+        qi = _np(enc.indices)
+        # A text under several tasks / split files gets one stratum and one file split, independent of
+        # row order: the alphabetically first task, and the most held-out split (test, val, train).
+        tasks = _np(pc.fill_null(t["task"], "")).astype(str)
+        strata = tasks[_first_by(qi, tasks)]
         if by_files:
-            qsplit = _np(pc.fill_null(t["split"], "train").take(pa.array(first))).astype(object)
+            splits = pc.fill_null(t["split"], "train")
+            rank = _np(pc.fill_null(pc.index_in(splits, value_set=pa.array(["test", "val", "train"])), 2))
+            qsplit = _np(splits)[_first_by(qi, rank)].astype(object)
             if val_fraction > 0 and "val" not in set(qsplit):
                 train = qsplit == "train"
                 qsplit[train] = _stratified_assign(texts[train], strata[train], {"val": val_fraction}, seed, "train")

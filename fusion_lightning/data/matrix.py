@@ -99,7 +99,7 @@ def reward(perf_n: np.ndarray, cost_n: np.ndarray, setting: str = "performance_f
            judge: np.ndarray | None = None) -> np.ndarray:
     """Reward of each (query, model) under a setting: w_p·perf − w_c·cost over normalised values, or judge."""
     if setting == "judge":
-        if judge is None:
+        if judge is None or (np.size(judge) and np.isnan(judge).all()):  # no judge column: all NaN
             raise ValueError("the judge setting needs judge scores, and this log has none")
         return judge
     if setting not in REWARD_SETTINGS:

@@ -41,7 +41,9 @@ def _flag(issues: dict[int, list[RowIssue]], table: pa.Table, mask: np.ndarray, 
         issues.setdefault(r, []).append(RowIssue(f, line, fld, msg(v) if callable(msg) else msg))
 
 
-def _range_checks(t: pa.Table, issues: dict[int, list[RowIssue]], catalog_names: list[str]) -> None:
+def _range_checks(t: pa.Table, issues: dict[int, list[RowIssue]], catalog_names: list[str],
+                  unparsed: np.ndarray) -> None:
+    """`unparsed`: rows whose reader already reported an unparseable value (not reported again as missing)."""
     q = t["query"]
     empty = _np(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(q), ""), True))
     _flag(issues, t, empty, "query", "empty query text")
@@ -53,7 +55,7 @@ def _range_checks(t: pa.Table, issues: dict[int, list[RowIssue]], catalog_names:
 
     perf = t["performance"]
     p = _np(pc.fill_null(perf, np.nan))
-    _flag(issues, t, _np(pc.is_null(perf)), "performance", "missing score")
+    _flag(issues, t, _np(pc.is_null(perf)) & ~unparsed, "performance", "missing score")
     _flag(issues, t, np.isnan(p) & _np(pc.is_valid(perf)), "performance", "NaN")
     with np.errstate(invalid="ignore"):
         _flag(issues, t, (p < 0) | (p > 1), "performance", lambda v: f"out of range [0, 1]: {v}", perf)
@@ -65,7 +67,7 @@ def _range_checks(t: pa.Table, issues: dict[int, list[RowIssue]], catalog_names:
     with np.errstate(invalid="ignore"):
         _flag(issues, t, c < 0, "cost", lambda v: f"negative cost: {v}", cost)
     if present.any():  # a log with costs must have them on every row
-        _flag(issues, t, ~present, "cost", "missing cost (other rows of this log have one)")
+        _flag(issues, t, ~present & ~unparsed, "cost", "missing cost (other rows of this log have one)")
 
     judge = t["judge"]
     j = _np(pc.fill_null(judge, 0.0))
@@ -111,7 +113,9 @@ def validate(src: SourceData, on_error: str = "raise") -> ValidationResult:
         raise ValueError(f"data.on_error={on_error!r}; choose from: {', '.join(ON_ERROR)}")
     t = src.table
     issues: dict[int, list[RowIssue]] = {i: [v] for i, v in src.issues.items()}
-    _range_checks(t, issues, src.catalog.names)
+    unparsed = np.zeros(len(t), bool)
+    unparsed[list(src.issues)] = True
+    _range_checks(t, issues, src.catalog.names, unparsed)
     collapse = _duplicates(t, issues)
     counts = {"rows_read": t.num_rows}
     if collapse.any():

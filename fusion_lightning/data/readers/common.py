@@ -135,7 +135,8 @@ def canonical_table(columns: dict[str, Any]) -> pa.Table:
     arrays = []
     for f in FULL_SCHEMA:
         col = columns.get(f.name)
-        arrays.append(pa.nulls(n, f.type) if col is None else pa.array(col, type=f.type, from_pandas=True))
+        # from_pandas=False: a NaN in the source stays NaN, so validation reports it as NaN, not as missing
+        arrays.append(pa.nulls(n, f.type) if col is None else pa.array(col, type=f.type, from_pandas=False))
     table = pa.Table.from_arrays(arrays, schema=FULL_SCHEMA)
     return fill_derived(table)
 
@@ -145,12 +146,15 @@ def fill_derived(table: pa.Table) -> pa.Table:
     if table.num_rows == 0:
         return table
     if table["query_id"].null_count:
-        task = pc.fill_null(table["task"], "")
-        key = pc.binary_join_element_wise(task, pc.fill_null(table["query"], ""), "\x1f")
-        enc = pc.dictionary_encode(key).combine_chunks()
-        uniq = enc.dictionary.to_pylist()
-        ids = pa.array([make_query_id(*k.split("\x1f", 1)) for k in uniq], pa.string())
-        derived = pc.take(ids, enc.indices)
+        # hash each distinct (task, query) pair once, via dictionary codes
+        tenc = pc.dictionary_encode(pc.fill_null(table["task"], "")).combine_chunks()
+        qenc = pc.dictionary_encode(pc.fill_null(table["query"], "")).combine_chunks()
+        nq = len(qenc.dictionary)
+        key = np.asarray(tenc.indices, np.int64) * nq + np.asarray(qenc.indices, np.int64)
+        uniq, inverse = np.unique(key, return_inverse=True)
+        tasks, queries = tenc.dictionary.to_pylist(), qenc.dictionary.to_pylist()
+        ids = pa.array([make_query_id(tasks[k // nq], queries[k % nq]) for k in uniq.tolist()], pa.string())
+        derived = ids.take(pa.array(inverse.ravel()))
         qid = pc.if_else(pc.is_null(table["query_id"]), derived, table["query_id"])
         table = table.set_column(table.schema.get_field_index("query_id"), "query_id", qid)
     if table["domain"].null_count:

@@ -61,9 +61,10 @@ def read_routellm(path: Path, options: ReaderOptions) -> SourceData:
         task = options.task or task_from_name(f)
         split = split_from_name(f)
         gold = _gold(f.parent)
+        line = 1  # last row read (1: the header); a csv.Error is in the row after it
         try:
             with f.open(newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
+                reader = csv.DictReader(fh, strict=True)  # strict: a quote cut off at EOF is an error
                 header = reader.fieldnames or []
                 if "prompt" not in header:
                     raise LogFormatError(str(f), f"missing required column 'prompt'; found {header[:10]}")
@@ -91,7 +92,8 @@ def read_routellm(path: Path, options: ReaderOptions) -> SourceData:
                         cols["_file"].append(str(f))
                         cols["_row"].append(line)
         except (OSError, UnicodeDecodeError, csv.Error) as e:
-            raise LogFormatError(str(f), f"cannot read CSV: {e}") from e
+            raise LogFormatError(str(f), f"cannot read CSV (truncated file?): {e}",
+                                 row=line + 1 if isinstance(e, csv.Error) else None) from e
 
     uniq = list(dict.fromkeys(cols["query"]))
     n_in = dict(zip(uniq, count_tokens(uniq), strict=True))
