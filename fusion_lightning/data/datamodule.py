@@ -15,7 +15,7 @@ from fusion_lightning.data.readers import ReaderOptions
 SOURCE_DEFAULTS: dict[str, Any] = {
     "format": "synthetic", "path": None, "catalog": None, "queries": None, "task": None,
     "on_error": "raise", "split": "auto", "split_seed": 0, "val_fraction": 0.1, "test_fraction": 0.2,
-    "synthetic": {"n_queries": 1200, "models": 20, "seed": 0},
+    "synthetic": {"n_queries": 3000, "models": 20, "seed": 0},
 }
 
 

@@ -36,4 +36,5 @@ class LogValidationError(ValueError):
         more = f" (and {len(issues) - shown} more; data.on_error=quarantine sets bad rows aside)" if len(
             issues
         ) > shown else ""
-        super().__init__(f"{len(issues)} invalid log row(s): {head}{more}")
+        rows = len({(i.file, i.row) for i in issues})
+        super().__init__(f"{rows} invalid log row(s), {len(issues)} problem(s): {head}{more}")

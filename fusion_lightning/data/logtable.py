@@ -32,7 +32,8 @@ class DataReport:
         path = Path(path)
         with path.open("w") as fh:
             for rec in self.quarantine:
-                fh.write(json.dumps(rec, default=str) + "\n")
+                clean = {k: "NaN" if isinstance(v, float) and v != v else v for k, v in rec.items()}
+                fh.write(json.dumps(clean, default=str, allow_nan=False) + "\n")
         return path
 
 

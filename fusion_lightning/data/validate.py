@@ -52,6 +52,7 @@ def _range_checks(t: pa.Table, issues: dict[int, list[RowIssue]], catalog_names:
     m = t["model"]
     unknown = ~_np(pc.fill_null(pc.is_in(m, value_set=pa.array(catalog_names, pa.string())), False))
     _flag(issues, t, unknown, "model", lambda v: f"unknown model {v!r} (not in the model catalog)", m)
+    unparsed = unparsed | unknown  # an unknown model has no price either: one issue, not two
 
     perf = t["performance"]
     p = _np(pc.fill_null(perf, np.nan))

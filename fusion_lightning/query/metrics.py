@@ -59,10 +59,14 @@ def baseline_choices(train: RoutingArrays, ev: RoutingArrays, setting: str,
     mean_cost = _masked_mean(train.cost, train.mask)
     size = np.array([s if s is not None else -1.0 for s in sizes], float)
     largest = int(size.argmax()) if (size > 0).any() else int(mean_cost.argmax())
-    return {
-        "best_single": np.full(n, best), "task_best": task_best, "oracle": oracle,
-        "cheapest": np.full(n, int(mean_cost.argmin())), "largest": np.full(n, largest),
-    }
+    fixed = {"best_single": np.full(n, best), "task_best": task_best,
+             "cheapest": np.full(n, int(mean_cost.argmin())), "largest": np.full(n, largest)}
+    # a query without a call to the fixed model falls back to the best available one on train
+    fallback = choose(np.broadcast_to(mean_r, ev.mask.shape), ev.mask)
+    rows = np.arange(n)
+    for name, c in fixed.items():
+        fixed[name] = np.where(ev.mask[rows, c], c, fallback)
+    return {**fixed, "oracle": oracle}
 
 
 def gap_closed(router: float, best_single: float, oracle: float) -> float:

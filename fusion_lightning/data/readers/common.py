@@ -55,8 +55,9 @@ _ROLE_RE = re.compile(r"(?:^|[_\-.])(responses|response|scores|queries|logs|log)
 
 def task_from_name(path: Path) -> str:
     """'gsm8k_test.json' -> 'gsm8k': the file stem without its split and role words."""
-    stem = _ROLE_RE.sub("", _SPLIT_RE.sub("", path.stem)).strip("_-. ")
-    return stem or path.stem
+    no_split = _SPLIT_RE.sub("", path.stem).strip("_-. ")
+    stem = _ROLE_RE.sub("", no_split).strip("_-. ")
+    return stem or no_split or path.stem
 
 
 def find_files(path: Path, suffixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> list[Path]:

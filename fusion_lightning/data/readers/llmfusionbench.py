@@ -60,7 +60,14 @@ def _read_file(f: Path) -> pa.Table:
             except pa.ArrowInvalid:
                 # pyarrow reads only JSON lines and counts rows from 0: re-read in Python, which names the
                 # 1-based line of a truncated/invalid record (LogFormatError) or reads a JSON array file
-                return pa.Table.from_pylist([rec for _, rec in read_json_records(f)])
+                recs = [rec for _, rec in read_json_records(f)]
+                try:
+                    return pa.Table.from_pylist(recs)
+                except (pa.ArrowInvalid, pa.ArrowTypeError):  # numbers mixed with "{'pass@1': ...}" strings
+                    for rec in recs:
+                        if rec.get("performance") is not None:
+                            rec["performance"] = str(rec["performance"])
+                    return pa.Table.from_pylist(recs)
         if suffix == ".csv":
             return pacsv.read_csv(f)
     except (OSError, pa.ArrowInvalid, pa.ArrowTypeError) as e:

@@ -86,7 +86,8 @@ def read_llmrouter(path: Path, options: ReaderOptions) -> SourceData:
             meta = joined.get(q)
             if meta is None:
                 unjoined += 1
-            task = options.task or (meta or {}).get("task_name") or rec.get("task_name") or file_task
+            # the record's own task, else the joined query file's, else the file name's
+            task = options.task or rec.get("task_name") or (meta or {}).get("task_name") or file_task
             for model, score in rec["scores"].items():
                 perf = to_float(score)
                 if perf is None:

@@ -1,6 +1,6 @@
 """RouteLLM-style wide CSV: `prompt, <model>, <model>_response` (one column pair per model).
 
-`<model>` holds the recorded correctness (True/False or a score). Gold answers may sit beside the
+Rows are named by the line where their CSV record starts (responses span lines). `<model>` holds the recorded correctness (True/False or a score). Gold answers may sit beside the
 CSV in a JSONL file with `question`/`answer` (GSM8K's own format), joined on the prompt text. The
 source has no token counts or costs: both are estimated from the texts and catalog prices (a
 shipped catalog covers the public RouteLLM models) — and said so.
@@ -61,7 +61,7 @@ def read_routellm(path: Path, options: ReaderOptions) -> SourceData:
         task = options.task or task_from_name(f)
         split = split_from_name(f)
         gold = _gold(f.parent)
-        line = 1  # last row read (1: the header); a csv.Error is in the row after it
+        line = 2  # first line of the record being read (quoted fields may span lines)
         try:
             with f.open(newline="", encoding="utf-8") as fh:
                 reader = csv.DictReader(fh, strict=True)  # strict: a quote cut off at EOF is an error
@@ -71,7 +71,8 @@ def read_routellm(path: Path, options: ReaderOptions) -> SourceData:
                 models = [c for c in header if c != "prompt" and f"{c}_response" in header]
                 if not models:
                     raise LogFormatError(str(f), "no '<model>' + '<model>_response' column pairs found")
-                for line, rec in enumerate(reader, start=2):  # line 1 is the header
+                line = reader.line_num + 1
+                for rec in reader:
                     if None in rec or any(rec.get(c) is None for c in header):
                         raise LogFormatError(str(f), "wrong number of fields (truncated file?)", row=line)
                     q = rec["prompt"]
@@ -91,9 +92,10 @@ def read_routellm(path: Path, options: ReaderOptions) -> SourceData:
                         cols["split"].append(split)
                         cols["_file"].append(str(f))
                         cols["_row"].append(line)
+                    line = reader.line_num + 1
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise LogFormatError(str(f), f"cannot read CSV (truncated file?): {e}",
-                                 row=line + 1 if isinstance(e, csv.Error) else None) from e
+                                 row=line if isinstance(e, csv.Error) else None) from e
 
     uniq = list(dict.fromkeys(cols["query"]))
     n_in = dict(zip(uniq, count_tokens(uniq), strict=True))
