@@ -64,9 +64,20 @@ def _float_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    console = Console()
+    d = summary["data"]
+    console.print(f"[bold]data[/]: {d.get('rows', 0):,} rows, {d.get('queries', 0):,} queries "
+                  f"(train {d.get('train_queries', 0):,} / val {d.get('val_queries', 0):,} / "
+                  f"test {d.get('test_queries', 0):,}), {d.get('models', 0)} models, {d.get('tasks', 0)} tasks")
+    if d.get("quarantined_rows"):
+        console.print(f"[yellow]quarantined {d['quarantined_rows']:,} bad rows[/] -> {run_dir / 'quarantine.jsonl'}")
+    report = summary["artifacts"].get("data_report")
+    for note in json.loads((run_dir / report).read_text())["notes"] if report else []:
+        console.print(f"  note: {note}")
 
     table = Table(title=f"{summary['recipe']} — test metrics", show_lines=False)
     table.add_column("metric")
@@ -75,7 +86,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
              and not any(k.startswith(f"test/{s}/") for s in REWARD_SETTINGS)]
     for k in shown:
         table.add_row(k, f"{summary['metrics'][k]:.4g}")
-    Console(stderr=False).print(table)
+    console.print(table)
 
 
 def fit(cfg: DictConfig) -> dict[str, Any]:
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}  (FUSION_LIGHTNING_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
-    _print_summary(summary)
+    _print_summary(summary, Path(cfg.run_dir))
     print(f"run dir: {cfg.run_dir}")
     return 0
 

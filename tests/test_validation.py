@@ -223,13 +223,15 @@ def test_datamodule_writes_quarantine_jsonl(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     written = dm.write_artifacts(out)
-    assert written == {"quarantine": str(out / "quarantine.jsonl")}
+    assert written == {"quarantine": str(out / "quarantine.jsonl"), "data_report": str(out / "data_report.json")}
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["counts"]["quarantined_rows"] == 3 and report["notes"]
     recs = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
     assert len(recs) == 3
     assert sorted((r["_row"], r["model"]) for r in recs) == [(1, "m2"), (2, "m1"), (2, "m2")]
     assert all(r["_file"] == str(f) and r["_reasons"] for r in recs)
     clean = LogDataModule({"format": "llmrouter", "path": str(_scores(tmp_path / "ok", GOOD))})
-    assert clean.write_artifacts(tmp_path / "ok") == {}
+    assert set(clean.write_artifacts(tmp_path / "ok")) == {"data_report"}
     assert not (tmp_path / "ok" / "quarantine.jsonl").exists()
 
 

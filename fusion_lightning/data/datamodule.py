@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,12 @@ class LogDataModule(L.LightningDataModule):
         return self.logs.summary()
 
     def write_artifacts(self, run_dir: Path) -> dict[str, str]:
-        """Files the data step leaves in the run dir (quarantined rows), name -> path."""
+        """Files the data step leaves in the run dir, name -> path: the data report (counts and how
+        values were derived) and, with data.on_error=quarantine, the quarantined rows."""
+        report = Path(run_dir) / "data_report.json"
+        report.write_text(json.dumps({"counts": self.summary(), "notes": self.logs.report.notes}, indent=2))
+        out = {"data_report": str(report)}
         q = self.logs.report.write_quarantine(Path(run_dir) / "quarantine.jsonl")
-        return {"quarantine": str(q)} if q else {}
+        if q:
+            out["quarantine"] = str(q)
+        return out

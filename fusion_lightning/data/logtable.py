@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 
 from fusion_lightning.data.matrix import QueryMatrix
 from fusion_lightning.data.readers import ReaderOptions, SourceData, read_source
+from fusion_lightning.data.readers.common import as_objects, codes, from_codes
 from fusion_lightning.data.schema import SPLITS, ModelCatalog
 from fusion_lightning.data.validate import validate
 
@@ -41,10 +42,16 @@ def _np(a) -> np.ndarray:
     return np.asarray(a.to_numpy(zero_copy_only=False))
 
 
-def _first_by(group: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """Per group id 0..G-1, the row holding the smallest `key` (row order breaks no ties that matter)."""
-    order = np.lexsort((key, group))
-    return order[np.unique(group[order], return_index=True)[1]]
+def _group_min(group: np.ndarray, key: np.ndarray, n_groups: int) -> np.ndarray:
+    """Smallest `key` per group id 0..n_groups-1 (independent of row order)."""
+    out = np.full(n_groups, np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(out, group, key)
+    return out
+
+
+def _first_rows(group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Index of the first row of each group."""
+    return _group_min(group, np.arange(len(group), dtype=np.int64), n_groups)
 
 
 def _stratified_assign(keys: np.ndarray, strata: np.ndarray, fractions: dict[str, float], seed: int,
@@ -107,61 +114,70 @@ class LogTable:
         if mode == "files" and not file_splits:
             raise ValueError("data.split=files, but no file name carries a split (_train/_val/_test)")
         by_files = mode == "files" or (mode == "auto" and file_splits)
-        enc = pc.dictionary_encode(t["query"]).combine_chunks()
-        texts = _np(enc.dictionary).astype(object)
-        qi = _np(enc.indices)
+        qi, texts = codes(t["query"])
+        n = len(texts)
+        texts_arr = np.array(texts, dtype=object)
         # A text under several tasks / split files gets one stratum and one file split, independent of
         # row order: the alphabetically first task, and the most held-out split (test, val, train).
-        tasks = _np(pc.fill_null(t["task"], "")).astype(str)
-        strata = tasks[_first_by(qi, tasks)]
+        ti, tasks = codes(t["task"])
+        order = sorted(range(len(tasks)), key=lambda i: tasks[i] or "")
+        rank = np.empty(len(tasks), np.int64)
+        rank[order] = np.arange(len(tasks))
+        strata = np.array([tasks[i] or "" for i in order], dtype=object)[_group_min(qi, rank[ti], n)]
         if by_files:
-            splits = pc.fill_null(t["split"], "train")
-            rank = _np(pc.fill_null(pc.index_in(splits, value_set=pa.array(["test", "val", "train"])), 2))
-            qsplit = _np(splits)[_first_by(qi, rank)].astype(object)
+            si, split_values = codes(t["split"])
+            held_out = ("test", "val", "train")
+            srank = np.array([held_out.index(v) if v in held_out else 2 for v in split_values])[si]
+            qsplit = np.array(held_out, dtype=object)[_group_min(qi, srank, n)]
             if val_fraction > 0 and "val" not in set(qsplit):
                 train = qsplit == "train"
-                qsplit[train] = _stratified_assign(texts[train], strata[train], {"val": val_fraction}, seed, "train")
+                qsplit[train] = _stratified_assign(texts_arr[train], strata[train], {"val": val_fraction}, seed,
+                                                   "train")
         else:
-            qsplit = _stratified_assign(texts, strata, {"test": test_fraction, "val": val_fraction}, seed, "train")
-        split_col = pc.take(pa.array(qsplit.tolist(), pa.string()), enc.indices)
-        table = t.set_column(t.schema.get_field_index("split"), "split", split_col)
+            qsplit = _stratified_assign(texts_arr, strata, {"test": test_fraction, "val": val_fraction}, seed,
+                                        "train")
+        split_names = list(SPLITS)
+        split_code = np.array([split_names.index(x) for x in qsplit], np.int64)
+        table = t.set_column(t.schema.get_field_index("split"), "split", from_codes(split_code[qi], split_names))
         report = DataReport(dict(self.report.counts), list(self.report.notes), self.report.quarantine)
         report.notes.append(f"splits {'from file names' if by_files else 'by query'} (seed {seed})")
         return LogTable(table, self.catalog, report, self.task_descriptions)
 
     def query_table(self) -> pa.Table:
         """One row per query: id, text, task, domain, split, ground truth and metric."""
-        t = self.table
-        enc = pc.dictionary_encode(t["query_id"]).combine_chunks()
-        first = np.unique(_np(enc.indices), return_index=True)[1]
+        qi, ids = codes(self.table["query_id"])
         cols = ["query_id", "query", "task", "domain", "split", "ground_truth", "metric"]
-        return t.select(cols).take(pa.array(first))
+        return self.table.select(cols).take(pa.array(_first_rows(qi, len(ids))))
 
     def matrix(self, models: list[str] | None = None) -> QueryMatrix:
         """Dense queries × models arrays (NaN + mask where the log has no call)."""
         t = self.table
         models = models or self.models
-        qenc = pc.dictionary_encode(t["query_id"]).combine_chunks()
-        qi = _np(qenc.indices)
+        qi, query_ids = codes(t["query_id"])
         col = {m: i for i, m in enumerate(models)}
-        menc = pc.dictionary_encode(t["model"]).combine_chunks()
-        lut = np.array([col.get(m, -1) for m in menc.dictionary.to_pylist()], np.int64)
-        mi = lut[_np(menc.indices)]
+        mcode, model_values = codes(t["model"])
+        mi = np.array([col.get(m, -1) for m in model_values], np.int64)[mcode]
+        q, m = len(query_ids), len(models)
         keep = mi >= 0
-        q, m = len(qenc.dictionary), len(models)
+        flat = qi * m + mi  # one scatter index for every array
+        if not keep.all():
+            flat = flat[keep]
         arrays = {}
         for name in ("performance", "cost", "judge"):
-            a = np.full((q, m), np.nan, np.float32)
-            a[qi[keep], mi[keep]] = _np(pc.fill_null(t[name], np.nan))[keep]
-            arrays[name] = a
-        mask = np.zeros((q, m), bool)
-        mask[qi[keep], mi[keep]] = True
-        first = np.unique(qi, return_index=True)[1]
-        meta = t.select(["query", "task", "domain", "split"]).take(pa.array(first))
+            a = np.full(q * m, np.nan, np.float32)
+            values = _np(pc.fill_null(t[name], np.nan))
+            a[flat] = values if keep.all() else values[keep]
+            arrays[name] = a.reshape(q, m)
+        mask = np.zeros(q * m, bool)
+        mask[flat] = True
+        mask = mask.reshape(q, m)
+        meta = t.select(["query", "task", "domain", "split"]).take(pa.array(_first_rows(qi, q)))
+        ids = np.empty(q, dtype=object)
+        ids[:] = query_ids
         return QueryMatrix(
-            query_ids=_np(qenc.dictionary).astype(object), queries=meta["query"].to_pylist(),
-            tasks=_np(meta["task"]).astype(object), domains=_np(meta["domain"]).astype(object),
-            splits=_np(pc.fill_null(meta["split"], "")).astype(object), models=list(models),
+            query_ids=ids, queries=as_objects(meta["query"]).tolist(), tasks=as_objects(meta["task"]),
+            domains=as_objects(meta["domain"]), splits=as_objects(pc.fill_null(meta["split"], "")),
+            models=list(models),
             performance=arrays["performance"], cost=arrays["cost"], judge=arrays["judge"], mask=mask)
 
     def summary(self) -> dict[str, int]:

@@ -14,28 +14,32 @@ from pathlib import Path
 
 import pyarrow as pa
 
+# Fields that repeat across a query's block or across queries are dictionary-encoded: a 1M-row log
+# holds each query text once, and grouping by query/model/task reads the codes directly.
+DICT = pa.dictionary(pa.int32(), pa.string())
+
 LOG_SCHEMA = pa.schema(
     [
-        ("query_id", pa.string()),
-        ("query", pa.string()),
-        ("task", pa.string()),
-        ("domain", pa.string()),
-        ("model", pa.string()),
+        ("query_id", DICT),
+        ("query", DICT),
+        ("task", DICT),
+        ("domain", DICT),
+        ("model", DICT),
         ("response", pa.string()),
         ("performance", pa.float64()),
         ("cost", pa.float64()),
         ("input_tokens", pa.int64()),
         ("output_tokens", pa.int64()),
         ("judge", pa.float64()),
-        ("ground_truth", pa.string()),
-        ("metric", pa.string()),
+        ("ground_truth", DICT),
+        ("metric", DICT),
     ]
 )
 LOG_FIELDS = tuple(LOG_SCHEMA.names)
 
 # Provenance columns every reader adds, so an error can name the file and the row/line.
 SOURCE_FIELDS = ("split", "_file", "_row")
-SOURCE_SCHEMA = pa.schema([("split", pa.string()), ("_file", pa.string()), ("_row", pa.int64())])
+SOURCE_SCHEMA = pa.schema([("split", DICT), ("_file", DICT), ("_row", pa.int64())])
 FULL_SCHEMA = pa.schema(list(LOG_SCHEMA) + list(SOURCE_SCHEMA))
 
 SPLITS = ("train", "val", "test")

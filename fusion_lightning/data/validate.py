@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fusion_lightning.data.errors import LogValidationError, RowIssue
-from fusion_lightning.data.readers.common import SourceData
+from fusion_lightning.data.readers.common import SourceData, codes, map_values
 
 ON_ERROR = ("raise", "quarantine")
 _VALUE_FIELDS = ("performance", "cost", "judge", "response")
@@ -44,11 +44,9 @@ def _flag(issues: dict[int, list[RowIssue]], table: pa.Table, mask: np.ndarray, 
 def _range_checks(t: pa.Table, issues: dict[int, list[RowIssue]], catalog_names: list[str],
                   unparsed: np.ndarray) -> None:
     """`unparsed`: rows whose reader already reported an unparseable value (not reported again as missing)."""
-    q = t["query"]
-    empty = _np(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(q), ""), True))
-    _flag(issues, t, empty, "query", "empty query text")
-    task_bad = _np(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t["task"]), ""), True))
-    _flag(issues, t, task_bad, "task", "missing task")
+    blank = lambda v: v is None or not v.strip()  # noqa: E731 - evaluated once per distinct value
+    _flag(issues, t, map_values(t["query"], blank), "query", "empty query text")
+    _flag(issues, t, map_values(t["task"], blank), "task", "missing task")
     m = t["model"]
     unknown = ~_np(pc.fill_null(pc.is_in(m, value_set=pa.array(catalog_names, pa.string())), False))
     _flag(issues, t, unknown, "model", lambda v: f"unknown model {v!r} (not in the model catalog)", m)
@@ -82,9 +80,12 @@ def _range_checks(t: pa.Table, issues: dict[int, list[RowIssue]], catalog_names:
 
 def _duplicates(t: pa.Table, issues: dict[int, list[RowIssue]]) -> np.ndarray:
     """Mask of exact duplicate (query, model) rows to collapse; conflicting duplicates become issues."""
-    qi = _np(pc.dictionary_encode(t["query_id"]).combine_chunks().indices).astype(np.int64)
-    mi = _np(pc.dictionary_encode(pc.fill_null(t["model"], "")).combine_chunks().indices).astype(np.int64)
-    key = qi * (int(mi.max(initial=0)) + 1) + mi
+    qi, _ = codes(t["query_id"])
+    mi, models = codes(t["model"])
+    key = qi * len(models) + mi
+    if int(qi.max(initial=-1) + 1) * len(models) <= 8 * len(key) + 1024 and \
+            np.bincount(key, minlength=1).max(initial=0) <= 1:
+        return np.zeros(len(t), bool)  # no (query, model) pair twice: nothing to compare
     order = np.argsort(key, kind="stable")
     ks = key[order]
     dup_pos = np.flatnonzero(ks[1:] == ks[:-1]) + 1  # positions (in sorted order) repeating the previous key

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fusion_lightning.data.errors import LogFormatError, RowIssue
-from fusion_lightning.data.schema import FULL_SCHEMA, ModelCatalog, domain_of, make_query_id
+from fusion_lightning.data.schema import DICT, FULL_SCHEMA, ModelCatalog, domain_of, make_query_id
 
 
 @dataclass
@@ -142,26 +142,80 @@ def canonical_table(columns: dict[str, Any]) -> pa.Table:
     return fill_derived(table)
 
 
+def codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list]:
+    """(code per row, distinct values): codes are dense 0..k-1 over the values present; null is a value (None).
+
+    O(rows) on dictionary columns (no string comparison), so grouping a 1M-row log by query is cheap.
+    """
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col  # unifies chunk dictionaries
+    if not pa.types.is_dictionary(arr.type):
+        arr = pc.dictionary_encode(arr)
+    dict_values = arr.dictionary.to_pylist()
+    idx = np.asarray(pc.fill_null(arr.indices, len(dict_values)), np.int64)
+    dict_values.append(None)
+    used = np.flatnonzero(np.bincount(idx, minlength=len(dict_values)))
+    new_code: dict = {}
+    remap = np.zeros(len(dict_values), np.int64)
+    for i in used.tolist():  # merges equal strings that a dictionary may hold twice
+        remap[i] = new_code.setdefault(dict_values[i], len(new_code))
+    return remap[idx], list(new_code)
+
+
+def dense_unique(key: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(key, return_inverse=True) for keys in [0, n_keys): a counting pass, no sort, when it fits."""
+    if n_keys > 8 * len(key) + 1024:
+        uniq, inverse = np.unique(key, return_inverse=True)
+        return uniq, inverse.ravel()
+    used = np.bincount(key, minlength=n_keys) > 0
+    remap = np.cumsum(used) - 1
+    return np.flatnonzero(used), remap[key]
+
+
+def as_objects(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Object array of the values (each distinct string built once; to_pylist builds one per row)."""
+    idx, values = codes(col)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out[idx]
+
+
+def from_codes(idx: np.ndarray, values: list) -> pa.DictionaryArray:
+    """A dictionary column from per-row codes into `values`; equal values share one entry, None is null."""
+    uniq: dict = {}
+    remap = np.array([uniq.setdefault(v, len(uniq)) if v is not None else -1 for v in values] or [-1], np.int64)
+    codes_ = remap[idx] if len(idx) else np.zeros(0, np.int64)
+    indices = pa.array(codes_.astype(np.int32), mask=codes_ < 0)
+    return pa.DictionaryArray.from_arrays(indices, pa.array(list(uniq), pa.string()))
+
+
+def map_values(col: pa.ChunkedArray | pa.Array, fn) -> np.ndarray:
+    """Apply a Python function to each distinct value once; the result per row as numpy."""
+    idx, values = codes(col)
+    return np.asarray([fn(v) for v in values])[idx] if len(values) else np.zeros(0)
+
+
 def fill_derived(table: pa.Table) -> pa.Table:
     """Fill query_id (content hash of task + text) and domain where the source has none."""
     if table.num_rows == 0:
         return table
     if table["query_id"].null_count:
         # hash each distinct (task, query) pair once, via dictionary codes
-        tenc = pc.dictionary_encode(pc.fill_null(table["task"], "")).combine_chunks()
-        qenc = pc.dictionary_encode(pc.fill_null(table["query"], "")).combine_chunks()
-        nq = len(qenc.dictionary)
-        key = np.asarray(tenc.indices, np.int64) * nq + np.asarray(qenc.indices, np.int64)
-        uniq, inverse = np.unique(key, return_inverse=True)
-        tasks, queries = tenc.dictionary.to_pylist(), qenc.dictionary.to_pylist()
-        ids = pa.array([make_query_id(tasks[k // nq], queries[k % nq]) for k in uniq.tolist()], pa.string())
-        derived = ids.take(pa.array(inverse.ravel()))
-        qid = pc.if_else(pc.is_null(table["query_id"]), derived, table["query_id"])
-        table = table.set_column(table.schema.get_field_index("query_id"), "query_id", qid)
+        ti, tasks = codes(table["task"])
+        qi, queries = codes(table["query"])
+        key = ti * len(queries) + qi
+        uniq, inverse = dense_unique(key, len(tasks) * len(queries))
+        ids = [make_query_id(tasks[k // len(queries)], queries[k % len(queries)] or "") for k in uniq.tolist()]
+        derived = from_codes(inverse.ravel(), ids)
+        if table["query_id"].null_count < len(table):  # some rows carry their own id: keep those
+            derived = pc.if_else(pc.is_null(table["query_id"]), derived.cast(pa.string()),
+                                 table["query_id"].cast(pa.string())).cast(DICT)
+        table = table.set_column(table.schema.get_field_index("query_id"), "query_id", derived)
     if table["domain"].null_count:
-        enc = pc.dictionary_encode(pc.fill_null(table["task"], "")).combine_chunks()
-        doms = pa.array([domain_of(t) for t in enc.dictionary.to_pylist()], pa.string())
-        dom = pc.if_else(pc.is_null(table["domain"]), pc.take(doms, enc.indices), table["domain"])
+        ti, tasks = codes(table["task"])
+        dom = from_codes(ti, [domain_of(t or "") for t in tasks])
+        if table["domain"].null_count < len(table):
+            dom = pc.if_else(pc.is_null(table["domain"]), dom.cast(pa.string()),
+                             table["domain"].cast(pa.string())).cast(DICT)
         table = table.set_column(table.schema.get_field_index("domain"), "domain", dom)
     return table
 
@@ -204,20 +258,18 @@ def drop_cross_split_duplicates(src: SourceData) -> None:
     Otherwise a model would be evaluated on queries it trained on. Reported, never silent.
     """
     table = src.table
-    splits = table["split"]
-    if splits.null_count == len(table) or len(pc.unique(pc.drop_null(splits))) < 2:
+    si, split_values = codes(table["split"])
+    if len({v for v in split_values if v is not None}) < 2:
         return
-    rank = {"test": 0, "val": 1, "train": 2}
-    qs = table["query"].to_pylist()
-    sp = [rank.get(s or "train", 2) for s in splits.to_pylist()]
-    best: dict[str, int] = {}
-    for q, r in zip(qs, sp, strict=True):
-        if r < best.get(q, 3):
-            best[q] = r
-    keep = np.fromiter((r == best[q] for q, r in zip(qs, sp, strict=True)), bool, len(qs))
+    rank_of = {"test": 0, "val": 1, "train": 2}
+    rank = np.array([rank_of.get(v or "train", 2) for v in split_values])[si]
+    qi, _ = codes(table["query"])
+    best = np.full(qi.max() + 1, 3)
+    np.minimum.at(best, qi, rank)
+    keep = rank == best[qi]
     if keep.all():
         return
-    n_queries = len({q for q, k in zip(qs, keep, strict=True) if not k})
+    n_queries = len(np.unique(qi[~keep]))
     src.counts["duplicates_across_splits"] = n_queries
     src.notes.append(
         f"{n_queries} queries appear in more than one split file: kept in the held-out split "
