@@ -25,6 +25,9 @@ class RouterModule(L.LightningModule):
         super().__init__()
         self._eval_store = torch.nn.ModuleDict(
             {k: CatMetric() for k in ("perf_hat", "cost_hat", *TARGETS)})
+        # per stage: the eval arrays, the router's predicted rewards and the metrics; callbacks read these
+        # in on_validation_end / on_test_end (they run after this module's epoch-end hook)
+        self.eval_outputs: dict[str, dict] = {}
 
     def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -57,6 +60,8 @@ class RouterModule(L.LightningModule):
                                            torch.from_numpy(store["cost_hat"]), s).numpy()
                   for s in REWARD_SETTINGS}
         metrics = routing_metrics(scores, train, ev, self.hparams.model_sizes)
+        self.eval_outputs[stage] = {"train": train, "eval": ev, "scores": scores, "metrics": metrics,
+                                    "perf_hat": store["perf_hat"], "cost_hat": store["cost_hat"]}
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -80,3 +85,7 @@ class RouterModule(L.LightningModule):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the class, so `Router.load` rebuilds any router from its checkpoint alone."""
+        checkpoint["router_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
