@@ -1,0 +1,54 @@
+"""A small log with a planted routing rule, written in LLMRouter's format so it goes through the real
+reader, validation, splits and `fit`.
+
+Rule: `alpha` is right on arithmetic, `beta` on geography, `gamma` is a decent generalist (the best
+single model), `delta` is cheap and weak. A router that reads the query must beat best single.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+MODELS = {  # name -> (P(correct) on arithmetic, geography, poetry), price per M tokens
+    "alpha": ((0.95, 0.05, 0.30), 0.2),
+    "beta": ((0.05, 0.95, 0.30), 1.0),
+    "gamma": ((0.60, 0.60, 0.75), 0.6),
+    "delta": ((0.20, 0.20, 0.20), 0.05),
+}
+TASKS = ("arithmetic", "geography", "poetry")
+_WORDS = {
+    "arithmetic": ["sum", "add", "multiply", "numbers", "total", "plus", "product", "digits"],
+    "geography": ["river", "capital", "country", "mountain", "continent", "ocean", "border", "city"],
+    "poetry": ["poem", "rhyme", "verse", "stanza", "sonnet", "metaphor", "haiku", "lyric"],
+}
+
+
+def write_planted_logs(folder: Path, n_per_task: int = 80, seed: int = 0) -> Path:
+    """Write scores_train/test.json, queries_train/test.jsonl and llm_candidates.json; return the folder."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    catalog = {m: {"size": f"{7 * (i + 1)}B", "feature": f"{m} model", "input_price": price, "output_price": price}
+               for i, (m, (_, price)) in enumerate(MODELS.items())}
+    (folder / "llm_candidates.json").write_text(json.dumps(catalog))
+    for split, n in (("train", n_per_task), ("test", n_per_task // 2)):
+        scores, queries = [], []
+        for t_i, task in enumerate(TASKS):
+            for i in range(n):
+                words = rng.choice(_WORDS[task], size=4, replace=True)
+                q = f"{split} {task} question {i}: " + " ".join(words) + f" #{rng.integers(1_000_000)}"
+                s = {m: float(rng.random() < p[t_i]) for m, (p, _) in MODELS.items()}
+                scores.append({"question": q, "scores": s})
+                queries.append({"task_name": task, "query": q, "ground_truth": "x", "metric": "em_mc"})
+        (folder / f"scores_{split}.json").write_text(json.dumps(scores))
+        (folder / f"queries_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in queries) + "\n")
+    return folder
+
+
+def planted_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    """Hydra overrides that run a recipe on the planted log with the fast hashing encoder."""
+    folder = write_planted_logs(tmp_path / "planted")
+    return ["data=llmrouter", f"data.path={folder}", "datamodule.encoder=hashing",
+            f"datamodule.embedding_cache={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", *extra]
