@@ -1,0 +1,99 @@
+"""Route API: load any router checkpoint and pick a model per query.
+
+    router = Router.load("checkpoints/runs/router_mlp/<ts>/checkpoints/best-07.ckpt")
+    result = router.route(["What is 17 * 23?"], tasks=["gsm8k"], lam=0.5)
+    result.models       # chosen model per query
+    result.scores       # predicted reward per (query, model)
+
+The checkpoint holds everything routing needs: the router class, the model list, the encoder name,
+the task list and the normalisation constants.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fusion_lightning.data.embeddings import Encoder, build_encoder
+from fusion_lightning.query.base import RouterModule
+
+
+@dataclass
+class RouteResult:
+    models: list[str]  # chosen model per query
+    scores: np.ndarray  # [N, M] predicted reward perf − λ·cost
+    perf: np.ndarray  # [N, M] predicted performance
+    cost: np.ndarray  # [N, M] predicted normalised cost
+    candidates: list[str]  # column names of the arrays
+
+
+def load_router_module(path: str | Path) -> RouterModule:
+    """Rebuild the router LightningModule a checkpoint was saved from (weights-only load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for corrupt files
+        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    target = ckpt.get("router_class") if isinstance(ckpt, dict) else None
+    if not target:
+        raise ValueError(f"{path}: not a fusion_lightning router checkpoint (no 'router_class' entry)")
+    module_name, _, cls_name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{path}: router class {target!r} is not importable: {e}") from None
+    router = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    return router.eval()
+
+
+class Router:
+    """A trained router plus its query encoder; batched, CPU or GPU."""
+
+    def __init__(self, module: RouterModule, encoder: Encoder | None = None):
+        self.module = module
+        self.encoder = encoder or build_encoder(module.hparams.encoder)
+        self.models: list[str] = list(module.hparams.models)
+        self._task_index = {t: i for i, t in enumerate(module.hparams.tasks)}
+
+    @classmethod
+    def load(cls, path: str | Path, encoder: Encoder | None = None) -> Router:
+        return cls(load_router_module(path), encoder)
+
+    def task_ids(self, tasks: Sequence[str | None] | None, n: int) -> torch.Tensor:
+        """Task indices; unknown or missing tasks map to 0 (the router's 'unknown task')."""
+        if tasks is None:
+            return torch.zeros(n, dtype=torch.long)
+        if len(tasks) != n:
+            raise ValueError(f"got {n} queries but {len(tasks)} tasks")
+        return torch.tensor([self._task_index.get(t, 0) if t else 0 for t in tasks], dtype=torch.long)
+
+    @torch.inference_mode()
+    def route_embeddings(self, emb: np.ndarray | torch.Tensor, task_ids: torch.Tensor, lam: float = 0.0,
+                         batch_size: int = 4096) -> RouteResult:
+        """Route pre-computed query embeddings (the fast path: no encoder)."""
+        x = torch.as_tensor(emb, dtype=torch.float32)
+        device = next(self.module.parameters(), torch.zeros(0)).device
+        perf, cost = [], []
+        for i in range(0, len(x), batch_size):
+            p, c = self.module.predict(x[i:i + batch_size].to(device), task_ids[i:i + batch_size].to(device))
+            perf.append(p.float().cpu())
+            cost.append(c.float().cpu())
+        perf_t = torch.cat(perf) if perf else torch.zeros(0, len(self.models))
+        cost_t = torch.cat(cost) if cost else torch.zeros(0, len(self.models))
+        scores = perf_t - lam * cost_t
+        choice = scores.argmax(dim=1).tolist()
+        return RouteResult([self.models[i] for i in choice], scores.numpy(), perf_t.numpy(), cost_t.numpy(),
+                           list(self.models))
+
+    def route(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None, lam: float = 0.0,
+              batch_size: int = 256) -> RouteResult:
+        """Choose a model for each query: argmax of predicted performance − λ · predicted normalised cost."""
+        emb = self.encoder.encode(list(queries), batch_size=batch_size)
+        return self.route_embeddings(emb, self.task_ids(tasks, len(queries)), lam=lam)

@@ -1,0 +1,70 @@
+"""`python -m fusion_lightning.route --ckpt PATH --input queries.jsonl --output routed.jsonl [--lam 0.5]`
+
+Each input line is a JSON object with `query` (and optionally `task` or `task_name`); each output line
+is the input object plus `model` (the chosen LLM) and `scores` (predicted reward per model). Bad input
+lines are reported with their line numbers and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fusion_lightning.query.router import Router
+
+
+def read_queries(path: Path) -> list[dict]:
+    """Records of a JSONL file; raises ValueError naming every bad line."""
+    records, bad = [], []
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append(f"line {i}: invalid JSON ({e.msg})")
+                continue
+            if not isinstance(rec, dict):
+                bad.append(f"line {i}: expected a JSON object")
+            elif not isinstance(rec.get("query"), str) or not rec["query"].strip():
+                bad.append(f"line {i}: field 'query' missing or empty")
+            else:
+                records.append(rec)
+    if bad:
+        shown = "; ".join(bad[:10]) + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else "")
+        raise ValueError(f"{path}: {len(bad)} bad input line(s): {shown}")
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fusion_lightning.route", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="router checkpoint (.ckpt) from a router recipe's run dir")
+    ap.add_argument("--input", required=True, type=Path, help="JSONL with a 'query' field per line")
+    ap.add_argument("--output", required=True, type=Path, help="JSONL to write")
+    ap.add_argument("--lam", type=float, default=0.0, help="cost weight λ: reward = perf − λ·normalised cost")
+    ap.add_argument("--batch-size", type=int, default=256)
+    args = ap.parse_args(argv)
+    try:
+        records = read_queries(args.input)
+        router = Router.load(args.ckpt)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    tasks = [r.get("task") or r.get("task_name") for r in records]
+    result = router.route([r["query"] for r in records], tasks=tasks, lam=args.lam, batch_size=args.batch_size)
+    tmp = args.output.with_name(args.output.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for rec, model, row in zip(records, result.models, result.scores, strict=True):
+            out = {**rec, "model": model, "scores": dict(zip(result.candidates, map(float, row), strict=True))}
+            fh.write(json.dumps(out) + "\n")
+    tmp.replace(args.output)  # complete file or none
+    print(f"routed {len(records)} queries -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

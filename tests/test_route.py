@@ -1,0 +1,101 @@
+"""Route API and CLI: a saved router routes new queries exactly as the trained module did."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from planted import planted_overrides
+
+from fusion_lightning.config import compose_recipe
+from fusion_lightning.fit import fit
+from fusion_lightning.query.router import Router
+from fusion_lightning.route import main as route_main
+
+QUERIES = [
+    ("add the sum of these numbers plus digits", "arithmetic"),
+    ("which river crosses the capital city of this country", "geography"),
+    ("multiply the product total numbers", None),
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("route")
+    summary = fit(compose_recipe("router_mlp", planted_overrides(tmp, "trainer.max_epochs=25", "logger=none")))
+    return tmp / "run" / summary["artifacts"]["best_checkpoint"]
+
+
+def test_load_restores_models_tasks_and_encoder(trained: Path) -> None:
+    router = Router.load(trained)
+    assert router.models == ["alpha", "beta", "gamma", "delta"]
+    assert router.module.hparams.tasks[0] == "<unk>" and "geography" in router.module.hparams.tasks
+    assert router.encoder.name == "hashing-256"
+
+
+def test_route_follows_the_planted_rule(trained: Path) -> None:
+    result = Router.load(trained).route([q for q, _ in QUERIES], tasks=[t for _, t in QUERIES])
+    assert result.models[:2] == ["alpha", "beta"]
+    assert result.scores.shape == (3, 4) and np.isfinite(result.scores).all()
+    assert result.perf.min() >= 0 and result.perf.max() <= 1
+
+
+def test_cost_weight_moves_choices_to_cheaper_models(trained: Path) -> None:
+    router = Router.load(trained)
+    queries = [q for q, _ in QUERIES]
+    tasks = [t for _, t in QUERIES]
+    free = router.route(queries, tasks, lam=0.0)
+    pricey = router.route(queries, tasks, lam=100.0)
+    cheapest = int(np.argmin(pricey.cost.mean(axis=0)))
+    assert pricey.models == [router.models[cheapest]] * 3
+    assert (free.scores != pricey.scores).any()
+
+
+def test_loaded_router_matches_the_module_it_was_saved_from(trained: Path) -> None:
+    router = Router.load(trained)
+    emb = router.encoder.encode([q for q, _ in QUERIES])
+    tasks = router.task_ids([t for _, t in QUERIES], 3)
+    ckpt = torch.load(trained, map_location="cpu", weights_only=True)
+    again = type(router.module)(**ckpt["hyper_parameters"])
+    again.load_state_dict(ckpt["state_dict"])
+    again.eval()
+    with torch.inference_mode():
+        p, c = again.predict(torch.from_numpy(emb), tasks)
+    direct = router.route_embeddings(emb, tasks)
+    np.testing.assert_allclose(direct.perf, p.numpy(), rtol=1e-6)
+    assert direct.models == [router.models[i] for i in p.argmax(1).tolist()]
+    np.testing.assert_allclose(direct.cost, c.numpy(), rtol=1e-6)
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        Router.load(tmp_path / "missing.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.ckpt: cannot read checkpoint"):
+        Router.load(bad)
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ValueError, match="not a fusion_lightning router checkpoint"):
+        Router.load(other)
+
+
+def test_cli_routes_jsonl_and_reports_bad_lines(trained: Path, tmp_path: Path, capsys) -> None:
+    good = tmp_path / "in.jsonl"
+    good.write_text("".join(json.dumps({"id": i, "query": q, "task": t}) + "\n" for i, (q, t) in enumerate(QUERIES)))
+    out = tmp_path / "out.jsonl"
+    assert route_main(["--ckpt", str(trained), "--input", str(good), "--output", str(out), "--lam", "0"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2] and rows[0]["model"] == "alpha" and rows[1]["model"] == "beta"
+    assert set(rows[0]["scores"]) == {"alpha", "beta", "gamma", "delta"}
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "ok"}\n{"query": ""}\nnot json\n{"text": "x"}\n')
+    out2 = tmp_path / "out2.jsonl"
+    assert route_main(["--ckpt", str(trained), "--input", str(bad), "--output", str(out2)]) == 1
+    err = capsys.readouterr().err
+    assert "3 bad input line(s)" in err and "line 2" in err and "line 3" in err and "line 4" in err
+    assert not out2.exists()
