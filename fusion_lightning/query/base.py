@@ -16,6 +16,7 @@ from fusion_lightning.data.matrix import REWARD_SETTINGS
 from fusion_lightning.query.metrics import RoutingArrays, routing_metrics
 
 TARGETS = ("perf", "perf_n", "cost", "cost_n", "mask", "task")
+OPTIONAL_TARGETS = ("judge", "judge_mask")  # batches carry them when the DataModule has judge scores
 
 
 class RouterModule(L.LightningModule):
@@ -24,7 +25,7 @@ class RouterModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self._eval_store = torch.nn.ModuleDict(
-            {k: CatMetric() for k in ("perf_hat", "cost_hat", *TARGETS)})
+            {k: CatMetric() for k in ("perf_hat", "cost_hat", *TARGETS, *OPTIONAL_TARGETS)})
         # per stage: the eval arrays, the router's predicted rewards and the metrics; callbacks read these
         # in on_validation_end / on_test_end (they run after this module's epoch-end hook)
         self.eval_outputs: dict[str, dict] = {}
@@ -32,7 +33,15 @@ class RouterModule(L.LightningModule):
     def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def featurize(self, texts: list[str]) -> torch.Tensor | None:
+        """Features for new query texts when the router reads more than the embedding (e.g. token ids);
+        None means: embed them with the checkpoint's encoder."""
+        return None
+
     def predicted_reward(self, perf_hat: torch.Tensor, cost_hat: torch.Tensor, setting: str) -> torch.Tensor:
+        """Predicted reward under a setting; `judge` routes by predicted performance (override to predict judge)."""
+        if setting == "judge":
+            return perf_hat
         wp, wc = REWARD_SETTINGS[setting]
         return wp * perf_hat - wc * cost_hat
 
@@ -41,24 +50,26 @@ class RouterModule(L.LightningModule):
         perf_hat, cost_hat = self.predict(batch["x"], batch["task"])
         self._eval_store["perf_hat"].update(perf_hat.detach().float())
         self._eval_store["cost_hat"].update(cost_hat.detach().float())
-        for k in TARGETS:
-            self._eval_store[k].update(batch[k].float())
+        for k in (*TARGETS, *OPTIONAL_TARGETS):
+            if k in batch:
+                self._eval_store[k].update(batch[k].float())
 
     def _routing_epoch_end(self, stage: str) -> None:
-        store = {k: m.compute().cpu().numpy() for k, m in self._eval_store.items()}
+        store = {k: m.compute().cpu().numpy() for k, m in self._eval_store.items() if m.update_called}
         for m in self._eval_store.values():
             m.reset()
-        if store["perf"].ndim != 2:
+        if "perf" not in store or store["perf"].ndim != 2:
             return
         dm = self.trainer.datamodule
         tr = dm.splits["train"].tensors
         train = RoutingArrays(*(tr[k].numpy().astype(np.float64) for k in ("perf", "cost", "perf_n", "cost_n")),
-                              tr["mask"].numpy().astype(bool), tr["task"].numpy())
+                              tr["mask"].numpy().astype(bool), tr["task"].numpy(), _judge(tr))
         ev = RoutingArrays(store["perf"], store["cost"], store["perf_n"], store["cost_n"],
-                           store["mask"].astype(bool), store["task"])
+                           store["mask"].astype(bool), store["task"].astype(np.int64), _judge(store))
+        settings = [*REWARD_SETTINGS, *(["judge"] if ev.judge is not None and train.judge is not None else [])]
         scores = {s: self.predicted_reward(torch.from_numpy(store["perf_hat"]),
                                            torch.from_numpy(store["cost_hat"]), s).numpy()
-                  for s in REWARD_SETTINGS}
+                  for s in settings}
         metrics = routing_metrics(scores, train, ev, self.hparams.model_sizes)
         self.eval_outputs[stage] = {"train": train, "eval": ev, "scores": scores, "metrics": metrics,
                                     "perf_hat": store["perf_hat"], "cost_hat": store["cost_hat"]}
@@ -89,3 +100,12 @@ class RouterModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the class, so `Router.load` rebuilds any router from its checkpoint alone."""
         checkpoint["router_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+def _judge(arrays: dict) -> np.ndarray | None:
+    """Judge scores with NaN where unjudged, or None when no call in these arrays has one."""
+    if "judge" not in arrays or "judge_mask" not in arrays:
+        return None
+    j, m = (np.asarray(arrays[k]) for k in ("judge", "judge_mask"))
+    m = m.astype(bool)
+    return np.where(m, j, np.nan).astype(np.float64) if m.any() else None

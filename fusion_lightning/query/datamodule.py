@@ -42,15 +42,13 @@ class RouterDataModule(LogDataModule):
         if self.splits:
             return
         qm = self.logs.matrix()
-        encoder = build_encoder(self.encoder_name)
-        emb = embed_texts(qm.queries, encoder, self.cache_dir)
-        self.encoder_id = encoder.name
+        feats = self.features(qm.queries)
         train = qm.split("train")
         if len(train) == 0:
             raise ValueError("the train split has no queries; check data.split and the file names")
         self.normaliser = TaskNormaliser.fit(train)
         self.tasks = [UNKNOWN_TASK, *sorted(set(train.tasks.tolist()))]
-        self.embed_dim = emb.shape[1]
+        self.embed_dim = feats.shape[1]
         task_index = {t: i for i, t in enumerate(self.tasks)}
         for split in ("train", "val", "test"):
             rows = np.flatnonzero(qm.splits == split)
@@ -59,14 +57,26 @@ class RouterDataModule(LogDataModule):
             perf_n = self.normaliser.performance(m.performance, m.tasks)
             cost_n = self.normaliser.cost(m.cost, m.tasks)
             self.splits[split] = RouterSplit({
-                "x": torch.from_numpy(emb[rows]),
+                "x": feats[rows],
                 "task": torch.tensor([task_index.get(t, 0) for t in m.tasks], dtype=torch.long),
                 "perf": torch.from_numpy(np.nan_to_num(m.performance, nan=0.0)),
                 "perf_n": torch.from_numpy(np.nan_to_num(perf_n, nan=0.0)),
                 "cost": torch.from_numpy(np.nan_to_num(m.cost, nan=0.0)),
                 "cost_n": torch.from_numpy(np.nan_to_num(cost_n, nan=0.0)),
                 "mask": torch.from_numpy(m.mask),
+                # row of each query in its split: routers that keep the train split as context (graph)
+                # find the batch's own rows there, e.g. to hide their answers while training on them
+                "index": torch.arange(len(rows)),
+                # judge scores for the judge reward setting: NaN -> 0 under their own mask (never scored as 0)
+                "judge": torch.from_numpy(np.nan_to_num(m.judge, nan=0.0).astype(np.float32)),
+                "judge_mask": torch.from_numpy(m.mask & ~np.isnan(m.judge)),
             })
+
+    def features(self, texts: list[str]) -> torch.Tensor:
+        """What a router reads per query: the (cached) query embedding. Subclasses may tokenize instead."""
+        encoder = build_encoder(self.encoder_name)
+        self.encoder_id = encoder.name
+        return torch.from_numpy(embed_texts(texts, encoder, self.cache_dir))
 
     def model_kwargs(self) -> dict[str, Any]:
         self.setup()
@@ -77,6 +87,18 @@ class RouterDataModule(LogDataModule):
             "normaliser": self.normaliser.state_dict(),
             "model_sizes": [cat[m].params_b if m in cat else None for m in self.matrices["train"].models],
         }
+
+    def description_embeddings(self) -> dict[str, np.ndarray]:
+        """Embedded catalog descriptions of the models and descriptions of the tasks (the name where a
+        description is empty), in model_kwargs' model/task order: the graph router's LLM and task node
+        features."""
+        self.setup()
+        cat, task_desc = self.logs.catalog, self.logs.task_descriptions
+        models = list(self.matrices["train"].models)
+        texts = [(cat[m].description if m in cat else "") or m for m in models]
+        texts += [task_desc.get(t) or t for t in self.tasks]
+        emb = embed_texts(texts, build_encoder(self.encoder_name), self.cache_dir)
+        return {"models": emb[:len(models)], "tasks": emb[len(models):]}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds = self.splits[split]

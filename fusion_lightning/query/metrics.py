@@ -1,7 +1,9 @@
 """Routing metrics: what a choice of model per query yields, for a router and the usual baselines.
 
-Inputs are per-query arrays [N, M] of actual performance, cost, normalised performance/cost and an
-availability mask. Baselines that learn (best single, task-best) see train arrays only.
+Inputs are per-query arrays [N, M] of actual performance, cost, normalised performance/cost, an
+availability mask and (optionally) judge scores. Baselines that learn (best single, task-best) see
+train arrays only. The cost–quality sweep (λ), AIQ and cost-to-match live here too, as pure numpy,
+so the report callback only does I/O.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusion_lightning.data.matrix import REWARD_SETTINGS, reward
+from fusion_lightning.data.matrix import ALL_SETTINGS, reward
 
 
 @dataclass
@@ -21,9 +23,28 @@ class RoutingArrays:
     cost_n: np.ndarray
     mask: np.ndarray
     tasks: np.ndarray  # [N] task index or name
+    judge: np.ndarray | None = None  # [N, M] judge score, NaN where the log has none
 
     def reward(self, setting: str) -> np.ndarray:
-        return reward(self.perf_n, self.cost_n, setting)
+        return reward(self.perf_n, self.cost_n, setting, self.judge)
+
+    def rows(self, keep: np.ndarray, mask: np.ndarray | None = None) -> RoutingArrays:
+        m = self.mask if mask is None else mask
+        j = None if self.judge is None else self.judge[keep]
+        return RoutingArrays(self.perf[keep], self.cost[keep], self.perf_n[keep], self.cost_n[keep], m[keep],
+                             self.tasks[keep], j)
+
+
+def judged(a: RoutingArrays) -> tuple[RoutingArrays, np.ndarray] | None:
+    """The judge setting's view: queries with at least one judged call, masked to judged calls.
+
+    Unjudged calls are left out rather than scored 0; None when the arrays hold no judge score.
+    """
+    if a.judge is None:
+        return None
+    m = a.mask & ~np.isnan(a.judge)
+    keep = m.any(axis=1)
+    return (a.rows(keep, m), keep) if keep.any() else None
 
 
 def choose(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -79,27 +100,127 @@ def routing_metrics(router_scores: dict[str, np.ndarray], train: RoutingArrays, 
                     sizes: list[float | None], main_setting: str = "performance_first") -> dict[str, float]:
     """Flat metrics for one split: router and baselines under every reward setting.
 
-    `router_scores[setting]` holds the router's predicted reward [N, M] under that setting.
+    `router_scores[setting]` holds the router's predicted reward [N, M] under that setting; the judge
+    setting is scored only where the arrays carry judge scores (see `judged`).
     Keys: `perf`, `cost`, `reward`, `gap_closed` (main setting), `<setting>/<perf|cost|reward>`,
     `<baseline>/<perf|cost|reward>`, `<setting>/<baseline>/reward`.
     """
     out: dict[str, float] = {}
-    for setting in REWARD_SETTINGS:
+    for setting in ALL_SETTINGS:
         if setting not in router_scores:
             continue
-        r = outcome(choose(router_scores[setting], ev.mask), ev, setting)
-        for k, v in r.items():
+        tr, e, scores = train, ev, router_scores[setting]
+        if setting == "judge":  # only where both splits carry judge scores
+            tj, ej = judged(train), judged(ev)
+            if tj is None or ej is None:
+                continue
+            (tr, _), (e, keep) = tj, ej
+            scores = scores[keep]
+        for k, v in outcome(choose(scores, e.mask), e, setting).items():
             out[f"{setting}/{k}"] = v
-        base = baseline_choices(train, ev, setting, sizes)
-        for name, c in base.items():
-            for k, v in outcome(c, ev, setting).items():
+        for name, c in baseline_choices(tr, e, setting, sizes).items():
+            for k, v in outcome(c, e, setting).items():
                 out[f"{setting}/{name}/{k}"] = v
-        for k, arr in (("perf", ev.perf), ("cost", ev.cost), ("reward", ev.reward(setting))):
-            out[f"{setting}/random/{k}"] = float((_masked_mean(arr.T, ev.mask.T)).mean())
+        for k, arr in (("perf", e.perf), ("cost", e.cost), ("reward", e.reward(setting))):
+            out[f"{setting}/random/{k}"] = float((_masked_mean(arr.T, e.mask.T)).mean())
     m = main_setting
     for k in ("perf", "cost", "reward"):
         out[k] = out[f"{m}/{k}"]
         for name in ("best_single", "task_best", "oracle", "random", "cheapest", "largest"):
             out[f"{name}/{k}"] = out[f"{m}/{name}/{k}"]
     out["gap_closed"] = gap_closed(out["perf"], out["best_single/perf"], out["oracle/perf"])
+    return out
+
+
+# cost–quality trade-off: λ sweep, non-decreasing convex hull, AIQ, cost to match best single -------
+LAMBDAS = np.concatenate([[0.0], np.logspace(-3, 4, 29)])  # 30 values; 1e4 ≫ any perf gap: cheapest
+
+
+def sweep_choices(perf_hat: np.ndarray, cost_hat: np.ndarray, mask: np.ndarray,
+                  lambdas: np.ndarray = LAMBDAS) -> np.ndarray:
+    """[L, N] choices of routing by argmax(perf_hat − λ·cost_hat): one router checkpoint serves every λ."""
+    return np.stack([choose(perf_hat - lam * cost_hat, mask) for lam in lambdas])
+
+
+def sweep_points(choices: np.ndarray, ev: RoutingArrays) -> np.ndarray:
+    """[L, 2] (mean actual cost, mean actual performance) of each row of choices."""
+    rows = np.arange(choices.shape[1])
+    return np.stack([[ev.cost[rows, c].mean(), ev.perf[rows, c].mean()] for c in choices])
+
+
+def model_points(ev: RoutingArrays) -> np.ndarray:
+    """[M, 2] (mean cost, mean performance) of always routing to each model, over the queries it has."""
+    return np.stack([_masked_mean(ev.cost, ev.mask), _masked_mean(ev.perf, ev.mask)], axis=1)
+
+
+def nondecreasing_hull(points: np.ndarray) -> np.ndarray:
+    """Vertices [K, 2] of the upper convex hull of (cost, perf) points up to its highest point.
+
+    The upper hull is what mixing operating points achieves (RouterBench); past its maximum it
+    only falls, so that part is dropped and the curve stays non-decreasing in cost.
+    """
+    p = np.asarray(points, float)
+    p = p[np.lexsort((-p[:, 1], p[:, 0]))]
+    p = p[np.r_[True, np.diff(p[:, 0]) > 0]]  # one point per cost: the best
+    hull: list[np.ndarray] = []
+    for q in p:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (q[1] - y1) - (y2 - y1) * (q[0] - x1) >= 0:  # hull[-1] on or below the chord
+                hull.pop()
+            else:
+                break
+        hull.append(q)
+    h = np.array(hull)
+    return h[: int(h[:, 1].argmax()) + 1]
+
+
+def aiq(points: np.ndarray, c_lo: float, c_hi: float) -> float:
+    """Average quality over [c_lo, c_hi]: area under the non-decreasing hull of `points` / (c_hi − c_lo).
+
+    As RouterBench: the hull is linear between vertices and extended flat past its most expensive
+    vertex; points outside the range shape the hull but only [c_lo, c_hi] counts. Below the
+    router's cheapest point it offers no operating point, so that stretch counts 0 (RouterBench
+    integrates from its first point too). A zero-width range gives the hull's value there.
+    """
+    h = nondecreasing_hull(points)
+    x0 = h[0, 0]
+    if c_hi - c_lo <= 1e-12 * max(abs(c_hi), 1.0):
+        return float(np.interp(c_hi, h[:, 0], h[:, 1])) if x0 <= c_hi else 0.0
+    a = max(c_lo, x0)
+    if a >= c_hi:
+        return 0.0
+    xs = np.concatenate([[a], h[(h[:, 0] > a) & (h[:, 0] < c_hi), 0], [c_hi]])
+    ys = np.interp(xs, h[:, 0], h[:, 1])
+    return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2) / (c_hi - c_lo))
+
+
+def cost_to_match(points: np.ndarray, perf: float, cost: float, tol: float = 1e-9) -> float | None:
+    """Lowest cost of a router point with performance ≥ `perf`, as a fraction of `cost`.
+
+    Realised sweep points only (no mixtures). None when no point reaches `perf` or `cost` ≤ 0, so
+    callers report "never reached" instead of an infinite ratio.
+    """
+    p = np.asarray(points, float)
+    ok = p[:, 1] >= perf - tol
+    if not ok.any() or cost <= 0:
+        return None
+    return float(p[ok, 0].min() / cost)
+
+
+def per_task_rows(choices: dict[str, np.ndarray], ev: RoutingArrays, task_names: list[str] | None = None
+                  ) -> list[dict[str, float | int | str]]:
+    """One row per task (sorted by name) and a final `all` row: query count, then perf and cost of each
+    named choice (e.g. router, best_single, task_best, oracle)."""
+    names = [str(task_names[int(t)]) if task_names is not None else str(t) for t in ev.tasks.tolist()]
+    names_arr = np.array(names, dtype=object)
+    groups = [(t, names_arr == t) for t in sorted(set(names))] + [("all", np.ones(len(names), bool))]
+    rows_idx = np.arange(len(names))
+    out: list[dict[str, float | int | str]] = []
+    for task, sel in groups:
+        row: dict[str, float | int | str] = {"task": task, "queries": int(sel.sum())}
+        for name, c in choices.items():
+            row[f"{name}_perf"] = float(ev.perf[rows_idx[sel], c[sel]].mean())
+            row[f"{name}_cost"] = float(ev.cost[rows_idx[sel], c[sel]].mean())
+        out.append(row)
     return out

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fusion_lightning.query.base import RouterModule
+from fusion_lightning.query.objectives import score_cost_loss
 
 
 class MLPRouter(RouterModule):
@@ -41,14 +41,7 @@ class MLPRouter(RouterModule):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits, cost = self(batch["x"], batch["task"])
-        mask = batch["mask"].float()
-        n = mask.sum().clamp_min(1.0)
-        if self.hparams.binary:
-            perf_loss = F.binary_cross_entropy_with_logits(logits, batch["perf"], reduction="none")
-        else:
-            perf_loss = (torch.sigmoid(logits) - batch["perf"]) ** 2
-        cost_loss = (cost - batch["cost_n"]) ** 2
-        return ((perf_loss + self.hparams.cost_loss_weight * cost_loss) * mask).sum() / n
+        return score_cost_loss(logits, cost, batch, self.hparams.binary, self.hparams.cost_loss_weight)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

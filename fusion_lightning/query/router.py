@@ -58,9 +58,16 @@ class Router:
 
     def __init__(self, module: RouterModule, encoder: Encoder | None = None):
         self.module = module
-        self.encoder = encoder or build_encoder(module.hparams.encoder)
+        self._encoder = encoder
         self.models: list[str] = list(module.hparams.models)
         self._task_index = {t: i for i, t in enumerate(module.hparams.tasks)}
+
+    @property
+    def encoder(self) -> Encoder:
+        """The checkpoint's query encoder, built on first use (routers that tokenize never need it)."""
+        if self._encoder is None:
+            self._encoder = build_encoder(self.module.hparams.encoder)
+        return self._encoder
 
     @classmethod
     def load(cls, path: str | Path, encoder: Encoder | None = None) -> Router:
@@ -75,10 +82,11 @@ class Router:
         return torch.tensor([self._task_index.get(t, 0) if t else 0 for t in tasks], dtype=torch.long)
 
     @torch.inference_mode()
-    def route_embeddings(self, emb: np.ndarray | torch.Tensor, task_ids: torch.Tensor, lam: float = 0.0,
+    def route_embeddings(self, features: np.ndarray | torch.Tensor, task_ids: torch.Tensor, lam: float = 0.0,
                          batch_size: int = 4096) -> RouteResult:
-        """Route pre-computed query embeddings (the fast path: no encoder)."""
-        x = torch.as_tensor(emb, dtype=torch.float32)
+        """Route pre-computed query features (embeddings, or token ids for routers that tokenize)."""
+        x = torch.as_tensor(features)
+        x = x.float() if x.is_floating_point() else x  # token ids stay integers
         device = next(self.module.parameters(), torch.zeros(0)).device
         perf, cost = [], []
         for i in range(0, len(x), batch_size):
@@ -95,5 +103,7 @@ class Router:
     def route(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None, lam: float = 0.0,
               batch_size: int = 256) -> RouteResult:
         """Choose a model for each query: argmax of predicted performance − λ · predicted normalised cost."""
-        emb = self.encoder.encode(list(queries), batch_size=batch_size)
-        return self.route_embeddings(emb, self.task_ids(tasks, len(queries)), lam=lam)
+        feats = self.module.featurize(list(queries))
+        if feats is None:
+            feats = self.encoder.encode(list(queries), batch_size=batch_size)
+        return self.route_embeddings(feats, self.task_ids(tasks, len(queries)), lam=lam)

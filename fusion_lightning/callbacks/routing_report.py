@@ -1,0 +1,155 @@
+"""RoutingReport: the cost–quality side of routing evaluation, written into the run dir.
+
+Reads what `RouterModule` left in `eval_outputs[stage]` (its epoch-end hook runs before
+`on_*_end`), sweeps λ over the router's predictions, and adds `<stage>/aiq`,
+`<stage>/single_models/aiq`, `<stage>/reaches_best_single` and (when reached)
+`<stage>/cost_to_match_best` to `trainer.callback_metrics` and the loggers. After test it also
+writes `routing_table.md`, `routing_table.csv` and `pareto.png`. The math is in
+`fusion_lightning.query.metrics`; this file only does I/O. Modules without routing outputs
+(other levels) are left alone.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from fusion_lightning.query.metrics import (
+    LAMBDAS,
+    aiq,
+    baseline_choices,
+    choose,
+    cost_to_match,
+    model_points,
+    nondecreasing_hull,
+    per_task_rows,
+    sweep_choices,
+    sweep_points,
+)
+
+MAIN_SETTING = "performance_first"
+TABLE_CHOICES = ("router", "best_single", "task_best", "oracle")
+
+
+class RoutingReport(Callback):
+    """λ sweep, AIQ, cost to match best single and the per-task table, on val (scalars) and test (files)."""
+
+    def __init__(self, out_dir: str | None = None, lambdas: list[float] | None = None, on_validation: bool = True):
+        self.out_dir = out_dir
+        self.lambdas = np.asarray(lambdas, float) if lambdas is not None else LAMBDAS
+        self.on_validation = on_validation
+        self.artifacts: dict[str, str] = {}
+
+    # hooks ------------------------------------------------------------------------------------
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.on_validation and not trainer.sanity_checking:
+            self._report(trainer, pl_module, "val", write=False)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "test", write=True)
+
+    # work -------------------------------------------------------------------------------------
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, write: bool) -> None:
+        out = getattr(pl_module, "eval_outputs", {}).get(stage)
+        if not out:
+            return
+        report = self.compute(out, pl_module.hparams)
+        scalars = {f"{stage}/{k}": v for k, v in report["scalars"].items()}
+        trainer.callback_metrics.pop(f"{stage}/cost_to_match_best", None)  # no stale value when unreached
+        for k, v in scalars.items():
+            trainer.callback_metrics[k] = torch.tensor(v)
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+            logger.save()
+        if write and trainer.is_global_zero:
+            self.artifacts = self.write(report, Path(self.out_dir or trainer.default_root_dir), stage)
+
+    def compute(self, out: dict[str, Any], hparams: Any) -> dict[str, Any]:
+        """Everything the report shows, from one stage's eval outputs (no I/O)."""
+        train, ev, metrics = out["train"], out["eval"], out["metrics"]
+        models = list(getattr(hparams, "models", None) or range(ev.perf.shape[1]))
+        tasks = getattr(hparams, "tasks", None)
+        sizes = getattr(hparams, "model_sizes", None) or [None] * len(models)
+        points = sweep_points(sweep_choices(out["perf_hat"], out["cost_hat"], ev.mask, self.lambdas), ev)
+        singles = model_points(ev)
+        c_lo, c_hi = float(singles[:, 0].min()), float(singles[:, 0].max())
+        best = (metrics["best_single/cost"], metrics["best_single/perf"])
+        match = cost_to_match(points, best[1], best[0])
+        scalars = {"aiq": aiq(points, c_lo, c_hi), "single_models/aiq": aiq(singles, c_lo, c_hi),
+                   "reaches_best_single": float(match is not None)}
+        if match is not None:
+            scalars["cost_to_match_best"] = match
+        base = baseline_choices(train, ev, MAIN_SETTING, sizes)
+        choices = {"router": choose(out["scores"][MAIN_SETTING], ev.mask),
+                   **{k: base[k] for k in TABLE_CHOICES[1:]}}
+        return {"scalars": scalars, "points": points, "singles": singles, "models": [str(m) for m in models],
+                "best": best, "oracle": (metrics["oracle/cost"], metrics["oracle/perf"]),
+                "rows": per_task_rows(choices, ev, tasks), "metrics": metrics}
+
+    def write(self, report: dict[str, Any], run_dir: Path, stage: str) -> dict[str, str]:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        paths = {"routing_table_md": run_dir / "routing_table.md", "routing_table_csv": run_dir / "routing_table.csv",
+                 "pareto": run_dir / "pareto.png"}
+        rows = report["rows"]
+        with paths["routing_table_csv"].open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        paths["routing_table_md"].write_text(_markdown(report, stage))
+        _plot(report, paths["pareto"], stage)
+        return {k: str(v) for k, v in paths.items()}
+
+
+def _markdown(report: dict[str, Any], stage: str) -> str:
+    s = report["scalars"]
+    match = (f"{s['cost_to_match_best']:.3g}× best single's cost" if "cost_to_match_best" in s
+             else "never reached on the λ grid")
+    lines = [f"# Routing on {stage} ({MAIN_SETTING})", "",
+             f"- AIQ: {s['aiq']:.4f} (single models' hull: {s['single_models/aiq']:.4f})",
+             f"- cost to match best single: {match}",
+             f"- gap closed: {report['metrics']['gap_closed']:.4f}", "",
+             "| task | queries | " + " | ".join(f"{c} perf | {c} cost" for c in TABLE_CHOICES) + " |",
+             "|---|---:|" + "---:|" * (2 * len(TABLE_CHOICES))]
+    for r in report["rows"]:
+        cells = [f"{r[f'{c}_{k}']:.4f}" if k == "perf" else f"{r[f'{c}_{k}']:.4g}"
+                 for c in TABLE_CHOICES for k in ("perf", "cost")]
+        task = f"**{r['task']}**" if r["task"] == "all" else str(r["task"])
+        lines.append(f"| {task} | {r['queries']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: dict[str, Any], path: Path, stage: str) -> None:
+    # the Agg canvas directly: no pyplot global state, no display needed
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    singles, points = report["singles"], report["points"]
+    hull = nondecreasing_hull(points)
+    fig = Figure(figsize=(7, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.scatter(singles[:, 0], singles[:, 1], c="tab:gray", s=25, label="single models", zorder=2)
+    for (c, p), name in zip(singles, report["models"], strict=True):
+        ax.annotate(name, (c, p), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot(points[:, 0], points[:, 1], "o", c="tab:blue", ms=3, alpha=0.5, label="router (λ sweep)")
+    ax.plot(hull[:, 0], hull[:, 1], "-", c="tab:blue", label=f"router hull (AIQ {report['scalars']['aiq']:.3f})")
+    c_hi = float(singles[:, 0].max())
+    if hull[-1, 0] < c_hi:  # AIQ extends the hull flat to the dearest single model
+        ax.plot([hull[-1, 0], c_hi], [hull[-1, 1]] * 2, ":", c="tab:blue")
+    ax.scatter(*report["best"], marker="s", s=60, c="tab:orange", label="best single", zorder=3)
+    ax.scatter(*report["oracle"], marker="*", s=120, c="tab:green", label="oracle", zorder=3)
+    xs = np.concatenate([singles[:, 0], points[:, 0], [report["oracle"][0]]])
+    if (xs > 0).all() and xs.max() / xs.min() > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("mean cost per query (USD)")
+    ax.set_ylabel("mean performance")
+    ax.set_title(f"cost vs performance on {stage}")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
