@@ -19,10 +19,12 @@ SMALL = ["data.synthetic.n_queries=240", "data.synthetic.models=6", "trainer.max
 
 
 def _small(tmp_path: Path, *extra: str, encoder: str = "hashing", recipe: str = "router_mlp") -> list[str]:
-    """Overrides for a fast run; recipes that fine-tune their own encoder keep it (no `datamodule.encoder`)."""
-    own_encoder = "encoder" not in compose_recipe(recipe).datamodule
-    return [*SMALL, f"run_dir={tmp_path / 'run'}", *([] if own_encoder else [f"datamodule.encoder={encoder}"]),
-            f"datamodule.embedding_cache={tmp_path / 'cache'}", *extra]
+    """Overrides for a fast run: the fast encoder and a private cache where the recipe's DataModule has them
+    (the encoder router fine-tunes its own encoder; the distillation DataModule has no embeddings)."""
+    dm = compose_recipe(recipe).datamodule
+    opt = {"encoder": encoder, "embedding_cache": tmp_path / "cache"}
+    return [*SMALL, f"run_dir={tmp_path / 'run'}", *(f"datamodule.{k}={v}" for k, v in opt.items() if k in dm),
+            *extra]
 
 
 @pytest.mark.parametrize("recipe", sorted(list_recipes()))

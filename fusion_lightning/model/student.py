@@ -1,0 +1,84 @@
+"""Student: a LightningModule around any Hugging Face causal LM, LoRA (peft) or full fine-tuning.
+
+The same module runs a tiny Llama on a laptop CPU and an 8B model under DeepSpeed ZeRO on a cluster;
+precision and sharding come from the trainer and strategy presets, not from here. LoRA checkpoints
+hold only the trainable (adapter) parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+from fusion_lightning.model.sft import IGNORE
+
+
+class Student(L.LightningModule):
+    def __init__(self, name_or_path: str, lora: dict[str, Any] | None = None, gradient_checkpointing: bool = False,
+                 lr: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.05,
+                 betas: tuple[float, float] = (0.9, 0.999), attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.save_hyperparameters()
+        # LoRA checkpoints drop the frozen base weights; loading checks the adapter keys itself
+        self.strict_loading = lora is None
+        self.model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32,
+                                                          attn_implementation=attn_implementation)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            cfg = dict(lora)
+            cfg.setdefault("task_type", "CAUSAL_LM")
+            self.model = get_peft_model(self.model, LoraConfig(**cfg))
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if lora:
+                self.model.enable_input_require_grads()
+
+    def forward(self, **batch: torch.Tensor):
+        return self.model(**batch)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = (batch["labels"] != IGNORE).sum()
+        if n == 0:
+            raise ValueError("a batch has no supervised token: nothing to learn from (check truncation)")
+        return self(**batch).loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.log("train/supervised_tokens", (batch["labels"] != IGNORE).sum().float(), reduce_fx="sum",
+                 batch_size=len(batch["input_ids"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=len(batch["input_ids"]), sync_dist=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("test/loss", self._loss(batch), batch_size=len(batch["input_ids"]), sync_dist=True)
+
+    def trainable_names(self) -> set[str]:
+        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                betas=tuple(self.hparams.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = get_cosine_schedule_with_warmup(opt, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.hparams.lora:
+            keep = self.trainable_names()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["student"] = {"base": self.hparams.name_or_path, "lora": bool(self.hparams.lora)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.hparams.lora:
+            missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(f"checkpoint lacks {len(missing)} adapter weight(s) of this student, e.g. "
+                                 f"{missing[:3]}: it was saved from a different LoRA configuration")
