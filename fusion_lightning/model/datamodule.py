@@ -7,7 +7,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader
 
 from fusion_lightning.data.datamodule import LogDataModule
@@ -68,13 +67,11 @@ class DistillDataModule(LogDataModule):
             raise ValueError(f"the {split} split has no selected examples")
         items = pack(examples, self.max_length) if self.packing else [[e] for e in examples]
         collate_fn = partial(collate, pad_id=self.tokenizer.pad_token_id)
-        if train and self.group_by_length:
+        if train:  # our sampler shards itself across ranks (see LengthGroupedSampler)
             lengths = [sum(len(e.input_ids) for e in seq) for seq in items]
-            sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)
+            sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed, group=self.group_by_length)
             return DataLoader(items, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers)
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(items, batch_size=self.batch_size, shuffle=train, generator=g if train else None,
-                          collate_fn=collate_fn, num_workers=self.num_workers)
+        return DataLoader(items, batch_size=self.batch_size, collate_fn=collate_fn, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -116,10 +116,16 @@ def collate(items: Sequence[list[Tokenized]], pad_id: int) -> dict[str, torch.Te
 
 
 class LengthGroupedSampler(Sampler[list[int]]):
-    """Batches of similar length (so padding stays small), in a seeded random order each epoch."""
+    """Batches of similar length (so padding stays small), in a seeded random order each epoch.
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega: int = 50):
+    `group=False` gives plain shuffled batches. Under DDP/DeepSpeed each rank takes every
+    world_size-th batch (the last few batches are dropped so every rank steps equally often): the
+    recipe sets `trainer.use_distributed_sampler: false`, since Lightning cannot shard a batch sampler.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega: int = 50, group: bool = True):
         self.lengths, self.batch_size, self.seed, self.mega = np.asarray(lengths), batch_size, seed, mega
+        self.group = group
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -132,9 +138,13 @@ class LengthGroupedSampler(Sampler[list[int]]):
         batches = []
         for g in range(0, len(perm), group):
             chunk = perm[g:g + group]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            if self.group:
+                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
             batches += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        rank, world = _rank_world()
+        usable = len(batches) // world * world if world > 1 else len(batches)
+        return batches[rank:usable:world]
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._batches()
@@ -143,4 +153,13 @@ class LengthGroupedSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         group = self.batch_size * self.mega  # full groups give `mega` batches each
         rest = len(self.lengths) % group
-        return len(self.lengths) // group * self.mega + (rest + self.batch_size - 1) // self.batch_size
+        n = len(self.lengths) // group * self.mega + (rest + self.batch_size - 1) // self.batch_size
+        return n // _rank_world()[1]
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
