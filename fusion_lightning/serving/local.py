@@ -1,0 +1,171 @@
+"""Generation with any Hugging Face causal LM, local directory or Hub name alike (same code path):
+chat template when the tokenizer has one, batched with left padding, greedy or seeded sampling,
+CPU or GPU, optional LoRA adapter."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import Generation, Prompt, Sampling, resolve_sampling, to_messages, truncate_at_stop
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _short_name(path_or_name: str) -> str:
+    """A local directory is named by its last component; a Hub name is kept whole (org/model)."""
+    p = Path(path_or_name.rstrip("/\\"))
+    return p.name if p.exists() else path_or_name
+
+
+def plain_chat_format(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The fallback prompt format for tokenizers without a chat template."""
+    lines = [f"{str(m['role']).capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+class LocalBackend:
+    """Serve a Hugging Face causal LM in-process.
+
+    `model`: a local directory or a Hub name (`AutoModelForCausalLM.from_pretrained`); `tokenizer`
+    defaults to the same. `adapter`: a PEFT (LoRA) adapter directory applied on top. `device`:
+    "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...; `dtype`: "auto" (bfloat16 on a GPU
+    that supports it, else float32), "float32", "float16" or "bfloat16". `sampling`: default
+    sampling parameters, overridden per `generate` call.
+
+    Greedy answers do not depend on `batch_size`; seeded sampled answers are reproducible for the
+    same prompts, seed and `batch_size` (batch i is sampled with seed + i, prompts batched by length).
+    `latency_s` of a prompt is the wall time of its batch.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        name: str | None = None,
+        tokenizer: str | None = None,
+        adapter: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 8,
+        sampling: Mapping[str, Any] | None = None,
+        progress: bool = True,
+        trust_remote_code: bool = False,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        model, tokenizer, adapter = str(model), str(tokenizer or model), adapter and str(adapter)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+            dtype = "bfloat16" if cuda_bf16 else "float32"
+        self.model_path, self.adapter, self.device, self.dtype = model, adapter, device, dtype
+        self.batch_size, self.progress = batch_size, progress
+        self.default_sampling = dict(sampling or {})
+        resolve_sampling(self.default_sampling, {})  # fail early on bad defaults
+        self.name = name or _short_name(model) + (f"+{_short_name(adapter)}" if adapter else "")
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token_id is None:
+                raise ValueError(f"tokenizer of {tokenizer!r} has neither a pad nor an eos token")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **(model_kwargs or {})
+        )
+        if adapter:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, adapter)
+        self.model.to(device).eval()
+
+    def __repr__(self) -> str:
+        return (
+            f"LocalBackend(name={self.name!r}, model={self.model_path!r}, adapter={self.adapter!r}, "
+            f"device={self.device!r}, dtype={self.dtype!r}, batch_size={self.batch_size})"
+        )
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render(self, prompt: Prompt) -> str:
+        """The exact text the model sees: the chat template with a generation prompt, else
+        `plain_chat_format` ("User: ...\\nAssistant:")."""
+        messages = to_messages(prompt)
+        if self.has_chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return plain_chat_format(messages)
+
+    def _encode(self, texts: list[str]):
+        # A chat template writes its own special tokens (BOS included); don't add them twice.
+        return self.tokenizer(
+            texts, return_tensors="pt", padding=True, add_special_tokens=not self.has_chat_template
+        )
+
+    def generate(self, prompts: Sequence[Prompt], **sampling: Any) -> list[Generation]:
+        from tqdm.auto import tqdm
+
+        s = resolve_sampling(self.default_sampling, sampling)
+        texts = [self.render(p) for p in prompts]
+        lengths = [len(ids) for ids in self._encode_lengths(texts)]
+        # Longest first: similar lengths share a batch (less padding) and OOM shows up at once.
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        results: list[Generation | None] = [None] * len(texts)
+        bar = tqdm(batches, desc=f"generate {self.name}", unit="batch", disable=not self.progress or not batches)
+        for b, idx in enumerate(bar):
+            for i, gen in zip(idx, self._generate_batch([texts[i] for i in idx], s, b), strict=True):
+                results[i] = gen
+        return results  # type: ignore[return-value]
+
+    def _encode_lengths(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=not self.has_chat_template)["input_ids"]
+
+    def _generate_batch(self, texts: list[str], s: Sampling, batch_index: int) -> list[Generation]:
+        import torch
+
+        enc = self._encode(texts).to(self.device)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": s.max_new_tokens,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "do_sample": not s.greedy,
+        }
+        if s.greedy:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:  # OpenAI semantics: temperature and nucleus only, no top-k
+            kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
+        if s.stop:
+            kwargs.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
+        start = time.perf_counter()
+        devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+            if s.seed is not None:
+                torch.manual_seed(s.seed + batch_index)
+            out = self.model.generate(**enc, **kwargs)
+        latency = time.perf_counter() - start
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        n_in = enc["attention_mask"].sum(dim=1).tolist()
+        ends = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, *self._extra_eos()}
+        gens = []
+        for ids, n in zip(new, n_in, strict=True):
+            k = next((j for j, t in enumerate(ids) if t in ends), len(ids))
+            text = self.tokenizer.decode(ids[:k], skip_special_tokens=True)
+            gens.append(Generation(truncate_at_stop(text, s.stop), int(n), k, latency))
+        return gens
+
+    def _extra_eos(self) -> list[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
