@@ -181,3 +181,50 @@ def test_distill_top_k_recipe_end_to_end(tmp_path: Path) -> None:
     ckpt = torch.load(tmp_path / summary["artifacts"]["best_checkpoint"], map_location="cpu", weights_only=True)
     assert all("lora_" in k for k in ckpt["state_dict"])
     assert (tmp_path / summary["artifacts"]["selection_report"]).exists()
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("export")
+    summary = fit(compose_recipe("distill_top_k", ["data.synthetic.n_queries=60", "data.synthetic.models=3",
+                                                   "trainer.max_epochs=1", "model.lr=5e-3", f"run_dir={tmp}",
+                                                   "datamodule.max_length=96", "logger=none"]))
+    return tmp / summary["artifacts"]["best_checkpoint"]
+
+
+def _logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def test_export_merged_and_adapter_reload_with_the_same_logits(lora_ckpt: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from fusion_lightning.export import main as export_main
+
+    ckpt = torch.load(lora_ckpt, map_location="cpu", weights_only=True)
+    student = Student(**ckpt["hyper_parameters"])
+    student.load_state_dict(ckpt["state_dict"], strict=False)
+    ids = torch.tensor([[4, 205, 885, 286, 285, 381, 17, 24]])
+    want = _logits_of(student.model, ids)
+    assert export_main(["--ckpt", str(lora_ckpt), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(_logits_of(merged, ids), want, atol=1e-4, rtol=1e-4)
+    assert export_main(["--ckpt", str(lora_ckpt), "--out", str(tmp_path / "split")]) == 0
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "split")
+    adapted = PeftModel.from_pretrained(base, tmp_path / "split" / "adapter")
+    torch.testing.assert_close(_logits_of(adapted, ids), want, atol=1e-4, rtol=1e-4)
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template
+
+
+def test_resume_from_last_checkpoint_reaches_the_same_final_loss(tmp_path: Path) -> None:
+    base = ["data.synthetic.n_queries=60", "data.synthetic.models=3", "model.lr=5e-3", "datamodule.max_length=96",
+            "logger=none", "callbacks.early_stopping=null", "trainer.max_epochs=3"]
+    full = fit(compose_recipe("distill_top_k", [*base, f"run_dir={tmp_path / 'full'}"]))
+    # interrupted after the first epoch (the schedule still plans 3 epochs), then resumed from last.ckpt
+    fit(compose_recipe("distill_top_k", [*base, f"run_dir={tmp_path / 'part'}",
+                                         "+callbacks.stop._target_=interrupt.StopAfterEpoch"]))
+    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    resumed = fit(compose_recipe("distill_top_k", [*base, f"run_dir={tmp_path / 'part'}", f"ckpt_path={last}"]))
+    assert resumed["metrics"]["test/loss"] == pytest.approx(full["metrics"]["test/loss"], rel=1e-5)
+    assert resumed["metrics"]["train/loss"] == pytest.approx(full["metrics"]["train/loss"], rel=1e-5)

@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from fusion_lightning.data.datamodule import LogDataModule
@@ -67,11 +68,16 @@ class DistillDataModule(LogDataModule):
             raise ValueError(f"the {split} split has no selected examples")
         items = pack(examples, self.max_length) if self.packing else [[e] for e in examples]
         collate_fn = partial(collate, pad_id=self.tokenizer.pad_token_id)
+        # A loader-owned generator: creating an iterator then draws its seed from it, not from the global RNG,
+        # so a resumed run's dropout sees the same random stream as an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.seed)
         if train:  # our sampler shards itself across ranks (see LengthGroupedSampler)
             lengths = [sum(len(e.input_ids) for e in seq) for seq in items]
             sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed, group=self.group_by_length)
-            return DataLoader(items, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers)
-        return DataLoader(items, batch_size=self.batch_size, collate_fn=collate_fn, num_workers=self.num_workers)
+            return DataLoader(items, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers,
+                              generator=generator)
+        return DataLoader(items, batch_size=self.batch_size, collate_fn=collate_fn, num_workers=self.num_workers,
+                          generator=generator)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -127,6 +127,9 @@ class LengthGroupedSampler(Sampler[list[int]]):
         self.lengths, self.batch_size, self.seed, self.mega = np.asarray(lengths), batch_size, seed, mega
         self.group = group
         self.epoch = 0
+        # Lightning calls set_epoch on `dataloader.batch_sampler.sampler` each epoch (also after a resume):
+        # pointing it at ourselves keeps the batch order a function of the epoch, as in an uninterrupted run
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
