@@ -16,7 +16,7 @@ from fusion_lightning.data.readers import ReaderOptions
 SOURCE_DEFAULTS: dict[str, Any] = {
     "format": "synthetic", "path": None, "catalog": None, "queries": None, "task": None,
     "on_error": "raise", "split": "auto", "split_seed": 0, "val_fraction": 0.1, "test_fraction": 0.2,
-    "synthetic": {"n_queries": 3000, "models": 20, "seed": 0},
+    "rescore": False, "synthetic": {"n_queries": 3000, "models": 20, "seed": 0},
 }
 
 
@@ -30,7 +30,7 @@ def load_from_config(data: Mapping[str, Any] | DictConfig) -> LogTable:
     d = {**SOURCE_DEFAULTS, **data}
     options = ReaderOptions(catalog=d["catalog"], queries=d["queries"], task=d["task"])
     split_args = dict(on_error=d["on_error"], split=d["split"], split_seed=d["split_seed"],
-                      val_fraction=d["val_fraction"], test_fraction=d["test_fraction"])
+                      val_fraction=d["val_fraction"], test_fraction=d["test_fraction"], rescore=d["rescore"])
     if d["format"] == "synthetic":
         from fusion_lightning.data.readers.llmfusionbench import from_tables
         from fusion_lightning.data.synthetic import generate_llmfusionbench
@@ -43,12 +43,15 @@ def load_from_config(data: Mapping[str, Any] | DictConfig) -> LogTable:
 
 
 class LogDataModule(L.LightningDataModule):
-    """Loads the logs named by the `data` config once; subclasses turn them into batches."""
+    """Loads the logs named by the `data` config once; subclasses turn them into batches.
 
-    def __init__(self, data: Mapping[str, Any] | None = None):
+    `logs`: an already loaded and split LogTable to use instead (e.g. one cross-validation fold).
+    """
+
+    def __init__(self, data: Mapping[str, Any] | None = None, logs: LogTable | None = None):
         super().__init__()
         self.data_config = dict(data or {})
-        self._logs: LogTable | None = None
+        self._logs: LogTable | None = logs
 
     @property
     def logs(self) -> LogTable:

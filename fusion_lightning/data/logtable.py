@@ -193,9 +193,18 @@ class LogTable:
 
 def load_logs(fmt: str, path: str | Path | None = None, *, source: SourceData | None = None,
               options: ReaderOptions | None = None, on_error: str = "raise", split: str = "auto",
-              split_seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2) -> LogTable:
-    """Read (or take `source`), validate, and split: the one way every recipe gets its logs."""
+              split_seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
+              rescore: bool = False) -> LogTable:
+    """Read (or take `source`), re-score if asked, validate, and split: the one way every recipe gets its logs.
+
+    `rescore`: replace each row's performance by fusion_lightning.scoring's score of its response
+    against its ground truth and metric (rows lacking one of the three keep theirs; see the report).
+    """
     src = source if source is not None else read_source(fmt, path, options)
+    if rescore:
+        from fusion_lightning.scoring.rescore import rescore_source
+
+        src = rescore_source(src)
     result = validate(src, on_error=on_error)
     report = DataReport({**src.counts, **result.counts}, list(src.notes), result.quarantine)
     logs = LogTable(result.table, src.catalog, report, src.task_descriptions)
