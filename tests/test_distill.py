@@ -173,9 +173,16 @@ def test_lora_student_learns_and_checkpoints_only_adapters(tiny, tmp_path: Path)
 def test_distill_top_k_recipe_end_to_end(tmp_path: Path) -> None:
     cfg = compose_recipe("distill_top_k", ["data.synthetic.n_queries=120", "data.synthetic.models=4",
                                            "trainer.max_epochs=2", "model.lr=5e-3", f"run_dir={tmp_path}",
-                                           "datamodule.max_length=128", "logger=none"])
+                                           "datamodule.max_length=128", "logger=none",
+                                           "callbacks.student_eval.max_queries=6",
+                                           "callbacks.student_eval.max_new_tokens=24"])
     summary = fit(cfg)
     d, m = summary["data"], summary["metrics"]
+    # generation-based evaluation: student vs base zero-shot, per task, scored by the task scorers
+    assert 0 <= m["test/student/perf"] <= 1 and 0 <= m["test/base/perf"] <= 1
+    assert any(k.startswith("test/student/perf/") for k in m)
+    table = (tmp_path / summary["artifacts"]["student_eval_md"]).read_text()
+    assert table.startswith("| task | queries | base (zero-shot) | student |") and "| all | 6 |" in table
     assert d["train_examples"] > 0 and d["train_supervised_tokens"] > 0
     assert m["test/loss"] < 6.0  # well below the untrained tiny model's ~6.9 (ln 1024)
     ckpt = torch.load(tmp_path / summary["artifacts"]["best_checkpoint"], map_location="cpu", weights_only=True)
@@ -188,7 +195,8 @@ def lora_ckpt(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("export")
     summary = fit(compose_recipe("distill_top_k", ["data.synthetic.n_queries=60", "data.synthetic.models=3",
                                                    "trainer.max_epochs=1", "model.lr=5e-3", f"run_dir={tmp}",
-                                                   "datamodule.max_length=96", "logger=none"]))
+                                                   "datamodule.max_length=96", "logger=none",
+                                                   "callbacks.student_eval=null"]))
     return tmp / summary["artifacts"]["best_checkpoint"]
 
 
@@ -219,7 +227,7 @@ def test_export_merged_and_adapter_reload_with_the_same_logits(lora_ckpt: Path, 
 
 def test_resume_from_last_checkpoint_reaches_the_same_final_loss(tmp_path: Path) -> None:
     base = ["data.synthetic.n_queries=60", "data.synthetic.models=3", "model.lr=5e-3", "datamodule.max_length=96",
-            "logger=none", "callbacks.early_stopping=null", "trainer.max_epochs=3"]
+            "logger=none", "callbacks.early_stopping=null", "trainer.max_epochs=3", "callbacks.student_eval=null"]
     full = fit(compose_recipe("distill_top_k", [*base, f"run_dir={tmp_path / 'full'}"]))
     # interrupted after the first epoch (the schedule still plans 3 epochs), then resumed from last.ckpt
     fit(compose_recipe("distill_top_k", [*base, f"run_dir={tmp_path / 'part'}",

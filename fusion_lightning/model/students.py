@@ -84,10 +84,11 @@ def build_smollm2(out: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         out.mkdir(parents=True, exist_ok=True)
         # save_pretrained refuses GGUF-loaded models: write config + safetensors + tokenizer ourselves
-        from safetensors.torch import save_file
+        # (save_model drops the tied lm_head copy that plain save_file rejects)
+        from safetensors.torch import save_model
 
         model.config.save_pretrained(out)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+        save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(out)
     return out
 
@@ -100,7 +101,11 @@ def resolve_student(name_or_path: str) -> str:
     out = cache_root() / name_or_path
     if not (out / "config.json").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        builders[name_or_path](tmp)
+        try:
+            builders[name_or_path](tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             tmp.rename(out)  # atomic: a half-built student is never picked up
         except OSError:  # another process finished first
