@@ -14,6 +14,7 @@ from torchmetrics.aggregation import CatMetric
 
 from fusion_lightning.data.matrix import REWARD_SETTINGS
 from fusion_lightning.query.metrics import RoutingArrays, routing_metrics
+from fusion_lightning.query.objectives import score_cost_loss
 
 TARGETS = ("perf", "perf_n", "cost", "cost_n", "mask", "task")
 OPTIONAL_TARGETS = ("judge", "judge_mask")  # batches carry them when the DataModule has judge scores
@@ -100,6 +101,22 @@ class RouterModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the class, so `Router.load` rebuilds any router from its checkpoint alone."""
         checkpoint["router_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+class LogitRouter(RouterModule):
+    """A router whose forward(x, task) returns (performance logits [B,M], normalised cost [B,M]),
+    trained with the shared score+cost objective and AdamW (hparams `lr`, `weight_decay`)."""
+
+    def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, cost = self(x, task)
+        return torch.sigmoid(logits), cost
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits, cost = self(batch["x"], batch["task"])
+        return score_cost_loss(logits, cost, batch, self.hparams.binary, self.hparams.cost_loss_weight)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
 def _judge(arrays: dict) -> np.ndarray | None:

@@ -13,9 +13,8 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from fusion_lightning.data.embeddings import SentenceTransformerEncoder
-from fusion_lightning.query.base import RouterModule
+from fusion_lightning.query.base import LogitRouter
 from fusion_lightning.query.datamodule import RouterDataModule
-from fusion_lightning.query.objectives import score_cost_loss
 
 
 def resolve_pretrained(name: str) -> str:
@@ -41,7 +40,7 @@ class EncoderRouterDataModule(RouterDataModule):
         return {**super().model_kwargs(), "pretrained": self.pretrained, "max_length": self.max_length}
 
 
-class EncoderRouter(RouterModule):
+class EncoderRouter(LogitRouter):
     """Mean-pooled transformer encoder + task embedding -> performance logits and cost per model."""
 
     def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
@@ -70,10 +69,6 @@ class EncoderRouter(RouterModule):
         pooled = self.dropout(pooled)
         return self.perf_head(pooled), self.cost_head(pooled)
 
-    def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cost = self(x, task)
-        return torch.sigmoid(logits), cost
-
     def featurize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids for new queries (the Route API calls this instead of an embedding encoder)."""
         if self._tokenizer is None:
@@ -81,10 +76,6 @@ class EncoderRouter(RouterModule):
         enc = self._tokenizer(list(texts), padding="max_length", truncation=True,
                               max_length=self.hparams.max_length, return_tensors="pt")
         return enc["input_ids"]
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, cost = self(batch["x"], batch["task"])
-        return score_cost_loss(logits, cost, batch, self.hparams.binary, self.hparams.cost_loss_weight)
 
     def configure_optimizers(self):
         heads = [p for n, p in self.named_parameters() if not n.startswith("encoder.")]

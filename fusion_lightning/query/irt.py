@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_lightning.query.base import RouterModule
-from fusion_lightning.query.objectives import score_cost_loss
+from fusion_lightning.query.base import LogitRouter
 
 
 def irt_logits(a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -21,7 +20,7 @@ def irt_logits(a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor) -> torch.T
     return a @ theta.T - b[:, None]
 
 
-class IRTRouter(RouterModule):
+class IRTRouter(LogitRouter):
     """Per-model abilities θ_m; per-query discrimination a_q (softplus) and difficulty b_q from the text."""
 
     def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
@@ -54,14 +53,3 @@ class IRTRouter(RouterModule):
     def forward(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, b, hid = self.item_params(x, task)
         return irt_logits(a, b, self.theta), self.cost_head(hid)
-
-    def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cost = self(x, task)
-        return torch.sigmoid(logits), cost
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, cost = self(batch["x"], batch["task"])
-        return score_cost_loss(logits, cost, batch, self.hparams.binary, self.hparams.cost_loss_weight)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

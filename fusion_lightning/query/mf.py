@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_lightning.query.base import RouterModule
-from fusion_lightning.query.objectives import score_cost_loss
+from fusion_lightning.query.base import LogitRouter
 
 
-class MFRouter(RouterModule):
+class MFRouter(LogitRouter):
     """Bilinear query × model scores: sigmoid(u_q · v_m + b_m) for performance, u_q · c_m + d_m for cost."""
 
     def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
@@ -46,15 +45,4 @@ class MFRouter(RouterModule):
         u = self.query_vector(x, task)
         v = F.normalize(self.model_vecs, dim=-1) if self.hparams.normalize_models else self.model_vecs
         return u @ v.T + self.model_bias, u @ self.cost_vecs.T + self.cost_bias
-
-    def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cost = self(x, task)
-        return torch.sigmoid(logits), cost
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, cost = self(batch["x"], batch["task"])
-        return score_cost_loss(logits, cost, batch, self.hparams.binary, self.hparams.cost_loss_weight)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 

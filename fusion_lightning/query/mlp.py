@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusion_lightning.query.base import RouterModule
-from fusion_lightning.query.objectives import score_cost_loss
+from fusion_lightning.query.base import LogitRouter
 
 
-class MLPRouter(RouterModule):
+class MLPRouter(LogitRouter):
     """Predicts performance (BCE for 0/1 scores, MSE otherwise) and normalised cost per model."""
 
     def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
@@ -34,14 +33,3 @@ class MLPRouter(RouterModule):
             x = torch.cat([x, self.task_emb(task)], dim=-1)
         h = self.body(x)
         return self.perf_head(h), self.cost_head(h)
-
-    def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cost = self(x, task)
-        return torch.sigmoid(logits), cost
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, cost = self(batch["x"], batch["task"])
-        return score_cost_loss(logits, cost, batch, self.hparams.binary, self.hparams.cost_loss_weight)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
