@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from fusion_lightning.data.logtable import LogTable, load_logs
 from fusion_lightning.data.readers import ReaderOptions
@@ -58,6 +59,19 @@ class LogDataModule(L.LightningDataModule):
         if self._logs is None:
             self._logs = load_from_config(self.data_config)
         return self._logs
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        """The DataLoader of one split (train: shuffled); subclasses build it."""
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
 
     def model_kwargs(self) -> dict[str, Any]:
         """What the LightningModule needs to know about the data (sizes, names); fit passes it on."""

@@ -79,15 +79,6 @@ class DistillDataModule(LogDataModule):
         return DataLoader(items, batch_size=self.batch_size, collate_fn=collate_fn, num_workers=self.num_workers,
                           generator=generator)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
-
     def summary(self) -> dict[str, int]:
         counts = super().summary()
         for split, ex in self.examples.items():

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fusion_lightning.data.datamodule import LogDataModule
 from fusion_lightning.data.embeddings import build_encoder, embed_texts
+from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
 
 UNKNOWN_TASK = "<unk>"
@@ -31,8 +32,8 @@ class RouterSplit(Dataset):
 
 class RouterDataModule(LogDataModule):
     def __init__(self, data: dict | None = None, encoder: str = "minilm", embedding_cache: str | None = None,
-                 batch_size: int = 128, num_workers: int = 0):
-        super().__init__(data)
+                 batch_size: int = 128, num_workers: int = 0, logs: LogTable | None = None):
+        super().__init__(data, logs)
         self.encoder_name, self.cache_dir = encoder, embedding_cache
         self.batch_size, self.num_workers = batch_size, num_workers
         self.splits: dict[str, RouterSplit] = {}
@@ -107,12 +108,3 @@ class RouterDataModule(LogDataModule):
         g = torch.Generator().manual_seed(0)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           generator=g if shuffle else None)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
