@@ -20,7 +20,7 @@ class KNNRouter(RouterModule):
     """Cosine kNN over query embeddings; per-model masked (optionally similarity-weighted) means."""
 
     def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
-                 normaliser: dict, model_sizes: list[float | None], k: int = 20, same_task: bool = False,
+                 normaliser: dict, model_sizes: list[float | None], k: int = 50, same_task: bool = True,
                  weighting: str = "uniform", temperature: float = 0.1, cost_loss_weight: float = 0.5,
                  chunk_size: int = 4096):
         super().__init__()
