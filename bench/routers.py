@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import sys
 import tempfile
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder-folds", type=int, default=None, help="run the encoder router on the first N folds")
     p.add_argument("--e2e-texts", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CI machine has 2 shared cores)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the per-fold results of an interrupted run with the same settings (the last fold "
+                        "is always trained: throughput needs its routers)")
     a = p.parse_args(argv)
     if a.quick:
         a.folds, a.encoder_epochs, a.e2e_texts = 2, 1, min(a.e2e_texts, 300)
@@ -133,7 +137,17 @@ def run_folds(args: argparse.Namespace):
     rows: dict[str, list[dict]] = defaultdict(list)
     last: dict = {}
     enc_folds = args.encoder_folds or args.folds
+    saved = OUT / "routers_folds.json"
+    key = {k: v for k, v in vars(args).items() if k not in ("resume", "threads", "e2e_texts")}
+    done = json.loads(saved.read_text()) if args.resume and saved.is_file() else {}
+    done = done.get("folds", []) if done.get("settings") == key else []
     for f in range(args.folds):
+        if f < min(len(done), args.folds - 1):
+            for name, row in done[f].items():
+                rows[name].append(row)
+            print(f"[fold {f + 1}/{args.folds}] resumed from {saved}", flush=True)
+            continue
+        before = {n: len(v) for n, v in rows.items()}
         flogs = fold_logs(logs, qm, folds, f, val_fraction=0.1, seed=args.seed)
         dm = instantiate(cfg.datamodule, logs=flogs, _convert_="all")
         dm.setup("fit")
@@ -182,6 +196,9 @@ def run_folds(args: argparse.Namespace):
         print(f"[fold {f + 1}/{args.folds}] baselines: " + "  ".join(
             f"{b} {rows[b][-1]['perf']:.3f}" for b in BASELINES), flush=True)
         last["dm"], last["edm"] = dm, (edm if "encoder" in args.routers and f < enc_folds else last.get("edm"))
+        done = done[:f] + [{n: v[-1] for n, v in rows.items() if len(v) > before.get(n, 0)}]
+        OUT.mkdir(exist_ok=True)
+        saved.write_text(json.dumps({"settings": key, "folds": done}))
     return rows, last, qm, path
 
 
