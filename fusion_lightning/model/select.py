@@ -50,6 +50,7 @@ class Example:
     rank: int
     performance: float | None
     judge: float | None
+    cost: float | None = None  # USD of the call (None for gold); the thought level re-ranks on it
 
 
 @dataclass
@@ -112,6 +113,7 @@ def select_responses(logs: LogTable, cfg: SelectionConfig) -> tuple[list[Example
     cols = {c: as_objects(t[c])[order] for c in ("query_id", "query", "task", "model", "response")}
     perf = t["performance"].to_numpy(zero_copy_only=False)[order]
     judge = pc.fill_null(t["judge"], np.nan).to_numpy(zero_copy_only=False)[order]
+    cost = pc.fill_null(t["cost"], np.nan).to_numpy(zero_copy_only=False)[order]
     starts = np.flatnonzero(np.r_[True, qi[order][1:] != qi[order][:-1]]) if len(order) else np.zeros(0, int)
     ends = np.r_[starts[1:], len(order)]
 
@@ -132,7 +134,8 @@ def select_responses(logs: LogTable, cfg: SelectionConfig) -> tuple[list[Example
             rank += 1
             examples.append(Example(cols["query_id"][i], cols["query"][i], cols["task"][i], cols["response"][i],
                                     cols["model"][i], rank, float(perf[i]),
-                                    None if np.isnan(judge[i]) else float(judge[i])))
+                                    None if np.isnan(judge[i]) else float(judge[i]),
+                                    None if np.isnan(cost[i]) else float(cost[i])))
         kept_per_query[cols["query_id"][s]] = rank
 
     if cfg.include_gold:

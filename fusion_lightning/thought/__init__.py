@@ -1,0 +1,1 @@
+"""Thought-level fusion: templates summarised from the log's best answers, a trained retriever, prompts."""

@@ -1,0 +1,186 @@
+"""TemplateDataModule: the library (loaded, or built from the log with the configured summariser),
+InfoNCE training triples, and evaluation rows with the baselines' scores.
+
+Positives of a train query: templates from its own best answers and from its `n_neighbors` nearest
+same-task train queries' (cosine of the library encoder's query embeddings). Hard negatives: a
+template of another task and a same-task template of one of the query's least similar queries.
+Evaluation (val/test queries): the index is the whole library minus the query's own templates (and
+other tasks' with `task_filter`); a template's gain is the similarity of its closest source query
+to the query (same task only, clipped at 0); "relevant" (Recall, MRR) means a source among the
+query's `n_relevant` nearest same-task queries. Frozen-encoder and BM25 scores ride in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fusion_lightning.data.datamodule import LogDataModule
+from fusion_lightning.data.embeddings import build_encoder, embed_texts
+from fusion_lightning.data.readers.common import as_objects
+from fusion_lightning.thought.build import build_library
+from fusion_lightning.thought.library import TemplateLibrary
+from fusion_lightning.thought.metrics import bm25_scores
+from fusion_lightning.thought.select import TemplateSelection
+from fusion_lightning.thought.summarise import build_summariser
+
+
+class _Triples(Dataset):
+    def __init__(self, rows: list[int], positives: list[list[int]], hard: list[list[int]]):
+        self.rows, self.positives, self.hard = rows, positives, hard
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, int, list[int], set[int]]:
+        pos = self.positives[i]
+        return self.rows[i], pos[int(torch.randint(len(pos), ()))], self.hard[i], set(pos)
+
+
+class TemplateDataModule(LogDataModule):
+    def __init__(self, data: Mapping[str, Any] | None = None, logs=None, library_dir: str | None = None,
+                 encoder: str = "minilm", summariser: Mapping[str, Any] | None = None,
+                 selection: Mapping[str, Any] | None = None, dedup_threshold: float = 0.95,
+                 embedding_cache: str | None = None, n_neighbors: int = 3, n_relevant: int = 3,
+                 task_filter: bool = True, batch_size: int = 32, eval_batch_size: int = 128,
+                 num_workers: int = 0):
+        super().__init__(data, logs)
+        self.library_dir = Path(library_dir) if library_dir else None
+        self.encoder_name, self.summariser_cfg = encoder, dict(summariser or {"type": "rule"})
+        self.selection = TemplateSelection(**dict(selection or {}))
+        self.dedup_threshold, self.embedding_cache = dedup_threshold, embedding_cache
+        self.n_neighbors, self.n_relevant, self.task_filter = n_neighbors, n_relevant, task_filter
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.library: TemplateLibrary | None = None
+        self._built = None
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _library(self) -> TemplateLibrary:
+        d = self.library_dir
+        if d is not None and (d / "library.json").is_file():
+            return TemplateLibrary.load(d)
+        summariser = build_summariser(self.summariser_cfg, self.logs.task_descriptions)
+        lib, self.build_report = build_library(self.logs, summariser, build_encoder(self.encoder_name), d,
+                                               self.selection, self.dedup_threshold, progress=False)
+        return lib
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._built is not None:
+            return
+        lib = self.library = self._library()
+        if len(lib) == 0:
+            raise ValueError(f"template library {self.library_dir or '(in memory)'} is empty: no query in the "
+                             "log has a correct response to summarise")
+        qt = self.logs.query_table()
+        ids, texts = as_objects(qt["query_id"]), as_objects(qt["query"]).tolist()
+        tasks, splits = as_objects(qt["task"]), as_objects(qt["split"])
+        row = {q: i for i, q in enumerate(ids)}
+        enc = build_encoder(lib.encoder)
+        qv = embed_texts(texts, enc, self.embedding_cache)
+        self.index_texts = [t.text for t in lib.templates]
+        t_tasks = np.array([t.task for t in lib.templates], dtype=object)
+        sources = [[row[q] for q in t.query_ids if q in row] for t in lib.templates]
+        by_source: dict[int, list[int]] = {}
+        for j, srcs in enumerate(sources):
+            for s in srcs:
+                by_source.setdefault(s, []).append(j)
+        has_t = np.zeros(len(ids), bool)
+        has_t[list(by_source)] = True
+        sim = qv @ qv.T
+        np.fill_diagonal(sim, -np.inf)
+        same = tasks[:, None] == tasks[None, :]
+        is_train = splits == "train"
+        self._train = self._triples(np.flatnonzero(is_train), sim, same, is_train & has_t, by_source,
+                                    t_tasks, tasks, sources)
+        self._eval = {s: self._eval_rows(np.flatnonzero(splits == s), sim, same, has_t, sources, t_tasks, tasks,
+                                         [texts[i] for i in np.flatnonzero(splits == s)],
+                                         qv[splits == s] @ lib.embeddings.T)
+                      for s in ("val", "test")}
+        self._texts, self._built = texts, True
+
+    def _triples(self, rows, sim, same, eligible, by_source, t_tasks, tasks, sources):
+        rng = np.random.default_rng(0)
+        keep, positives, hard = [], [], []
+        for i in rows:
+            s = np.where(same[i] & eligible, sim[i], -np.inf)
+            near = [n for n in np.argsort(-s)[: self.n_neighbors] if np.isfinite(s[n])]
+            pos = sorted({j for n in [i, *near] for j in by_source.get(int(n), [])})
+            if not pos:
+                continue
+            other = np.flatnonzero(t_tasks != tasks[i])
+            far = [n for n in np.argsort(s)[: max(4, len(s) // 4)] if np.isfinite(s[n]) and n not in near]
+            far_t = [j for n in far for j in by_source.get(int(n), []) if j not in pos]
+            negs = ([int(rng.choice(other))] if len(other) else []) + ([int(rng.choice(far_t))] if far_t else [])
+            keep.append(int(i))
+            positives.append(pos)
+            hard.append(negs)
+        return _Triples(keep, positives, hard)
+
+    def _eval_rows(self, rows, sim, same, has_t, sources, t_tasks, tasks, texts, frozen) -> dict[str, Any]:
+        n_t = len(sources)
+        gains = np.zeros((len(rows), n_t), np.float32)
+        relevant = np.zeros((len(rows), n_t), bool)
+        exclude = np.zeros((len(rows), n_t), bool)
+        for r, i in enumerate(rows):
+            s = np.where(same[i] & has_t, sim[i], -np.inf)
+            nearest = {int(n) for n in np.argsort(-s)[: self.n_relevant] if np.isfinite(s[n])}
+            for j, srcs in enumerate(sources):
+                if i in srcs:
+                    exclude[r, j] = True
+                others = [x for x in srcs if x != i]
+                if others and t_tasks[j] == tasks[i]:
+                    gains[r, j] = max(0.0, float(sim[i, others].max()))
+                    relevant[r, j] = any(x in nearest for x in others)
+            if self.task_filter:
+                exclude[r] |= t_tasks != tasks[i]
+        bm25 = bm25_scores(texts, self.index_texts)
+        return {"query": texts, "frozen": torch.from_numpy(np.asarray(frozen, np.float32)),
+                "bm25": torch.from_numpy(bm25), "exclude": torch.from_numpy(exclude),
+                "relevant": torch.from_numpy(relevant), "gains": torch.from_numpy(gains)}
+
+    # -- loaders --------------------------------------------------------------------------------
+    def _collate_train(self, items):
+        rows, pos, hard, pos_sets = zip(*items, strict=True)
+        negs = [j for h in hard for j in h]
+        cols = list(pos) + negs
+        mask = torch.tensor([[c in pos_sets[i] and c_i != i for c_i, c in enumerate(cols)]
+                             for i in range(len(rows))])
+        t = self.index_texts
+        return {"query": [self._texts[r] for r in rows], "positive": [t[j] for j in pos],
+                "negatives": [t[j] for j in negs], "mask": mask}
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        self.setup()
+        if split == "train":
+            if len(self._train) == 0:
+                raise ValueError("no train query has a template positive; check data splits and the library")
+            return DataLoader(self._train, batch_size=self.batch_size, shuffle=train, drop_last=len(self._train) >
+                              self.batch_size, collate_fn=self._collate_train, num_workers=self.num_workers)
+        ev = self._eval[split]
+        idx = list(range(len(ev["query"])))
+        return DataLoader(idx, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=lambda b: {k: ([v[i] for i in b] if k == "query" else v[b]) for k, v in ev.items()})
+
+    def model_kwargs(self) -> dict[str, Any]:
+        self.setup()
+        return {"encoder": self.library.encoder}  # the retriever starts from the encoder the library was embedded with
+
+    def summary(self) -> dict[str, int]:
+        self.setup()
+        return {**super().summary(), "templates": len(self.library), "train_queries_with_positives": len(self._train),
+                "val_eval_queries": len(self._eval["val"]["query"]), "test_eval_queries": len(self._eval["test"]["query"])}
+
+    def write_artifacts(self, run_dir: Path) -> dict[str, str]:
+        out = super().write_artifacts(run_dir)
+        if self.library_dir is not None:
+            try:
+                self.library_dir.resolve().relative_to(Path(run_dir).resolve())
+                out["template_library"] = str(self.library_dir.resolve())
+            except ValueError:
+                pass
+        return out
