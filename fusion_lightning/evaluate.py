@@ -1,0 +1,147 @@
+"""`python -m fusion_lightning.evaluate data=NAME [data.path=...] [routers={mlp:CKPT}] [thought={...}] [student={...}] [out=DIR]`
+
+The paper-style fusion table (fusion_lightning/evaluation.py): rows = tasks grouped by domain with
+domain and overall averages; columns = every single model in the log, best single (chosen on
+train), each fusion level given, and oracle; performance and cost. Writes to the run dir
+(`out=DIR`, default checkpoints/runs/evaluate/<timestamp>):
+
+  fusion_table.md    performance table (best non-oracle value per row in bold) and cost table
+  fusion_table.csv   one row per table row: <column>_perf, <column>_cost
+  fusion_bars.png    overall (task-average) performance per column, coloured by level
+  summary.json       {"split", "data", "columns", "kinds", "overall", "gap_closed", "info", "notes", "artifacts"}
+
+Keys: split=test, lam=0 (router cost weight), tasks=[...], max_per_task=N (seeded sample, all
+columns), seed=0, sampling={max_new_tokens: 256}; live levels:
+  thought={backend:{type:openai_compatible,base_url:...,model:...}, shots:3, library:DIR, retriever_ckpt:CKPT, k:3}
+  student={model:STUDENT_DIR, name:student}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from fusion_lightning.cli import data_group, parse_args
+from fusion_lightning.config import ConfigError
+from fusion_lightning.evaluation import Evaluation, evaluate, table_rows
+
+DEFAULTS: dict[str, Any] = {"data": None, "routers": {}, "thought": None, "student": None, "split": "test",
+                            "lam": 0.0, "tasks": None, "max_per_task": None, "seed": 0, "sampling": {},
+                            "out": None, "runs_root": "checkpoints/runs"}
+COLORS = {"single": "#9aa5b1", "best_single": "#3e4c59", "query": "#2f80ed", "thought": "#27ae60",
+          "model": "#f2994a", "oracle": "#bb6bd9"}
+
+
+def _fmt(v: float, cost: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"${v:.3g}" if cost else f"{v:.3f}"
+
+
+def write_report(ev: Evaluation, run_dir: Path, data_counts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Markdown, CSV, bar plot and summary.json of an evaluation; returns the summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = table_rows(ev), list(ev.columns)
+    with (run_dir / "fusion_table.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["row", "kind", "domain", "queries"] + [f"{c}_{s}" for c in cols for s in ("perf", "cost")])
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# Fusion table ({ev.split} split, {len(ev.tasks)} queries)", "",
+             f"Best single (chosen on train): **{ev.info.get('best_single_model')}**. Averages are over tasks "
+             "(domain, overall) or over queries (`all queries`).", "", "## Performance", ""]
+    for title, s in (("perf", "perf"), ("cost", "cost")):
+        if title == "cost":
+            lines += ["", "## Cost (USD per query)", ""]
+        lines.append("| task | domain | n | " + " | ".join(cols) + " |")
+        lines.append("|---|---|---:|" + "---:|" * len(cols))
+        for r in rows:
+            vals = [r[f"{c}_{s}"] for c in cols]
+            cells = [_fmt(v, s == "cost") for v in vals]
+            if s == "perf":
+                cand = [v for c, v in zip(cols, vals, strict=True) if ev.kinds[c] != "oracle" and not math.isnan(v)]
+                top = max(cand) if cand else None
+                cells = [f"**{x}**" if top is not None and not math.isnan(v) and ev.kinds[c] != "oracle" and v == top else x
+                         for c, v, x in zip(cols, vals, cells, strict=True)]
+            label = f"**{r['row']}**" if r["kind"] != "task" else r["row"]
+            lines.append(f"| {label} | {r['domain']} | {r['queries']} | " + " | ".join(cells) + " |")
+    if ev.notes:
+        lines += ["", "Notes:", *[f"- {n}" for n in ev.notes]]
+    (run_dir / "fusion_table.md").write_text("\n".join(lines) + "\n")
+
+    overall = next(r for r in rows if r["kind"] == "overall")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(cols) + 2), 4.5))
+    ys = [overall[f"{c}_perf"] for c in cols]
+    ax.bar(range(len(cols)), [0 if math.isnan(y) else y for y in ys], color=[COLORS[ev.kinds[c]] for c in cols])
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("performance (task average)")
+    ax.set_title(f"Fusion vs single models ({ev.split})")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items() if k in ev.kinds.values()],
+              fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(run_dir / "fusion_bars.png", dpi=120)
+    plt.close(fig)
+
+    def clean(v: Any) -> Any:
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    summary = {"split": ev.split, "data": data_counts or {}, "columns": cols, "kinds": ev.kinds,
+               "overall": {c: {"perf": clean(overall[f"{c}_perf"]), "cost": clean(overall[f"{c}_cost"])} for c in cols},
+               "all_queries": {c: {"perf": clean(rows[-1][f"{c}_perf"]), "cost": clean(rows[-1][f"{c}_cost"])} for c in cols},
+               "gap_closed": ev.info.get("gap_closed", {}), "info": ev.info, "notes": ev.notes,
+               "rows": [{k: clean(v) for k, v in r.items()} for r in rows],
+               "artifacts": {"table_md": "fusion_table.md", "table_csv": "fusion_table.csv", "bars": "fusion_bars.png"}}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def run(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """Load the log, evaluate, write the report; returns (summary, run dir)."""
+    from fusion_lightning.data.datamodule import load_from_config
+    from fusion_lightning.fit import resolve_run_dir
+
+    logs = load_from_config(cfg["data"] or data_group("synthetic"))
+    routers = cfg["routers"] or {}
+    if isinstance(routers, list):  # routers=[CKPT, ...]: named by position
+        routers = {f"r{i}" if len(routers) > 1 else "router": p for i, p in enumerate(routers)}
+    ev = evaluate(logs, routers=routers, thought=cfg["thought"], student=cfg["student"], split=cfg["split"],
+                  lam=float(cfg["lam"]), tasks=cfg["tasks"], max_per_task=cfg["max_per_task"], seed=int(cfg["seed"]),
+                  sampling=cfg["sampling"])
+    run_dir = resolve_run_dir(OmegaConf.create({"run_dir": cfg["out"], "runs_root": cfg["runs_root"],
+                                                "recipe": "evaluate"}))
+    ev.notes.extend(logs.report.notes)
+    return write_report(ev, run_dir, logs.summary()), run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        cfg = parse_args(argv, {**DEFAULTS, "data": data_group("synthetic")}, file_keys=("routers", "thought", "student", "sampling"))
+        summary, run_dir = run(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("FUSION_LIGHTNING_DEBUG"):
+            raise
+        print(f"error: {e}  (FUSION_LIGHTNING_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+    print((run_dir / "fusion_table.md").read_text())
+    print(f"run dir: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

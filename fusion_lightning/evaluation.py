@@ -1,0 +1,244 @@
+"""The fusion evaluation table: every single model, best single, each fusion level given, and oracle.
+
+All columns are scored on the same evaluation queries (a split of the log, optionally a seeded
+sample of `max_per_task` queries per task), so the numbers are comparable:
+
+- single models, best single (chosen on train, `query.metrics.baseline_choices`) and oracle come
+  from the log's recorded scores and costs;
+- query level: a router checkpoint routes each query; the recorded score and cost of the model it
+  picks are counted (offline, no generation);
+- thought level (live): a backend answers each query zero-shot, few-shot (k random solved train
+  examples of the same task, chosen by `model.select`) and, with a template library, template-augmented
+  (prompts from `thought.prompt`);
+- model level (live): a student directory (LocalBackend) answers zero-shot.
+Live columns are scored with the task's scorer against the ground truth; cost is the backend's
+token counts × the catalog's prices where the catalog has the model, else missing (NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fusion_lightning.data.logtable import LogTable
+from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
+from fusion_lightning.query.metrics import RoutingArrays, baseline_choices, choose, gap_closed
+from fusion_lightning.scoring.formats import zero_shot_prompt
+
+THOUGHT_KEYS = ("backend", "shots", "library", "retriever_ckpt", "k", "task_filter", "modes")
+
+
+@dataclass
+class Evaluation:
+    split: str
+    query_ids: np.ndarray
+    tasks: np.ndarray
+    domains: np.ndarray
+    columns: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # name -> (perf[N], cost[N])
+    kinds: dict[str, str] = field(default_factory=dict)  # name -> single|best_single|query|thought|model|oracle
+    info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, name: str, kind: str, perf: np.ndarray, cost: np.ndarray) -> None:
+        self.columns[name] = (np.asarray(perf, float), np.asarray(cost, float))
+        self.kinds[name] = kind
+
+
+def _arrays(qm: QueryMatrix, norm: TaskNormaliser) -> RoutingArrays:
+    return RoutingArrays(qm.performance, qm.cost, norm.performance(qm.performance, qm.tasks),
+                         norm.cost(qm.cost, qm.tasks), qm.mask, qm.tasks, qm.judge)
+
+
+def eval_queries(qm: QueryMatrix, tasks: list[str] | None, max_per_task: int | None, seed: int) -> np.ndarray:
+    """Row indices of the evaluation queries: optional task filter, then a seeded sample per task."""
+    keep = np.ones(len(qm), bool) if not tasks else np.isin(qm.tasks, tasks)
+    if tasks:
+        unknown = sorted(set(tasks) - set(qm.tasks.tolist()))
+        if unknown:
+            raise ValueError(f"tasks {unknown} have no queries in this split; present: {sorted(set(qm.tasks.tolist()))}")
+    idx = np.flatnonzero(keep)
+    if max_per_task:
+        rng = np.random.default_rng(seed)
+        parts = []
+        for t in sorted(set(qm.tasks[idx].tolist())):
+            rows = idx[qm.tasks[idx] == t]
+            rows = rows[np.argsort(qm.query_ids[rows])]  # independent of row order
+            parts.append(np.sort(rng.permutation(rows)[:max_per_task]))
+        idx = np.sort(np.concatenate(parts)) if parts else idx
+    if not len(idx):
+        raise ValueError("no evaluation queries")
+    return idx
+
+
+def _solved_examples(train: LogTable) -> dict[str, list[tuple[str, str]]]:
+    """task -> (query, best response) of the train queries some model solved (top score 1)."""
+    from fusion_lightning.model.select import SelectionConfig, select_responses
+
+    examples, _ = select_responses(train, SelectionConfig(strategy="performance", k=1))
+    out: dict[str, list[tuple[str, str]]] = {}
+    for e in examples:
+        if e.performance is not None and e.performance >= 1.0:
+            out.setdefault(e.task, []).append((e.query, e.response))
+    return out
+
+
+def _generate(backend, prompts: list[str], golds: list, metrics: list, catalog, sampling) -> tuple[np.ndarray, np.ndarray]:
+    from fusion_lightning.scoring import score
+
+    gens = backend.generate(prompts, **(sampling or {}))
+    perf = np.array([np.nan if g.error else score(g.text, gt, m) for g, gt, m in zip(gens, golds, metrics, strict=True)])
+    info = catalog.models.get(backend.name)
+    cost = np.array([np.nan if info is None or (c := info.call_cost(g.input_tokens, g.output_tokens)) is None else c
+                     for g in gens])
+    return perf, cost
+
+
+def evaluate(logs: LogTable, *, routers: Mapping[str, Any] | None = None, thought: Mapping[str, Any] | None = None,
+             student: Mapping[str, Any] | None = None, split: str = "test", lam: float = 0.0,
+             tasks: list[str] | None = None, max_per_task: int | None = None, seed: int = 0,
+             sampling: Mapping[str, Any] | None = None) -> Evaluation:
+    """The table's columns over the evaluation queries of `split` (see the module docstring).
+
+    `routers`: name -> checkpoint path (or a loaded Router). `thought`: {backend: build_backend
+    config, shots: 3, library: DIR, retriever_ckpt, k, task_filter}. `student`: a `type: local`
+    backend config without the type (`model: DIR`, `name`, ...).
+    """
+    full = logs.matrix()
+    train_qm, ev_all = full.split("train"), full.split(split)
+    if not len(train_qm) or not len(ev_all):
+        raise ValueError(f"need train and {split} queries; the log has {len(train_qm)} train, {len(ev_all)} {split}")
+    ev = ev_all.take(eval_queries(ev_all, tasks, max_per_task, seed))
+    norm = TaskNormaliser.fit(train_qm)
+    tr_a, ev_a = _arrays(train_qm, norm), _arrays(ev, norm)
+    out = Evaluation(split, ev.query_ids, ev.tasks, ev.domains)
+    rows = np.arange(len(ev))
+    for j, m in enumerate(ev.models):
+        out.add(m, "single", np.where(ev.mask[:, j], ev.performance[:, j], np.nan), np.where(ev.mask[:, j], ev.cost[:, j], np.nan))
+    sizes = [logs.catalog[m].params_b if m in logs.catalog else None for m in ev.models]
+    base = baseline_choices(tr_a, ev_a, "performance_first", sizes)
+    best_name = ev.models[int(base["best_single"][0])] if len(ev) else ""
+    # the fixed model of best single is the train argmax; a query without its call falls back (metrics.py)
+    out.add("best_single", "best_single", ev.performance[rows, base["best_single"]], ev.cost[rows, base["best_single"]])
+    out.info["best_single_model"] = best_name
+    out.info["routers"] = {}
+    for name, r in (routers or {}).items():
+        from fusion_lightning.query.router import Router
+
+        router = r if isinstance(r, Router) else Router.load(r)
+        res = router.route(ev.queries, tasks=list(ev.tasks), lam=lam)
+        scores = np.full((len(ev), len(ev.models)), -np.inf)
+        known = [m for m in ev.models if m in res.candidates]
+        if not known:
+            raise ValueError(f"router {name}: none of its models {res.candidates} is in the log {ev.models}")
+        for m in known:
+            scores[:, ev.models.index(m)] = res.scores[:, res.candidates.index(m)]
+        c = choose(scores, ev.mask & np.isfinite(scores))
+        col = f"router:{name}"
+        out.add(col, "query", ev.performance[rows, c], ev.cost[rows, c])
+        out.info["routers"][name] = {"checkpoint": str(r) if not isinstance(r, Router) else "",
+                                     "models_not_in_log": sorted(set(res.candidates) - set(ev.models)),
+                                     "choices": {m: int((c == j).sum()) for j, m in enumerate(ev.models) if (c == j).any()}}
+    if thought or student:
+        _live(out, logs, ev, thought, student, sampling)
+    out.add("oracle", "oracle", ev.performance[rows, base["oracle"]], ev.cost[rows, base["oracle"]])
+    bs, orc = np.nanmean(out.columns["best_single"][0]), np.nanmean(out.columns["oracle"][0])
+    out.info["gap_closed"] = {n: gap_closed(float(np.nanmean(p)), float(bs), float(orc))
+                              for n, (p, _) in out.columns.items() if out.kinds[n] in ("query", "thought", "model")}
+    return out
+
+
+def _live(out: Evaluation, logs: LogTable, ev: QueryMatrix, thought, student, sampling) -> None:
+    """Generate and score the thought- and model-level columns on the evaluation queries."""
+    from fusion_lightning.serving import build_backend
+
+    qt = {r["query_id"]: r for r in logs.query_table().to_pylist()}
+    golds = [qt[q]["ground_truth"] for q in ev.query_ids]
+    metrics = [qt[q]["metric"] for q in ev.query_ids]
+    missing = sum(g is None or m is None for g, m in zip(golds, metrics, strict=True))
+    if missing:
+        raise ValueError(f"{missing} of {len(ev)} evaluation queries have no ground truth or metric; "
+                         "live columns (thought, student) need both: restrict with tasks=[...]")
+    tasks = list(ev.tasks)
+    if thought:
+        cfg = dict(thought)
+        unknown = sorted(set(cfg) - set(THOUGHT_KEYS))
+        if unknown or "backend" not in cfg:
+            raise ValueError(f"thought config needs 'backend'; valid keys {list(THOUGHT_KEYS)}; unknown: {unknown}")
+        backend = build_backend(cfg["backend"])
+        modes = list(cfg.get("modes") or (["zero_shot", "few_shot"] + (["templates"] if cfg.get("library") else [])))
+        bad = sorted(set(modes) - {"zero_shot", "few_shot", "templates"})
+        if bad:
+            raise ValueError(f"thought.modes {bad} unknown; choose from zero_shot, few_shot, templates")
+        prompts: dict[str, list[str]] = {}
+        if "zero_shot" in modes:
+            prompts["zero_shot"] = [zero_shot_prompt(q, m) for q, m in zip(ev.queries, metrics, strict=True)]
+        if "few_shot" in modes:
+            from fusion_lightning.thought.prompt import few_shot_prompt
+
+            k = int(cfg.get("shots", 3))
+            solved, rng = _solved_examples(logs.select("train")), np.random.default_rng(0)
+            few = []
+            for q, t, m in zip(ev.queries, tasks, metrics, strict=True):
+                pool = solved.get(t, [])
+                shots = [pool[i] for i in rng.permutation(len(pool))[:k]] if pool else []
+                few.append(few_shot_prompt(q, shots, m))
+            no_pool = sorted({t for t in tasks if not solved.get(t)})
+            if no_pool:
+                out.notes.append(f"few-shot: no solved train example for task(s) {no_pool}: zero-shot there")
+            prompts["few_shot"] = few
+        if "templates" in modes:
+            from fusion_lightning.thought.prompt import TemplateAugmenter
+
+            aug = TemplateAugmenter.load(cfg["library"], cfg.get("retriever_ckpt"), k=int(cfg.get("k", 3)),
+                                         task_filter=bool(cfg.get("task_filter", True)))
+            prompts["templates"] = aug.prompts(list(ev.queries), tasks, metrics)
+        for mode, ps in prompts.items():
+            out.add(f"thought:{mode}", "thought", *_generate(backend, ps, golds, metrics, logs.catalog, sampling))
+        out.info["thought_backend"] = backend.name
+    if student:
+        backend = build_backend({"type": "local", **dict(student)})
+        ps = [zero_shot_prompt(q, m) for q, m in zip(ev.queries, metrics, strict=True)]
+        out.add(f"student:{backend.name}", "model", *_generate(backend, ps, golds, metrics, logs.catalog, sampling))
+
+
+def table_rows(ev: Evaluation) -> list[dict[str, Any]]:
+    """Rows: each task (grouped by domain, sorted), each domain's average (mean over its tasks), the
+    overall average (mean over tasks) and `all queries` (mean over queries). Per column: perf, cost."""
+    tasks_by_domain: dict[str, list[str]] = {}
+    for t, d in sorted(set(zip(ev.tasks.tolist(), ev.domains.tolist(), strict=True)), key=lambda x: (x[1], x[0])):
+        tasks_by_domain.setdefault(d, []).append(t)
+
+    def mean(v: np.ndarray) -> float:
+        v = v[~np.isnan(v)]
+        return float(v.mean()) if len(v) else float("nan")
+
+    per_task: dict[str, dict[str, Any]] = {}
+    for t in ev.tasks.tolist():
+        if t in per_task:
+            continue
+        sel = ev.tasks == t
+        row: dict[str, Any] = {"row": t, "kind": "task", "queries": int(sel.sum())}
+        for name, (p, c) in ev.columns.items():
+            row[f"{name}_perf"], row[f"{name}_cost"] = mean(p[sel]), mean(c[sel])
+        per_task[t] = row
+
+    def average(label: str, kind: str, names: list[str]) -> dict[str, Any]:
+        row: dict[str, Any] = {"row": label, "kind": kind, "queries": sum(per_task[t]["queries"] for t in names)}
+        for col in ev.columns:
+            for s in ("perf", "cost"):
+                row[f"{col}_{s}"] = mean(np.array([per_task[t][f"{col}_{s}"] for t in names], float))
+        return row
+
+    out: list[dict[str, Any]] = []
+    for d, ts in tasks_by_domain.items():
+        out.extend({**per_task[t], "domain": d} for t in ts)
+        out.append({**average(f"{d} (avg)", "domain", ts), "domain": d})
+    out.append({**average("overall (task avg)", "overall", list(per_task)), "domain": ""})
+    row: dict[str, Any] = {"row": "all queries", "kind": "all", "queries": len(ev.tasks), "domain": ""}
+    for name, (p, c) in ev.columns.items():
+        row[f"{name}_perf"], row[f"{name}_cost"] = mean(p), mean(c)
+    out.append(row)
+    return out

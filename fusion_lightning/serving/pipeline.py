@@ -1,0 +1,186 @@
+"""Fused inference: query → (router picks a model) → (thought stage adds templates) → backend → scorer.
+
+Every stage is optional, so one pipeline serves "router only" (several backends + a router
+checkpoint), "templates only" (one backend + a template library), "student only" (a LocalBackend
+on an exported student) and their combinations. Built from a config (what `serve` and `evaluate`
+read):
+
+    backends: [{type: openai_compatible, base_url: ..., model: ..., name: qwen2.5-7b-instruct}, ...]
+    router:   {ckpt: RUN/checkpoints/best-07.ckpt, lam: 0.0}              # optional
+    thought:  {library: DIR, retriever_ckpt: CKPT, k: 3, task_filter: true}  # optional
+    default:  NAME            # the backend without a router (default: the first)
+    catalog:  FILE            # optional: prices, for per-call cost
+    sampling: {max_new_tokens: 256}
+
+Backend names must be the router's model names (the names in the log it was trained on); the
+router chooses among the models that have a backend.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from fusion_lightning.data.schema import ModelCatalog
+from fusion_lightning.scoring import score
+from fusion_lightning.scoring.formats import zero_shot_prompt
+from fusion_lightning.serving import Backend, OpenAICompatibleBackend, build_backend
+
+PIPELINE_KEYS = ("backends", "router", "thought", "default", "catalog", "sampling")
+
+
+class Augmenter(Protocol):
+    """The thought stage (fusion_lightning.thought.prompt.TemplateAugmenter)."""
+
+    def prompts(self, queries: list[str], tasks: list[str | None], metrics: list[str | None]) -> list[str]: ...
+
+
+@dataclass
+class PipelineOutput:
+    query: str
+    task: str | None
+    model: str  # the backend that answered
+    prompt: str | list[dict]
+    text: str
+    input_tokens: int | None
+    output_tokens: int | None
+    latency_s: float
+    cost: float | None = None  # USD, when a catalog with this model's prices is given
+    score: float | None = None  # when ground truth and metric are given
+    error: str | None = None
+
+
+def _last_user(messages: Sequence[Mapping[str, Any]]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            c = m.get("content")
+            return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if isinstance(p, Mapping))
+    raise ValueError("a conversation needs at least one user message")
+
+
+class FusedPipeline:
+    def __init__(self, backends: Sequence[Backend], router=None, augmenter: Augmenter | None = None,
+                 default: str | None = None, lam: float = 0.0, catalog: ModelCatalog | None = None,
+                 sampling: Mapping[str, Any] | None = None):
+        if not backends:
+            raise ValueError("a pipeline needs at least one backend")
+        self.backends = {b.name: b for b in backends}
+        if len(self.backends) != len(backends):
+            raise ValueError(f"backend names must be unique: {[b.name for b in backends]}")
+        self.router, self.augmenter, self.lam = router, augmenter, float(lam)
+        self.catalog, self.sampling = catalog, dict(sampling or {})
+        self.default = default or next(iter(self.backends))
+        if self.default not in self.backends:
+            raise ValueError(f"default backend {self.default!r} is not one of {list(self.backends)}")
+        self._available = None
+        if router is not None:
+            self._available = np.array([m in self.backends for m in router.models])
+            if not self._available.any():
+                raise ValueError(f"no backend is named after one of the router's models {router.models}; "
+                                 f"backends: {list(self.backends)}")
+        # in-process models are not thread-safe; HTTP backends run their own pool
+        self._locks = {n: threading.Lock() for n, b in self.backends.items() if not isinstance(b, OpenAICompatibleBackend)}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> FusedPipeline:
+        if hasattr(cfg, "_metadata"):
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        unknown = sorted(set(cfg) - set(PIPELINE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown pipeline key(s) {unknown}; valid: {list(PIPELINE_KEYS)}")
+        backends = [build_backend(b) for b in cfg.get("backends") or []]
+        router, lam = None, 0.0
+        if cfg.get("router"):
+            from fusion_lightning.query.router import Router
+
+            r = dict(cfg["router"])
+            bad = sorted(set(r) - {"ckpt", "lam"})
+            if bad or "ckpt" not in r:
+                raise ValueError(f"router config takes 'ckpt' (required) and 'lam'; got {sorted(r)}")
+            router, lam = Router.load(r["ckpt"]), float(r.get("lam", 0.0))
+        augmenter = None
+        if cfg.get("thought"):
+            from fusion_lightning.thought.prompt import TemplateAugmenter
+
+            t = dict(cfg["thought"])
+            bad = sorted(set(t) - {"library", "retriever_ckpt", "k", "task_filter"})
+            if bad or "library" not in t:
+                raise ValueError(f"thought config takes 'library' (required), 'retriever_ckpt', 'k', 'task_filter'; "
+                                 f"got {sorted(t)}")
+            augmenter = TemplateAugmenter.load(t["library"], t.get("retriever_ckpt"), k=int(t.get("k", 3)),
+                                               task_filter=bool(t.get("task_filter", True)))
+        catalog = ModelCatalog.from_json_file(cfg["catalog"]) if cfg.get("catalog") else None
+        return cls(backends, router, augmenter, cfg.get("default"), lam, catalog, cfg.get("sampling"))
+
+    @property
+    def stages(self) -> list[str]:
+        return [s for s, on in (("router", self.router), ("thought", self.augmenter)) if on is not None]
+
+    def route(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None) -> list[str]:
+        """The backend per query: the router's best model among those with a backend, else the default."""
+        if self.router is None:
+            return [self.default] * len(queries)
+        result = self.router.route(list(queries), tasks=list(tasks) if tasks else None, lam=self.lam)
+        scores = np.where(self._available[None, :], result.scores, -np.inf)
+        return [result.candidates[i] for i in scores.argmax(axis=1).tolist()]
+
+    def prompts(self, queries: Sequence[str], tasks: Sequence[str | None], metrics: Sequence[str | None]) -> list[str]:
+        """The thought stage's template-augmented prompts, else the zero-shot prompt."""
+        if self.augmenter is not None:
+            return list(self.augmenter.prompts(list(queries), list(tasks), list(metrics)))
+        return [zero_shot_prompt(q, m) for q, m in zip(queries, metrics, strict=True)]
+
+    def run(self, queries: Sequence[str] | None = None, tasks: Sequence[str | None] | None = None,
+            metrics: Sequence[str | None] | None = None, ground_truths: Sequence[str | None] | None = None, *,
+            conversations: Sequence[Sequence[Mapping[str, Any]]] | None = None, model: str | None = None,
+            **sampling: Any) -> list[PipelineOutput]:
+        """Answer a batch. `conversations` (chat message lists, as a server receives them) replace
+        `queries`: the last user message is the query; it is rewritten only by the thought stage or
+        when a metric asks for an answer format. `model` forces one backend (no routing)."""
+        if conversations is not None:
+            queries = [_last_user(c) for c in conversations]
+        if queries is None:
+            raise ValueError("give queries or conversations")
+        n = len(queries)
+        tasks = list(tasks) if tasks is not None else [None] * n
+        metrics = list(metrics) if metrics is not None else [None] * n
+        golds = list(ground_truths) if ground_truths is not None else [None] * n
+        if not (len(tasks) == len(metrics) == len(golds) == n):
+            raise ValueError(f"{n} queries but {len(tasks)} tasks, {len(metrics)} metrics, {len(golds)} ground truths")
+        if model is not None and model not in self.backends:
+            raise ValueError(f"unknown model {model!r}; backends: {list(self.backends)}")
+        chosen = [model] * n if model else self.route(queries, tasks)
+        texts = self.prompts(queries, tasks, metrics)
+        prompts: list[str | list[dict]] = list(texts)
+        if conversations is not None:
+            rewrite = self.augmenter is not None
+            for i, conv in enumerate(conversations):
+                msgs = [dict(m) for m in conv]
+                if rewrite or metrics[i]:
+                    j = max(k for k, m in enumerate(msgs) if m.get("role") == "user")
+                    msgs[j]["content"] = texts[i]
+                prompts[i] = msgs
+        merged = {**self.sampling, **sampling}
+        outputs: list[PipelineOutput | None] = [None] * n
+        for name in dict.fromkeys(chosen):
+            idx = [i for i in range(n) if chosen[i] == name]
+            lock = self._locks.get(name)
+            if lock:
+                with lock:
+                    gens = self.backends[name].generate([prompts[i] for i in idx], **merged)
+            else:
+                gens = self.backends[name].generate([prompts[i] for i in idx], **merged)
+            for i, g in zip(idx, gens, strict=True):
+                cost = None
+                if self.catalog is not None and name in self.catalog:
+                    cost = self.catalog[name].call_cost(g.input_tokens, g.output_tokens)
+                sc = score(g.text, golds[i], metrics[i]) if golds[i] is not None and metrics[i] and not g.error else None
+                outputs[i] = PipelineOutput(queries[i], tasks[i], name, prompts[i], g.text, g.input_tokens,
+                                            g.output_tokens, g.latency_s, cost, sc, g.error)
+        return outputs  # type: ignore[return-value]
