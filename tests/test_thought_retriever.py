@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from thought_logs import planted_logs
 
@@ -97,9 +98,5 @@ def test_template_retriever_recipe_smoke(tmp_path):
 
 
 def test_finetuning_a_weightless_encoder_is_a_clear_error():
-    import pytest
-
-    from fusion_lightning.thought.retriever import TemplateRetriever
-
     with pytest.raises(ValueError, match="model.mode=head"):
         TemplateRetriever(encoder="hashing", mode="finetune")
