@@ -2,7 +2,9 @@
 
 The whole of a run: compose → seed → instantiate data, model, callbacks, loggers, trainer from their
 `_target_` entries → fit → test on the best checkpoint → summary.json. No level-specific branches:
-a level differs only by the DataModule and LightningModule its recipe names.
+a level differs only by the DataModule and LightningModule its recipe names. Around that: secrets
+redacted from every config that leaves the process (fusion_lightning.tracking), atomic checkpoints
+checked before a resume, and save-and-exit on SIGTERM/SIGUSR1 (fusion_lightning.checkpointing).
 """
 
 from __future__ import annotations
@@ -16,8 +18,20 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fusion_lightning import tracking
+from fusion_lightning.checkpointing import (
+    EXIT_INTERRUPTED,
+    FaultTolerance,
+    RunInterrupted,
+    check_checkpoint,
+    checkpoint_plugins,
+    find_last,
+)
 from fusion_lightning.config import ConfigError, compose_recipe, list_recipes
 from fusion_lightning.data.matrix import REWARD_SETTINGS
 
@@ -25,6 +39,9 @@ USAGE = """usage: python -m fusion_lightning.fit recipe=NAME [key=value ...]
 
 Runs a recipe from recipes/; every other argument is a Hydra override, e.g.
   trainer.max_epochs=3   data=llmrouter   data.path=DIR   +trainer.fast_dev_run=true   run_dir=PATH
+
+SIGTERM (or SIGUSR1 outside SLURM auto-requeue) saves <run_dir>/checkpoints/last.ckpt and exits with
+code 75; the same command with run_dir=<that run dir> ckpt_path=last resumes exactly.
 """
 
 
@@ -51,6 +68,14 @@ def _strategy(node: DictConfig | None) -> Any:
     if node is None or not node.get("_target_"):
         return (node or {}).get("name", "auto")
     return instantiate(node)
+
+
+def _plugins(cfg: DictConfig, strategy: Any) -> list[Any] | None:
+    """trainer.plugins from the config, plus the atomic CheckpointIO unless one is given (or DeepSpeed)."""
+    plugins = [instantiate(p) if isinstance(p, DictConfig) else p for p in cfg.trainer.get("plugins") or []]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins += checkpoint_plugins(strategy)
+    return plugins or None
 
 
 def _float_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -94,7 +119,8 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     run_dir = resolve_run_dir(cfg)
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    OmegaConf.save(OmegaConf.create(tracking.redact(resolved)), run_dir / "config.yaml")  # no secrets on disk
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     datamodule = instantiate(cfg.datamodule, _convert_="all")
@@ -102,17 +128,32 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     model = instantiate(cfg.model, **datamodule.model_kwargs(), _convert_="all")
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    ckpt_dir = next((c.dirpath for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath),
+                    run_dir / "checkpoints")
+    fault = FaultTolerance(ckpt_dir, recipe=cfg.recipe)  # SIGTERM/SIGUSR1 -> last.ckpt, clean exit
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     strategy=_strategy(cfg.get("strategy")))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    ckpt_cb = trainer.checkpoint_callback
-    best = ckpt_cb.best_model_path if ckpt_cb is not None and getattr(ckpt_cb, "best_model_path", "") else None
-    metrics = _float_metrics(trainer.callback_metrics)  # train/* of the last epoch
-    # val/* and test/* both from the checkpoint that test uses, so the numbers belong together
-    for run in (trainer.validate, trainer.test):
-        run(model, datamodule=datamodule, ckpt_path=best, verbose=False)
-        metrics.update(_float_metrics(trainer.callback_metrics))
+    tracking.log_config(loggers, resolved)
+    strategy = _strategy(cfg.get("strategy"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, fault], logger=loggers or False,
+                                     strategy=strategy, plugins=_plugins(cfg, strategy))
+    ckpt_path = cfg.get("ckpt_path")
+    to_check = find_last(ckpt_dir) if ckpt_path == "last" else ckpt_path
+    if to_check and str(to_check) not in ("best", "hpc", "registry"):
+        check_checkpoint(to_check, model, cfg.recipe)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        ckpt_cb = trainer.checkpoint_callback
+        best = ckpt_cb.best_model_path if ckpt_cb is not None and getattr(ckpt_cb, "best_model_path", "") else None
+        metrics = _float_metrics(trainer.callback_metrics)  # train/* of the last epoch
+        # val/* and test/* both from the checkpoint that test uses, so the numbers belong together
+        for run in (trainer.validate, trainer.test):
+            run(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+            metrics.update(_float_metrics(trainer.callback_metrics))
+    except SIGTERMException:  # Lightning stopped at a safe point; FaultTolerance saved last.ckpt
+        tracking.finish(loggers, exit_code=EXIT_INTERRUPTED)
+        raise RunInterrupted(fault.signal_name, fault.saved, trainer.current_epoch, trainer.global_step,
+                             f"python -m fusion_lightning.fit recipe={cfg.recipe} <same overrides> "
+                             f"run_dir={run_dir} ckpt_path=last") from None
 
     artifacts = {"config": "config.yaml"}
     if best:
@@ -132,6 +173,8 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    tracking.log_artifacts(loggers, run_dir, summary)
+    tracking.finish(loggers)
     return summary
 
 
@@ -157,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = fit(cfg)
+    except RunInterrupted as e:  # SIGTERM/SIGUSR1: last.ckpt saved, resumable
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError) as e:  # bad data or settings: one clear line, no traceback
         if os.environ.get("FUSION_LIGHTNING_DEBUG"):
             raise

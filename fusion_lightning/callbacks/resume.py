@@ -1,8 +1,8 @@
 """Exact resumption: random-number-generator state saved in checkpoints and restored when training resumes.
 
 Lightning restores model, optimizer, scheduler and loop counters; the RNG state is ours to carry.
-It is applied at the start of the first training epoch after a restore, so Lightning's own set-up
-work (sanity validation, data-loader creation) between loading and training cannot shift it.
+It is applied at the start of the first training epoch (or batch, for a mid-epoch restore) after a
+restore, so Lightning's own set-up work (sanity validation, data-loader creation) cannot shift it.
 """
 
 from __future__ import annotations
@@ -39,8 +39,31 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 class ResumeState(L.Callback):
+    """Carries the RNG state, and hands the train loaders their saved position (see data/resumable.py).
+
+    Lightning restores stateful loaders itself only if it first builds them after the loop state is
+    restored; `trainer.estimated_stepping_batches` in `configure_optimizers` builds them earlier, so
+    the saved loader states are re-applied here at `on_train_start` (idempotent when Lightning did it).
+    """
+
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
+        self._loader_states: list[dict[str, Any]] = []
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        self._loader_states = list((fit_loop.get("state_dict") or {}).get("combined_loader") or [])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        states, self._loader_states = self._loader_states, []
+        if not states or not trainer.fit_loop.restarting:  # an epoch-boundary resume starts a fresh pass
+            return
+        loaders = trainer.train_dataloader
+        loaders = list(loaders.values()) if isinstance(loaders, dict) else (
+            list(loaders) if isinstance(loaders, list | tuple) else [loaders])
+        stateful = [dl for dl in loaders if hasattr(dl, "load_state_dict") and hasattr(dl, "state_dict")]
+        for loader, state in zip(stateful, states, strict=False):
+            loader.load_state_dict(state)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": capture_rng()}
@@ -49,6 +72,13 @@ class ResumeState(L.Callback):
         self._pending = state_dict.get("rng")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._apply()  # a mid-epoch restore (e.g. after SIGTERM) skips on_train_epoch_start
+
+    def _apply(self) -> None:
         if self._pending is not None:
             restore_rng(self._pending)
             self._pending = None

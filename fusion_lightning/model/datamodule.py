@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fusion_lightning.data.datamodule import LogDataModule
+from fusion_lightning.data.resumable import ResumableDataLoader
 from fusion_lightning.model.select import SelectionConfig, SelectionReport, select_responses
 from fusion_lightning.model.sft import (
     LengthGroupedSampler,
@@ -74,8 +75,8 @@ class DistillDataModule(LogDataModule):
         if train:  # our sampler shards itself across ranks (see LengthGroupedSampler)
             lengths = [sum(len(e.input_ids) for e in seq) for seq in items]
             sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed, group=self.group_by_length)
-            return DataLoader(items, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers,
-                              generator=generator)
+            return ResumableDataLoader(items, batch_sampler=sampler, collate_fn=collate_fn,
+                                       num_workers=self.num_workers, generator=generator)
         return DataLoader(items, batch_size=self.batch_size, collate_fn=collate_fn, num_workers=self.num_workers,
                           generator=generator)
 

@@ -12,6 +12,7 @@ from fusion_lightning.data.datamodule import LogDataModule
 from fusion_lightning.data.embeddings import build_encoder, embed_texts
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
+from fusion_lightning.data.resumable import EpochRandomSampler, ResumableDataLoader
 
 UNKNOWN_TASK = "<unk>"
 
@@ -106,5 +107,8 @@ class RouterDataModule(LogDataModule):
         if len(ds) == 0:
             raise ValueError(f"the {split} split has no queries; adjust data.val_fraction/test_fraction")
         g = torch.Generator().manual_seed(0)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=g if shuffle else None)
+        if not shuffle:
+            return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers)
+        # the order is a function of the epoch and the position is checkpointed: ckpt_path=last resumes exactly
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=EpochRandomSampler(ds, seed=0),
+                                   num_workers=self.num_workers, generator=g)
