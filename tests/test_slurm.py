@@ -1,0 +1,192 @@
+"""SLURM: template rendering (submit --dry-run), and jobs on a REAL one-node SLURM (tests/slurm_cluster.py):
+`sbatch --test-only` per template, a router submitted with `sbatch --wait`, 2-task CPU DDP via `srun`,
+and SIGUSR1 preemption -> requeue -> resume with the same metrics as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusion_lightning.config import compose_recipe
+from fusion_lightning.submit import SubmitError, build, expand_sweep, main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: E402,F401 - registers the fixture
+
+# the tiny router every cluster job runs: 300 queries, hashing encoder, one batch per epoch
+TINY = ["data.synthetic.n_queries=300", "data.synthetic.models=6", "datamodule.encoder=hashing",
+        "datamodule.batch_size=512", "trainer.max_epochs=10", "callbacks.early_stopping.patience=100",
+        "logger=none", "callbacks.progress_bar.refresh_rate=0"]
+
+
+def _directives(script: str) -> dict[str, str | None]:
+    return {m.group(1): m.group(2) for m in re.finditer(r"^#SBATCH --([\w-]+)(?:=(\S+))?$", script, re.M)}
+
+
+@pytest.mark.parametrize(("argv", "expect"), [
+    (["--template", "ddp", "--gpus-per-node", "4"], {"nodes": "1", "ntasks-per-node": "4", "gpus-per-node": "4"}),
+    (["--nodes", "2", "--gpus-per-node", "8"], {"nodes": "2", "ntasks-per-node": "8", "gpus-per-node": "8"}),
+    (["--template", "cpu", "--ntasks-per-node", "2", "--cpus-per-task", "1"],
+     {"nodes": "1", "ntasks-per-node": "2", "cpus-per-task": "1"}),
+])
+def test_templates_render_consistent_counts_and_requeue_directives(argv: list[str], expect: dict) -> None:
+    script, sbatch_args, log_dir = build(["recipe=router_mlp", *argv, "--time", "00:20:00", "--partition", "p1",
+                                          "trainer.max_epochs=2"])
+    d = _directives(script)
+    assert {k: d[k] for k in expect} == expect
+    assert d["signal"] == "SIGUSR1@90" and "requeue" in d and d["open-mode"] == "append"
+    assert d["time"] == "00:20:00" and d["partition"] == "p1"
+    assert d["output"] == f"{log_dir}/slurm-%j.out" and d["error"] == f"{log_dir}/slurm-%j.err"
+    assert "gpus-per-node" not in d if "cpu" in argv else True
+    # the body passes node/task counts from the allocation and the SLURM preset to fit
+    assert 'trainer.num_nodes="$NODES" trainer.devices="$TASKS_PER_NODE"' in script and "+cluster=slurm" in script
+    assert 'RUN_DIR="$RUNS_ROOT/$RECIPE/slurm-$JOB_TAG"' in script and "WANDB_RUN_GROUP" in script
+    assert sbatch_args[-2:] == ["recipe=router_mlp", "trainer.max_epochs=2"]
+
+
+def test_sweep_becomes_array_job_with_one_combination_per_task() -> None:
+    fixed, combos = expand_sweep(["seed=1,2", "model.lr=0.1,0.01", "trainer.max_epochs=3"])
+    assert fixed == ["trainer.max_epochs=3"]
+    assert combos == [["seed=1", "model.lr=0.1"], ["seed=1", "model.lr=0.01"],
+                      ["seed=2", "model.lr=0.1"], ["seed=2", "model.lr=0.01"]]
+    script, _, log_dir = build(["-m", "recipe=router_mlp", "seed=1,2", "model.lr=0.1,0.01", "--array", "%2"])
+    d = _directives(script)
+    assert d["array"] == "0-3%2" and d["output"] == f"{log_dir}/slurm-%A_%a.out"
+    assert "SWEEP=('seed=1 model.lr=0.1' 'seed=1 model.lr=0.01' 'seed=2 model.lr=0.1' 'seed=2 model.lr=0.01')" in script
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["recipe=router_mlp", "trainer.devices=4"], "set by the template"),
+    (["recipe=router_mlp", "run_dir=/x"], "set by the template"),
+    (["recipe=nope"], "unknown recipe 'nope'"),
+    (["recipe=router_mlp", "trainer.max_epoch=3"], "unknown config key 'trainer.max_epoch'"),
+    (["recipe=router_mlp", "--template", "cpu", "--gpus-per-node", "2"], "--gpus-per-node with --template cpu"),
+    (["recipe=router_mlp", "--gpus-per-node", "2", "--ntasks-per-node", "4"], "one task per GPU"),
+    (["-m", "recipe=router_mlp", "seed=1,2", "--array", "0-5"], "only a throttle"),
+    (["recipe=router_mlp", "--exclusive"], "--sbatch-arg"),
+])
+def test_bad_submit_requests_are_one_line_errors(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SubmitError, match=re.escape(message)):
+        build(argv)
+    assert main([*argv, "--dry-run"]) == 2 and message in capsys.readouterr().err
+
+
+def test_slurm_preset_adds_lightning_slurm_environment_and_requeue_callback() -> None:
+    cfg = compose_recipe("router_mlp", ["+cluster=slurm"])
+    (plugin,) = cfg.trainer.plugins
+    assert plugin._target_.endswith("SLURMEnvironment") and plugin.auto_requeue is True
+    assert cfg.callbacks.slurm_requeue._target_ == "fusion_lightning.callbacks.slurm.SLURMRequeue"
+    assert cfg.callbacks.resume_state  # RNG state goes into the hpc checkpoint too
+
+
+# ---------------------------------------------------------------- real SLURM
+
+
+def _job_env(cluster: SlurmCluster, tmp: Path) -> dict[str, str]:
+    return {**cluster.env, "FL_PYTHON": sys.executable, "FUSION_LIGHTNING_CACHE": str(tmp / "cache"),
+            "PATH": f"{Path(sys.executable).parent}:{cluster.env['PATH']}", "PYTHONUNBUFFERED": "1"}
+
+
+def _submit(cluster: SlurmCluster, tmp: Path, *argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "fusion_lightning.submit", "recipe=router_mlp", "--template", "cpu",
+           "--cpus-per-task", "2", "--time", "00:10:00", f"runs_root={tmp / 'runs'}", *TINY, *argv]
+    return subprocess.run(cmd, cwd=tmp, env=_job_env(cluster, tmp), capture_output=True, text=True, timeout=300)
+
+
+def _job_id(out: subprocess.CompletedProcess) -> str:
+    m = re.search(r"submitted job (\d+)", out.stdout)
+    assert m, f"rc {out.returncode}\n{out.stdout}\n{out.stderr}"
+    return m.group(1)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--template", "ddp", "--gpus-per-node", "2", "--cpus-per-task", "1"],
+    ["--template", "deepspeed", "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1"],
+    ["--template", "cpu", "--ntasks-per-node", "2", "--cpus-per-task", "1"],
+])
+def test_each_template_passes_sbatch_test_only(slurm_cluster: SlurmCluster, tmp_path: Path, argv: list[str]) -> None:
+    script, sbatch_args, _ = build(["recipe=router_mlp", *argv, "--time", "00:05:00"])
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    out = slurm_cluster.run("sbatch", "--test-only", str(path), *sbatch_args[-1:], check=False, cwd=tmp_path)
+    assert out.returncode == 0 and "to start at" in out.stderr, out.stderr
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny router submitted through `fusion_lightning.submit --wait` (the uninterrupted run)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    out = _submit(slurm_cluster, tmp, "--wait")
+    job = _job_id(out)
+    run = tmp / "runs" / "router_mlp" / f"slurm-{job}"
+    log = run.with_name(f"slurm-{job}.out")
+    assert out.returncode == 0, f"{out.stderr}\n{log.read_text() if log.exists() else ''}"
+    return {"job": job, "run": run, "log": log, "summary": json.loads((run / "summary.json").read_text())}
+
+
+def test_router_submitted_with_sbatch_wait_writes_summary(reference_run: dict, slurm_cluster: SlurmCluster) -> None:
+    s = reference_run["summary"]
+    assert s["recipe"] == "router_mlp" and s["seed"] == 42 and s["data"]["queries"] == 300
+    m = s["metrics"]
+    assert 0.0 <= m["test/perf"] <= m["test/oracle/perf"] + 1e-9 and m["test/oracle/perf"] > m["test/random/perf"]
+    cfg = yaml.safe_load((reference_run["run"] / "config.yaml").read_text())
+    assert cfg["trainer"]["num_nodes"] == 1 and cfg["trainer"]["devices"] == 1
+    assert cfg["trainer"]["max_epochs"] == 10 and cfg["datamodule"]["encoder"] == "hashing"
+    log = reference_run["log"].read_text()
+    assert f"job {reference_run['job']} restart 0" in log and "run dir: " in log
+    info = slurm_cluster.job(reference_run["job"])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0"
+
+
+def test_two_task_cpu_ddp_via_srun(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    cmd = ["srun", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:10:00",
+           sys.executable, "-m", "fusion_lightning.fit", "recipe=router_mlp", *TINY, "trainer.max_epochs=1",
+           "+cluster=slurm", "trainer.accelerator=cpu", "trainer.devices=2", "strategy=ddp", f"run_dir={run}"]
+    out = slurm_cluster.run(*cmd, cwd=tmp_path, env=_job_env(slurm_cluster, tmp_path), timeout=240)
+    text = out.stdout + out.stderr
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in text and "GLOBAL_RANK: 1, MEMBER: 2/2" in text, text[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["data"]["queries"] == 300 and "test/perf" in s["metrics"]
+
+
+def test_preempted_job_requeues_resumes_and_matches_uninterrupted_run(
+        reference_run: dict, slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    job = _job_id(_submit(slurm_cluster, tmp_path))
+    run = tmp_path / "runs" / "router_mlp" / f"slurm-{job}"
+    log = run.with_name(f"slurm-{job}.out")
+    end = time.monotonic() + 150
+    while not (run / "checkpoints" / "last.ckpt").exists():  # at least one epoch done, handlers installed
+        assert time.monotonic() < end and slurm_cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
+            f"{slurm_cluster.job(job)}\n{log.read_text() if log.exists() else ''}"
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--signal=USR1", job)
+    info = slurm_cluster.wait_state(job, {"PENDING", "REQUEUED", "REQUEUE_HOLD", "COMPLETED", "FAILED"}, 120)
+    assert info["JobState"] != "COMPLETED" or int(info["Restarts"]) >= 1, \
+        f"finished without requeue: {info}\n{log.read_text()}"
+    slurm_cluster.wait_state(job, {"PENDING"}, 60)
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue hold
+    info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 180)
+    text = log.read_text() + log.with_suffix(".err").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text}"
+    assert f"job {job} restart 0" in text and f"job {job} restart 1" in text
+    assert "Handling auto-requeue signal" in text and (run / "hpc_ckpt_1.ckpt").exists(), text[-3000:]
+    restored = re.search(r"Restored all states from the checkpoint at (\S+)", text)
+    assert restored and restored.group(1).endswith("hpc_ckpt_1.ckpt"), text[-3000:]
+    got = json.loads((run / "summary.json").read_text())["metrics"]
+    ref = reference_run["summary"]["metrics"]
+    assert set(got) == set(ref)
+    assert got == pytest.approx(ref, rel=1e-6, abs=1e-9)
+
+
+def test_slurm_tests_do_not_leave_jobs(slurm_cluster: SlurmCluster) -> None:
+    assert os.environ.get("SLURM_CONF") is None  # the cluster's config never leaks into the test process
+    assert slurm_cluster.run("squeue", "-h").stdout.strip() == ""
