@@ -170,6 +170,22 @@ def test_lora_student_learns_and_checkpoints_only_adapters(tiny, tmp_path: Path)
         Student(path, lora={"r": 4, "target_modules": "all-linear"}).on_load_checkpoint({"state_dict": {}})
 
 
+def test_student_trains_in_train_mode_so_dropout_and_checkpointing_apply(tiny) -> None:
+    # from_pretrained hands back an eval-mode model and Lightning keeps module modes as it finds them
+    path, tok = tiny
+    student = Student(path, lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.5, "target_modules": "all-linear"},
+                      gradient_checkpointing=True)
+    assert all(m.training for m in student.modules())
+    batch = collate([[tokenize_example(tok, "What is 2+2?", "#### 4", 64, TruncationStats())]] * 2, tok.pad_token_id)
+    torch.manual_seed(0)
+    for name, p in student.named_parameters():
+        if "lora_B" in name:  # LoRA's B starts at zero, which would hide dropout on its input
+            torch.nn.init.normal_(p, std=0.5)
+    assert student._loss(batch).item() != student._loss(batch).item()  # LoRA dropout is live
+    student.eval()
+    assert student._loss(batch).item() == student._loss(batch).item()
+
+
 def test_distill_top_k_recipe_end_to_end(tmp_path: Path) -> None:
     cfg = compose_recipe("distill_top_k", ["data.synthetic.n_queries=120", "data.synthetic.models=4",
                                            "trainer.max_epochs=2", "model.lr=5e-3", f"run_dir={tmp_path}",

@@ -36,6 +36,9 @@ class Student(L.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if lora:
                 self.model.enable_input_require_grads()
+        # from_pretrained returns the model in eval mode and Lightning (>= 2.2) keeps module modes as it finds
+        # them: without this, training would run with dropout (LoRA's too) and gradient checkpointing disabled
+        self.model.train()
 
     def forward(self, **batch: torch.Tensor):
         return self.model(**batch)
