@@ -268,3 +268,32 @@ def test_judge_reward_and_errors():
         reward(PERF_N, COST_N, "judge", judge=np.full((2, 2), np.nan))
     with pytest.raises(ValueError, match="performance_first, balance, cost_first, judge"):
         reward(PERF_N, COST_N, "quality_first")
+
+
+# --------------------------------------------------------------------------------------------- grouping codes
+
+def test_codes_are_dense_in_dictionary_order_with_or_without_duplicate_entries():
+    from fusion_lightning.data.readers.common import codes
+
+    distinct = pa.DictionaryArray.from_arrays(pa.array([2, None, 0, 2, 0], pa.int32()), pa.array(["a", "unused", "c"]))
+    idx, values = codes(pa.chunked_array([distinct[:2], distinct[2:]]))
+    assert values == ["a", "c", None] and idx.tolist() == [1, 2, 0, 1, 0]  # unused entry dropped, null last
+    # a dictionary holding "a" twice (as parquet fallback pages can): equal strings get one code
+    dup = pa.DictionaryArray.from_arrays(pa.array([0, 1, 2, 1], pa.int32()), pa.array(["a", "b", "a"]))
+    idx, values = codes(dup)
+    assert values == ["a", "b"] and idx.tolist() == [0, 1, 0, 1]
+    idx, values = codes(pa.array(["x", "y", "x"]))  # plain strings are dictionary-encoded first
+    assert values == ["x", "y"] and idx.tolist() == [0, 1, 0]
+
+
+def test_from_codes_merges_equal_values_and_query_ids_match_one_by_one():
+    from fusion_lightning.data.readers.common import from_codes
+    from fusion_lightning.data.schema import make_query_id, make_query_ids
+
+    col = from_codes(np.array([0, 1, 2, 1]), ["a", "b", "a"])
+    assert col.to_pylist() == ["a", "b", "a", "b"] and col.dictionary.to_pylist() == ["a", "b"]
+    assert from_codes(np.array([1, 0]), ["a", None]).to_pylist() == [None, "a"]
+    assert from_codes(np.array([1, 0]), ["p", "q"]).dictionary.to_pylist() == ["p", "q"]
+    tasks, queries = ["gsm8k", None, "mmlu"], ["What is 2+2?", "Ünïcode ✓", None]
+    assert make_query_ids(pa.array(tasks, pa.string()), pa.array(queries, pa.string())) == [
+        make_query_id(t, q or "") for t, q in zip(tasks, queries, strict=True)]

@@ -89,6 +89,32 @@ def test_llmfusionbench_every_container_gives_the_same_canonical_rows(tmp_path, 
     assert src.task_descriptions == {"gsm8k": "about gsm8k", "mbpp": "about mbpp", "mmlu": "about mmlu"}
 
 
+@pytest.mark.parametrize("name", ["log.parquet", "log.jsonl", "log_ds"])
+def test_responses_false_leaves_only_the_response_texts_unread(tmp_path, name):
+    path = _write_fusion(tmp_path / name, _fusion_rows())
+    full = read_source("llmfusionbench", path).table
+    lean = read_source("llmfusionbench", path, ReaderOptions(responses=False)).table
+    assert full["response"].null_count == 0 and lean["response"].null_count == lean.num_rows == 9
+    others = [c for c in full.column_names if c != "response"]
+    assert lean.select(others).to_pylist() == full.select(others).to_pylist()
+
+
+def test_responses_flag_in_configs_readers_and_recipes(tmp_path):
+    from fusion_lightning.config import compose_recipe
+    from fusion_lightning.data.datamodule import load_from_config
+
+    src = read_source("routellm", _routellm_dir(tmp_path / "r", gold=True), ReaderOptions(responses=False))
+    assert src.table["response"].null_count == 4  # readers that parse responses anyway: nulled after reading
+    cfg = {"synthetic": {"n_queries": 30, "models": 3, "seed": 0}}
+    assert load_from_config({**cfg, "responses": False}).table["response"].null_count == 90
+    assert load_from_config(cfg).table["response"].null_count < 90  # default: responses read
+    # re-scoring needs the responses, so it reads them whatever `responses` says
+    rescored = load_from_config({**cfg, "responses": False, "rescore": True})
+    assert rescored.table["response"].null_count < 90
+    assert compose_recipe("router_mlp", ["data=llmfusionbench"]).data.responses is False
+    assert compose_recipe("distill_top_k").data.responses is True
+
+
 def test_llmfusionbench_reads_a_json_array_and_mixed_type_scores(tmp_path):
     f = tmp_path / "log.json"
     f.write_text(json.dumps(_fusion_rows()))

@@ -17,7 +17,7 @@ from fusion_lightning.data.readers import ReaderOptions
 SOURCE_DEFAULTS: dict[str, Any] = {
     "format": "synthetic", "path": None, "catalog": None, "queries": None, "task": None,
     "on_error": "raise", "split": "auto", "split_seed": 0, "val_fraction": 0.1, "test_fraction": 0.2,
-    "rescore": False, "synthetic": {"n_queries": 3000, "models": 20, "seed": 0},
+    "rescore": False, "responses": True, "synthetic": {"n_queries": 3000, "models": 20, "seed": 0},
 }
 
 
@@ -29,7 +29,9 @@ def load_from_config(data: Mapping[str, Any] | DictConfig) -> LogTable:
     if unknown:
         raise ValueError(f"unknown data key(s) {sorted(unknown)}; valid: {', '.join(SOURCE_DEFAULTS)}")
     d = {**SOURCE_DEFAULTS, **data}
-    options = ReaderOptions(catalog=d["catalog"], queries=d["queries"], task=d["task"])
+    # re-scoring reads the responses whatever `responses` says
+    options = ReaderOptions(catalog=d["catalog"], queries=d["queries"], task=d["task"],
+                            responses=bool(d["responses"] or d["rescore"]))
     split_args = dict(on_error=d["on_error"], split=d["split"], split_seed=d["split_seed"],
                       val_fraction=d["val_fraction"], test_fraction=d["test_fraction"], rescore=d["rescore"])
     if d["format"] == "synthetic":

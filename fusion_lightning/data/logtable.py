@@ -116,14 +116,16 @@ class LogTable:
         by_files = mode == "files" or (mode == "auto" and file_splits)
         qi, texts = codes(t["query"])
         n = len(texts)
-        texts_arr = np.array(texts, dtype=object)
+        # each text's rank in sorted order: the same order as sorting the strings, but sorted once in C++
+        texts_arr = np.empty(n, np.int64)
+        texts_arr[np.asarray(pc.sort_indices(pa.array(texts, pa.string())))] = np.arange(n)
         # A text under several tasks / split files gets one stratum and one file split, independent of
         # row order: the alphabetically first task, and the most held-out split (test, val, train).
         ti, tasks = codes(t["task"])
         order = sorted(range(len(tasks)), key=lambda i: tasks[i] or "")
         rank = np.empty(len(tasks), np.int64)
         rank[order] = np.arange(len(tasks))
-        strata = np.array([tasks[i] or "" for i in order], dtype=object)[_group_min(qi, rank[ti], n)]
+        strata = _group_min(qi, rank[ti], n)  # the task's alphabetical rank: strata are visited in name order
         if by_files:
             si, split_values = codes(t["split"])
             held_out = ("test", "val", "train")

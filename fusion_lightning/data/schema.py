@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # Fields that repeat across a query's block or across queries are dictionary-encoded: a 1M-row log
 # holds each query text once, and grouping by query/model/task reads the codes directly.
@@ -83,6 +84,13 @@ def make_query_id(task: str | None, query: str) -> str:
     """Stable content id for sources that carry none: hash of task + query text."""
     h = hashlib.sha1(f"{task or ''}\x1f{query}".encode()).hexdigest()
     return f"q{h[:16]}"
+
+
+def make_query_ids(tasks: pa.Array, queries: pa.Array) -> list[str]:
+    """`make_query_id` of many (task, query) pairs (null = ""): pyarrow joins and encodes, Python only hashes."""
+    joined = pc.binary_join_element_wise(pc.fill_null(tasks, ""), pc.fill_null(queries, ""), "\x1f")
+    sha1 = hashlib.sha1
+    return ["q" + sha1(b).hexdigest()[:16] for b in joined.cast(pa.binary()).to_pylist()]
 
 
 _SIZE_RE = re.compile(r"(?:(\d+)x)?(\d+(?:\.\d+)?)\s*[bB]\b")

@@ -12,6 +12,8 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
+
 from fusion_lightning.data.readers.common import ReaderOptions, SourceData, drop_cross_split_duplicates
 
 Reader = Callable[[Path, ReaderOptions], SourceData]
@@ -41,7 +43,11 @@ def read_source(fmt: str, path: str | Path, options: ReaderOptions | None = None
     p = Path(path).expanduser()
     if not p.exists() and fmt != "llmfusionbench":  # llmfusionbench also accepts a Hub dataset name
         raise FileNotFoundError(f"{p}: no such file or directory (data.path)")
-    src = get_reader(fmt)(p, options or ReaderOptions())
+    options = options or ReaderOptions()
+    src = get_reader(fmt)(p, options)
+    if not options.responses and src.table["response"].null_count < len(src.table):  # readers that read them anyway
+        i = src.table.schema.get_field_index("response")
+        src.table = src.table.set_column(i, "response", pa.nulls(len(src.table), pa.string()))
     drop_cross_split_duplicates(src)
     return src
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fusion_lightning.data.errors import LogFormatError, RowIssue
-from fusion_lightning.data.schema import DICT, FULL_SCHEMA, ModelCatalog, domain_of, make_query_id
+from fusion_lightning.data.schema import DICT, FULL_SCHEMA, ModelCatalog, domain_of, make_query_ids
 
 
 @dataclass
@@ -25,6 +26,7 @@ class ReaderOptions:
     catalog: str | None = None  # model catalog JSON; required where the source has no costs
     queries: str | None = None  # query file(s) to join on the query text (LLMRouter), when not beside
     task: str | None = None  # force a task name for files that carry none
+    responses: bool = True  # False: leave response texts unread (null); routers never use them
 
 
 @dataclass
@@ -142,6 +144,24 @@ def canonical_table(columns: dict[str, Any]) -> pa.Table:
     return fill_derived(table)
 
 
+_DISTINCT: OrderedDict[tuple, tuple[pa.Array, bool]] = OrderedDict()
+
+
+def _distinct(dictionary: pa.Array) -> bool:
+    """Whether a dictionary's entries are distinct and non-null. Memoised by buffer identity: a loaded log's
+    columns share one dictionary each, which every later grouping step would otherwise re-hash. The memo
+    holds the array, so its memory (and hence the key) cannot be reused while the entry lives."""
+    key = (tuple(b.address if b is not None else 0 for b in dictionary.buffers()), dictionary.offset,
+           len(dictionary), str(dictionary.type))
+    hit = _DISTINCT.get(key)
+    if hit is None:
+        hit = (dictionary, dictionary.null_count == 0 and pc.count_distinct(dictionary).as_py() == len(dictionary))
+        _DISTINCT[key] = hit
+        if len(_DISTINCT) > 32:
+            _DISTINCT.popitem(last=False)
+    return hit[1]
+
+
 def codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list]:
     """(code per row, distinct values): codes are dense 0..k-1 over the values present; null is a value (None).
 
@@ -150,10 +170,18 @@ def codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list]:
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col  # unifies chunk dictionaries
     if not pa.types.is_dictionary(arr.type):
         arr = pc.dictionary_encode(arr)
-    dict_values = arr.dictionary.to_pylist()
-    idx = np.asarray(pc.fill_null(arr.indices, len(dict_values)), np.int64)
+    dictionary = arr.dictionary
+    indices = arr.indices if arr.indices.null_count else arr.indices.to_numpy()  # no nulls: a zero-copy view
+    idx = np.asarray(pc.fill_null(indices, len(dictionary))) if not isinstance(indices, np.ndarray) else indices
+    used = np.flatnonzero(np.bincount(idx, minlength=len(dictionary) + 1))
+    if _distinct(dictionary):
+        # distinct entries (the usual case): renumber the used ones in order, no Python loop per value
+        remap = np.zeros(len(dictionary) + 1, np.int64)
+        remap[used] = np.arange(len(used))
+        real = used[used < len(dictionary)]
+        return remap[idx], dictionary.take(pa.array(real)).to_pylist() + [None] * (len(real) < len(used))
+    dict_values = dictionary.to_pylist()
     dict_values.append(None)
-    used = np.flatnonzero(np.bincount(idx, minlength=len(dict_values)))
     new_code: dict = {}
     remap = np.zeros(len(dict_values), np.int64)
     for i in used.tolist():  # merges equal strings that a dictionary may hold twice
@@ -181,6 +209,9 @@ def as_objects(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def from_codes(idx: np.ndarray, values: list) -> pa.DictionaryArray:
     """A dictionary column from per-row codes into `values`; equal values share one entry, None is null."""
+    dictionary = pa.array(values, pa.string())
+    if dictionary.null_count == 0 and pc.count_distinct(dictionary).as_py() == len(values):  # usual: as they are
+        return pa.DictionaryArray.from_arrays(pa.array(np.asarray(idx, np.int32)), dictionary)
     uniq: dict = {}
     remap = np.array([uniq.setdefault(v, len(uniq)) if v is not None else -1 for v in values] or [-1], np.int64)
     codes_ = remap[idx] if len(idx) else np.zeros(0, np.int64)
@@ -204,7 +235,8 @@ def fill_derived(table: pa.Table) -> pa.Table:
         qi, queries = codes(table["query"])
         key = ti * len(queries) + qi
         uniq, inverse = dense_unique(key, len(tasks) * len(queries))
-        ids = [make_query_id(tasks[k // len(queries)], queries[k % len(queries)] or "") for k in uniq.tolist()]
+        t_of, q_of = np.divmod(uniq, len(queries))
+        ids = make_query_ids(pa.array(tasks, pa.string()).take(t_of), pa.array(queries, pa.string()).take(q_of))
         derived = from_codes(inverse.ravel(), ids)
         if table["query_id"].null_count < len(table):  # some rows carry their own id: keep those
             derived = pc.if_else(pc.is_null(table["query_id"]), derived.cast(pa.string()),
