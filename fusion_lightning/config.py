@@ -18,7 +18,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-GROUPS = ("data", "model", "trainer", "logger", "strategy", "callbacks")
+GROUPS = ("data", "model", "student", "trainer", "logger", "strategy", "cluster", "callbacks")
 
 
 class ConfigError(ValueError):
