@@ -12,31 +12,17 @@ import json
 import sys
 from pathlib import Path
 
+from fusion_lightning.data.readers.common import read_input_lines
 from fusion_lightning.query.router import Router
 
 
 def read_queries(path: Path) -> list[dict]:
     """Records of a JSONL file; raises ValueError naming every bad line."""
-    records, bad = [], []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append(f"line {i}: invalid JSON ({e.msg})")
-                continue
-            if not isinstance(rec, dict):
-                bad.append(f"line {i}: expected a JSON object")
-            elif not isinstance(rec.get("query"), str) or not rec["query"].strip():
-                bad.append(f"line {i}: field 'query' missing or empty")
-            else:
-                records.append(rec)
-    if bad:
-        shown = "; ".join(bad[:10]) + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else "")
-        raise ValueError(f"{path}: {len(bad)} bad input line(s): {shown}")
-    return records
+    def check(rec: dict) -> list[str]:
+        q = rec.get("query")
+        return [] if isinstance(q, str) and q.strip() else ["field 'query' missing or empty"]
+
+    return [rec for _, rec in read_input_lines(path, check)]
 
 
 def main(argv: list[str] | None = None) -> int:

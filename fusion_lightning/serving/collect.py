@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusion_lightning.data.readers.common import read_input_lines
 from fusion_lightning.data.schema import ModelCatalog, make_query_id
 from fusion_lightning.scoring import resolve_metric, score
 from fusion_lightning.scoring.formats import zero_shot_prompt
@@ -42,33 +43,20 @@ def read_query_file(path: str | Path) -> list[QueryRecord]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such query file (queries=)")
-    out, bad = [], []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append(f"line {i}: invalid JSON ({e.msg})")
-                continue
-            if not isinstance(rec, dict):
-                bad.append(f"line {i}: expected a JSON object")
-                continue
-            task = rec.get("task_name", rec.get("task"))
-            problems = [f"field {k!r} missing or empty" for k, v in
-                        (("task_name", task), ("query", rec.get("query")), ("ground_truth", rec.get("ground_truth")),
-                         ("metric", rec.get("metric"))) if not isinstance(v, str) or not v.strip()]
-            if not problems and resolve_metric(rec["metric"]) is None:
-                problems.append(f"field 'metric': unknown metric {rec['metric']!r}")
-            if problems:
-                bad.append(f"line {i}: " + ", ".join(problems))
-                continue
-            qid = str(rec.get("query_id") or make_query_id(task, rec["query"]))
-            out.append(QueryRecord(qid, task, rec["query"], rec["ground_truth"], rec["metric"], i))
-    if bad:
-        shown = "; ".join(bad[:10]) + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else "")
-        raise ValueError(f"{path}: {len(bad)} bad input line(s): {shown}")
+    def check(rec: dict[str, Any]) -> list[str]:
+        task = rec.get("task_name", rec.get("task"))
+        problems = [f"field {k!r} missing or empty" for k, v in
+                    (("task_name", task), ("query", rec.get("query")), ("ground_truth", rec.get("ground_truth")),
+                     ("metric", rec.get("metric"))) if not isinstance(v, str) or not v.strip()]
+        if not problems and resolve_metric(rec["metric"]) is None:
+            problems.append(f"field 'metric': unknown metric {rec['metric']!r}")
+        return problems
+
+    out = []
+    for i, rec in read_input_lines(path, check):
+        task = rec.get("task_name", rec.get("task"))
+        qid = str(rec.get("query_id") or make_query_id(task, rec["query"]))
+        out.append(QueryRecord(qid, task, rec["query"], rec["ground_truth"], rec["metric"], i))
     if not out:
         raise ValueError(f"{path}: no queries")
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -102,6 +102,31 @@ def read_json_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(rec, dict):
             raise LogFormatError(str(path), f"expected an object, got {type(rec).__name__}", row=i)
         yield i, rec
+
+
+def read_input_lines(path: Path, check: Callable[[dict[str, Any]], list[str]]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of a JSONL input file (queries for route/collect). Every bad line — invalid
+    JSON, not an object, or a problem `check(record)` names — is collected, and all are raised together
+    as one ValueError, so a user fixes the file in one pass and nothing is skipped silently."""
+    out, bad = [], []
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append(f"line {i}: invalid JSON ({e.msg})")
+                continue
+            problems = check(rec) if isinstance(rec, dict) else ["expected a JSON object"]
+            if problems:
+                bad.append(f"line {i}: " + ", ".join(problems))
+            else:
+                out.append((i, rec))
+    if bad:
+        shown = "; ".join(bad[:10]) + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else "")
+        raise ValueError(f"{path}: {len(bad)} bad input line(s): {shown}")
+    return out
 
 
 def require_columns(path: Path, present: list[str], required: tuple[str, ...], row: int | None = None) -> None:
