@@ -45,12 +45,13 @@ def test_index_exact_top_k_with_task_filter():
     assert torch.equal(i[2], ref.indices[2]) and torch.equal(i[3], ref.indices[3])  # no/unknown task: all
 
 
-def _planted_run(tmp_path):
+def _planted_run(tmp_path, dm_kw=None, model_kw=None):
     L.seed_everything(0, verbose=False)
     dm = TemplateDataModule(logs=planted_logs(), library_dir=str(tmp_path / "lib"), encoder="hashing",
-                            task_filter=False, batch_size=16, n_neighbors=2)
+                            task_filter=False, batch_size=16, n_neighbors=2, **(dm_kw or {}))
     dm.setup("fit")
-    model = TemplateRetriever(mode="head", ks=(3,), temperature=0.1, head_lr=3e-2, **dm.model_kwargs())
+    model = TemplateRetriever(mode="head", ks=(3,), temperature=0.1, head_lr=3e-2, **(model_kw or {}),
+                              **dm.model_kwargs())
     trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, deterministic=True)
     trainer.fit(model, datamodule=dm)
@@ -75,6 +76,39 @@ def test_trained_retriever_beats_frozen_on_planted_relevance(tmp_path):
     assert prompt.index("Use the most relevant template") < prompt.index(query)
     frozen = TemplateAugmenter.load(tmp_path / "lib", k=2, task_filter=True)
     assert {t.task for t in frozen.retrieve([query], ["task1"])[0]} == {"task1"}  # the task filter
+
+
+def test_distillation_and_resampled_hard_negatives_also_learn_the_planted_map(tmp_path):
+    _, _, _, m = _planted_run(tmp_path, {"n_hard": 2, "hard_band": (2, 20)}, {"distill_weight": 1.0})
+    assert m["test/ndcg@3"] > m["test/frozen/ndcg@3"] + 0.3 and m["test/mrr"] > m["test/frozen/mrr"] + 0.3
+
+
+def test_hard_negative_pools_and_teacher_gains_follow_the_eval_definition(tmp_path):
+    dm = TemplateDataModule(logs=planted_logs(n_per_task=20), library_dir=str(tmp_path / "lib"), encoder="hashing",
+                            task_filter=False, batch_size=8, n_neighbors=2, n_hard=3, hard_band=(2, 10))
+    dm.setup("fit")
+    tri, srcs, qv = dm._train, dm._sources, dm._qv
+    own_of = {i: {j for j, s in enumerate(srcs) if i in s} for i in tri.rows}
+    torch.manual_seed(0)
+    for k in range(len(tri)):
+        row, pos, hard, pos_set = tri[k]
+        assert pos_set == set(tri.positives[k])
+        assert pos in pos_set and len(hard) == 4  # 1 other-task + n_hard same-task
+        assert dm._t_tasks[hard[0]] != dm._q_tasks[row]
+        for j in hard[1:]:
+            assert dm._t_tasks[j] == dm._q_tasks[row] and j not in pos_set and j not in own_of[row]
+    assert len({tuple(tri[0][2][1:]) for _ in range(10)}) > 1  # resampled at every draw
+    batch = dm._collate_train([tri[k] for k in range(4)])
+    rows = [tri.rows[k] for k in range(4)]
+    cols = [dm.index_texts.index(t) for t in batch["positive"] + batch["negatives"]]
+    for r, i in enumerate(rows):
+        for c, j in enumerate(cols):
+            others = [x for x in srcs[j] if x != i]
+            want = max(0.0, max(float(qv[i] @ qv[x]) for x in others)) if others and \
+                dm._t_tasks[j] == dm._q_tasks[i] else 0.0
+            assert abs(batch["gains"][r, c].item() - want) < 1e-5
+            assert batch["own"][r, c].item() == (i in srcs[j])
+    assert all(own_of[r] <= set(p) for r, p in zip(tri.rows, tri.positives, strict=True))  # own_positive=True
 
 
 def test_prompt_builders():

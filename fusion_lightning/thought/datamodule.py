@@ -31,15 +31,25 @@ from fusion_lightning.thought.summarise import build_summariser
 
 
 class _Triples(Dataset):
-    def __init__(self, rows: list[int], positives: list[list[int]], hard: list[list[int]]):
+    """Train rows: one positive and `n_hard` hard negatives resampled from each row's pools at every draw."""
+
+    def __init__(self, rows: list[int], positives: list[list[int]], hard: list[list[int]],
+                 pools: list[tuple[np.ndarray, np.ndarray]] | None = None, n_hard: int = 0):
         self.rows, self.positives, self.hard = rows, positives, hard
+        self.pools, self.n_hard = pools, n_hard
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[int, int, list[int], set[int]]:
         pos = self.positives[i]
-        return self.rows[i], pos[int(torch.randint(len(pos), ()))], self.hard[i], set(pos)
+        hard = self.hard[i]
+        if self.pools is not None and self.n_hard:
+            other, mid = self.pools[i]
+            hard = [int(other[int(torch.randint(len(other), ()))])] if len(other) else []
+            if len(mid):
+                hard += [int(mid[int(j)]) for j in torch.randperm(len(mid))[: self.n_hard]]
+        return self.rows[i], pos[int(torch.randint(len(pos), ()))], hard, set(pos)
 
 
 class TemplateDataModule(LogDataModule):
@@ -48,7 +58,8 @@ class TemplateDataModule(LogDataModule):
                  selection: Mapping[str, Any] | None = None, dedup_threshold: float = 0.95,
                  embedding_cache: str | None = None, n_neighbors: int = 3, n_relevant: int = 3,
                  task_filter: bool = True, batch_size: int = 32, eval_batch_size: int = 128,
-                 num_workers: int = 0):
+                 num_workers: int = 0, n_hard: int = 0, hard_band: tuple[int, int] = (10, 100),
+                 own_positive: bool = True):
         super().__init__(data, logs)
         self.library_dir = Path(library_dir) if library_dir else None
         self.encoder_name, self.summariser_cfg = encoder, dict(summariser or {"type": "rule"})
@@ -56,6 +67,7 @@ class TemplateDataModule(LogDataModule):
         self.dedup_threshold, self.embedding_cache = dedup_threshold, embedding_cache
         self.n_neighbors, self.n_relevant, self.task_filter = n_neighbors, n_relevant, task_filter
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.n_hard, self.hard_band, self.own_positive = int(n_hard), tuple(int(x) for x in hard_band), own_positive
         self.library: TemplateLibrary | None = None
         self._built = None
 
@@ -101,25 +113,53 @@ class TemplateDataModule(LogDataModule):
                                          [texts[i] for i in np.flatnonzero(splits == s)],
                                          qv[splits == s] @ lib.embeddings.T)
                       for s in ("val", "test")}
+        self._qv, self._sources, self._q_tasks, self._t_tasks = np.asarray(qv, np.float32), sources, tasks, t_tasks
         self._texts, self._built = texts, True
 
     def _triples(self, rows, sim, same, eligible, by_source, t_tasks, tasks, sources):
+        """Positives: the row's own templates (`own_positive`) and its `n_neighbors` nearest same-task
+        train queries'. Hard negatives: with `n_hard` = 0, one other-task template and one template of a
+        far same-task query, fixed; with `n_hard` > 0, pools resampled at every draw: other-task
+        templates and templates of the same-task queries ranked `hard_band` (near but not neighbours)."""
         rng = np.random.default_rng(0)
-        keep, positives, hard = [], [], []
+        keep, positives, hard, pools = [], [], [], []
+        lo, hi = self.hard_band
         for i in rows:
             s = np.where(same[i] & eligible, sim[i], -np.inf)
-            near = [n for n in np.argsort(-s)[: self.n_neighbors] if np.isfinite(s[n])]
-            pos = sorted({j for n in [i, *near] for j in by_source.get(int(n), [])})
+            order = np.argsort(-s)
+            near = [n for n in order[: self.n_neighbors] if np.isfinite(s[n])]
+            pos = sorted({j for n in ([i] if self.own_positive else []) + near for j in by_source.get(int(n), [])})
             if not pos:
                 continue
             other = np.flatnonzero(t_tasks != tasks[i])
             far = [n for n in np.argsort(s)[: max(4, len(s) // 4)] if np.isfinite(s[n]) and n not in near]
             far_t = [j for n in far for j in by_source.get(int(n), []) if j not in pos]
             negs = ([int(rng.choice(other))] if len(other) else []) + ([int(rng.choice(far_t))] if far_t else [])
+            own = set(by_source.get(int(i), []))
+            mid = np.array(sorted({j for n in order[lo:hi] if np.isfinite(s[n]) for j in by_source.get(int(n), [])
+                                   if j not in pos and j not in own}), dtype=np.int64)
             keep.append(int(i))
             positives.append(pos)
             hard.append(negs)
-        return _Triples(keep, positives, hard)
+            pools.append((other, mid))
+        return _Triples(keep, positives, hard, pools if self.n_hard else None, self.n_hard)
+
+    def _teacher_gains(self, rows: list[int], cols: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[rows, cols] gains as in evaluation (similarity of a template's closest other source query,
+        same task only, clipped at 0) and a mask of the row's own templates (never in its eval index)."""
+        qv, srcs, tasks, t_tasks = self._qv, self._sources, self._q_tasks, self._t_tasks
+        gains = np.zeros((len(rows), len(cols)), np.float32)
+        own = np.zeros((len(rows), len(cols)), bool)
+        r_idx = np.asarray(rows)
+        for c, j in enumerate(cols):
+            s = np.asarray(srcs[j], dtype=np.int64)
+            if not len(s):
+                continue
+            is_self = r_idx[:, None] == s[None, :]
+            sim = np.where(is_self, -np.inf, qv[r_idx] @ qv[s].T).max(1)
+            own[:, c] = is_self.any(1)
+            gains[:, c] = np.where(np.isfinite(sim) & (tasks[r_idx] == t_tasks[j]), np.maximum(sim, 0.0), 0.0)
+        return torch.from_numpy(gains), torch.from_numpy(own)
 
     def _eval_rows(self, rows, sim, same, has_t, sources, t_tasks, tasks, texts, frozen) -> dict[str, Any]:
         n_t = len(sources)
@@ -151,8 +191,9 @@ class TemplateDataModule(LogDataModule):
         mask = torch.tensor([[c in pos_sets[i] and c_i != i for c_i, c in enumerate(cols)]
                              for i in range(len(rows))])
         t = self.index_texts
+        gains, own = self._teacher_gains(list(rows), cols)
         return {"query": [self._texts[r] for r in rows], "positive": [t[j] for j in pos],
-                "negatives": [t[j] for j in negs], "mask": mask}
+                "negatives": [t[j] for j in negs], "mask": mask, "gains": gains, "own": own}
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         self.setup()

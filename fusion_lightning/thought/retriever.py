@@ -6,7 +6,10 @@ Two ways to train, one interface (`encode_queries`, `encode_templates`):
 - `mode: head`: frozen embeddings of any `build_encoder` name (e.g. `hashing` for CPU tests) with
   a trainable linear map per side, initialised to the identity, so step 0 equals the frozen encoder.
 Loss: InfoNCE over each query's positive vs. in-batch positives of other queries and hard negatives
-(templates that are positives of the query itself are masked out, not counted as negatives).
+(templates that are positives of the query itself are masked out, not counted as negatives), plus,
+with `distill_weight` > 0, a listwise distillation term: the student's softmax over the batch's
+templates is fitted to a softmax of their graded relevance on train queries (the similarity of each
+template's closest source query, as in evaluation; the row's own templates left out).
 Evaluation: trained vs frozen vs BM25 on the same rows (see `TemplateDataModule`).
 """
 
@@ -29,7 +32,8 @@ MODES = ("finetune", "head")
 class TemplateRetriever(L.LightningModule):
     def __init__(self, encoder: str = "minilm", mode: str = "finetune", max_length: int = 128,
                  temperature: float = 0.05, lr: float = 2e-5, head_lr: float = 1e-3, weight_decay: float = 0.01,
-                 ks: Sequence[int] = (1, 3, 5), encode_batch_size: int = 128):
+                 ks: Sequence[int] = (1, 3, 5), encode_batch_size: int = 128, distill_weight: float = 0.0,
+                 teacher_temperature: float = 0.02):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"model.mode={mode!r}; choose from: {', '.join(MODES)}")
@@ -96,6 +100,19 @@ class TemplateRetriever(L.LightningModule):
         logits = (q @ docs.T) / self.hparams.temperature
         logits = logits.masked_fill(batch["mask"].to(self.device), float("-inf"))
         loss = F.cross_entropy(logits, torch.arange(len(q), device=self.device))
+        w = self.hparams.distill_weight
+        if w and "gains" in batch:
+            # listwise distillation of the graded relevance: the batch's templates (the row's own ones,
+            # never in its evaluation index, left out) ranked like the similarity of their source query
+            own = batch["own"].to(self.device)
+            target = (batch["gains"].to(self.device) / self.hparams.teacher_temperature).masked_fill(own, float("-inf"))
+            student = ((q @ docs.T) / self.hparams.temperature).masked_fill(own, float("-inf"))
+            keep = torch.isfinite(target).any(1)
+            p = target[keep].softmax(-1)
+            logq = student[keep].log_softmax(-1).masked_fill(own[keep], 0.0)
+            distill = -(p * logq).sum(-1).mean()
+            self.log("train/distill", distill, batch_size=len(q))
+            loss = loss + w * distill
         self.log("train/loss", loss, prog_bar=True, batch_size=len(q))
         return loss
 
@@ -147,7 +164,8 @@ class TemplateIndex:
     """Exact inner-product top-k over unit template vectors in torch, with an optional task filter."""
 
     def __init__(self, vectors: torch.Tensor | np.ndarray, tasks: Sequence[str]):
-        self.vectors = torch.as_tensor(np.asarray(vectors, np.float32) if isinstance(vectors, np.ndarray) else vectors)
+        self.vectors = torch.as_tensor(np.asarray(vectors, np.float32) if isinstance(vectors, np.ndarray) else vectors,
+                                       dtype=torch.float32).contiguous()
         self.task_names = sorted(set(tasks))
         code = {t: i for i, t in enumerate(self.task_names)}
         self.task_codes = torch.tensor([code[t] for t in tasks], dtype=torch.long)
@@ -161,7 +179,7 @@ class TemplateIndex:
         return self._parts[c]
 
     def search(self, queries: torch.Tensor, k: int, tasks: Sequence[str | None] | None = None,
-               batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+               batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, indices), each [n, k]. With `tasks`, a query whose task the library has is searched
         against that task's templates only (fewer than k of them: -inf / -1 padding); None or an
         unknown task searches everything."""
@@ -170,14 +188,20 @@ class TemplateIndex:
         qcodes = [code.get(t, -1) if t else -1 for t in tasks] if tasks is not None else [-1] * len(queries)
         scores = torch.full((len(queries), k), float("-inf"))
         indices = torch.full((len(queries), k), -1, dtype=torch.long)
+        queries = torch.as_tensor(queries, dtype=torch.float32)
         with torch.inference_mode():
+            buf = torch.empty(0)
             for c in sorted(set(qcodes)):
                 sel = torch.tensor([i for i, x in enumerate(qcodes) if x == c], dtype=torch.long)
                 rows, vecs = (None, self.vectors) if c == -1 else self._part(c)
                 kk = min(k, len(vecs))
+                if buf.numel() < min(batch_size, len(sel)) * len(vecs):
+                    buf = torch.empty(min(batch_size, len(sel)) * len(vecs))
                 for s in range(0, len(sel), batch_size):
                     part = sel[s:s + batch_size]
-                    top = torch.topk(queries[part] @ vecs.T, kk, dim=1)
+                    # one reused [batch, templates] score buffer: no 100s-of-MB allocation per batch
+                    out = buf[: len(part) * len(vecs)].view(len(part), len(vecs))
+                    top = torch.topk(torch.mm(queries[part], vecs.T, out=out), kk, dim=1)
                     scores[part, :kk] = top.values
                     indices[part, :kk] = top.indices if rows is None else rows[top.indices]
         return scores, indices
