@@ -137,6 +137,32 @@ def test_packed_examples_do_not_attend_to_each_other(tiny) -> None:
             start += len(e.input_ids)
 
 
+def test_per_example_packed_attention_matches_the_dense_block_mask(tiny) -> None:
+    """The Student's `sdpa_packed` path (one causal SDPA per example) gives the dense block-diagonal
+    mask's loss and gradients, and never spans examples."""
+    path, tok = tiny
+    stats = TruncationStats()
+    exs = [tokenize_example(tok, f"question {i} " * (i + 1), f"answer {i} " * (2 + 3 * i), 96, stats)
+           for i in range(5)]
+    packed = pack(exs, 96)
+    assert len(packed) >= 2 and any(len(seq) > 1 for seq in packed)
+    batch = collate(packed, tok.pad_token_id)
+    assert batch["attention_mask"].ndim == 4
+    torch.manual_seed(0)
+    student = Student(str(path)).eval()  # "sdpa" loads as sdpa_packed
+    assert student.model.config._attn_implementation == "sdpa_packed"
+    dense = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    dense.load_state_dict(student.model.state_dict())
+    out_p, out_d = student(**batch), dense(**batch)
+    sup = batch["labels"] != IGNORE
+    torch.testing.assert_close(out_p.logits[sup], out_d.logits[sup], atol=1e-4, rtol=1e-4)
+    out_p.loss.backward()
+    out_d.loss.backward()
+    g_p = dict(student.model.named_parameters())
+    for n, p in dense.named_parameters():
+        torch.testing.assert_close(g_p[n].grad, p.grad, atol=1e-4, rtol=1e-3)
+
+
 def test_length_grouping_reduces_padding() -> None:
     lengths = [int(x) for x in torch.randint(5, 500, (400,), generator=torch.Generator().manual_seed(0))]
     sampler = LengthGroupedSampler(lengths, batch_size=8, seed=0)

@@ -110,6 +110,9 @@ def collate(items: Sequence[list[Tokenized]], pad_id: int) -> dict[str, torch.Te
         if packed and start < width:  # padding rows attend to themselves only (keeps softmax finite)
             idx = torch.arange(start, width)
             mask[b, 0, idx, idx] = True
+            # numbered as one more run, so restarting positions mark every example (and the padding) as a
+            # segment: the `sdpa_packed` attention (model/packed_attention.py) reads them from position_ids
+            pos[b, start:] = torch.arange(width - start)
     if not (labels != IGNORE).any():
         raise ValueError("a batch has no supervised token (every label is masked): check truncation settings")
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos}

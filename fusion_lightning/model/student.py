@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
+from fusion_lightning.model import packed_attention
 from fusion_lightning.model.sft import IGNORE
 
 
@@ -24,8 +25,12 @@ class Student(L.LightningModule):
         self.save_hyperparameters()
         # LoRA checkpoints drop the frozen base weights; loading checks the adapter keys itself
         self.strict_loading = lora is None
+        # "sdpa" loads as `sdpa_packed`: stock SDPA, except that packed batches attend per example instead of
+        # through a dense block-diagonal mask over the whole window (see model/packed_attention.py)
+        # ("sdpa_dense": stock SDPA with the dense mask, for comparison)
+        impl = {"sdpa": packed_attention.NAME, "sdpa_dense": "sdpa"}.get(attn_implementation, attn_implementation)
         self.model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32,
-                                                          attn_implementation=attn_implementation)
+                                                          attn_implementation=impl)
         if lora:
             from peft import LoraConfig, get_peft_model
 
@@ -41,6 +46,10 @@ class Student(L.LightningModule):
         self.model.train()
 
     def forward(self, **batch: torch.Tensor):
+        mask = batch.get("attention_mask")
+        if (mask is not None and mask.ndim == 4 and "position_ids" in batch
+                and self.model.config._attn_implementation == packed_attention.NAME):
+            batch = {**batch, "packed_segments": packed_attention.segments_from_positions(batch["position_ids"])}
         return self.model(**batch)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
