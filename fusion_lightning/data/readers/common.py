@@ -187,11 +187,38 @@ def _distinct(dictionary: pa.Array) -> bool:
     return hit[1]
 
 
+def _array_key(a: pa.Array) -> tuple:
+    key = (tuple(x.address if x is not None else 0 for x in a.buffers()), a.offset, len(a), str(a.type))
+    return key + (_array_key(a.dictionary),) if pa.types.is_dictionary(a.type) else key
+
+
+_CODES: OrderedDict[tuple, tuple[pa.ChunkedArray | pa.Array, np.ndarray, list]] = OrderedDict()
+
+
 def codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list]:
     """(code per row, distinct values): codes are dense 0..k-1 over the values present; null is a value (None).
 
     O(rows) on dictionary columns (no string comparison), so grouping a 1M-row log by query is cheap.
+    Memoised by buffer identity: one load groups the same few columns (query, query_id, model, task) many
+    times (reader, validation, splits, query table, matrices), and each call would otherwise re-combine the
+    chunks and rebuild the distinct values as Python strings. The memo holds the column, so its memory (and
+    hence the key) cannot be reused while the entry lives; the codes are returned read-only.
     """
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    key = (isinstance(col, pa.ChunkedArray), str(col.type), tuple(_array_key(c) for c in chunks))
+    hit = _CODES.get(key)
+    if hit is None:
+        idx, values = _codes(col)
+        idx.setflags(write=False)
+        hit = _CODES[key] = (col, idx, values)
+        if len(_CODES) > 8:
+            _CODES.popitem(last=False)
+    else:
+        _CODES.move_to_end(key)
+    return hit[1], list(hit[2])
+
+
+def _codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list]:
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col  # unifies chunk dictionaries
     if not pa.types.is_dictionary(arr.type):
         arr = pc.dictionary_encode(arr)
