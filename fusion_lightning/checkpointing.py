@@ -94,10 +94,12 @@ def module_class(module: Any) -> str:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    # mmap: the check reads metadata and shapes only, so a large checkpoint is not materialised a
+    # second time before Lightning loads it for the resume
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for truncated/corrupt files
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupted?): {type(e).__name__}: {first}")\
