@@ -295,5 +295,35 @@ def test_from_codes_merges_equal_values_and_query_ids_match_one_by_one():
     assert from_codes(np.array([1, 0]), ["a", None]).to_pylist() == [None, "a"]
     assert from_codes(np.array([1, 0]), ["p", "q"]).dictionary.to_pylist() == ["p", "q"]
     tasks, queries = ["gsm8k", None, "mmlu"], ["What is 2+2?", "Ünïcode ✓", None]
-    assert make_query_ids(pa.array(tasks, pa.string()), pa.array(queries, pa.string())) == [
-        make_query_id(t, q or "") for t, q in zip(tasks, queries, strict=True)]
+    expected = [make_query_id(t, q or "") for t, q in zip(tasks, queries, strict=True)]
+    assert make_query_ids(pa.array(tasks, pa.string()), pa.array(queries, pa.string())).to_pylist() == expected
+    sliced = pa.array(["x", *tasks], pa.string())[1:]  # a non-zero array offset reads the right bytes
+    assert make_query_ids(sliced, pa.array(queries, pa.string())).to_pylist() == expected
+    assert from_codes(np.array([1, 0]), pa.array(["p", None])).to_pylist() == [None, "p"]
+
+
+def test_query_id_collision_raises_instead_of_merging_two_queries(monkeypatch):
+    import hashlib
+
+    from fusion_lightning.data.schema import make_query_ids
+
+    class Same:  # every input hashes alike: the 64-bit collision the check exists for
+        def __init__(self, data):
+            pass
+
+        def digest(self):
+            return bytes(20)
+
+    monkeypatch.setattr(hashlib, "sha1", Same)
+    with pytest.raises(ValueError, match="collides: 'gsm8k\\\\x1fa' and 'gsm8k\\\\x1fb'"):
+        make_query_ids(pa.array(["gsm8k", "gsm8k"]), pa.array(["a", "b"]))
+
+
+def test_blank_is_exactly_python_strip_over_every_code_point():
+    from fusion_lightning.data.validate import blank
+
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000]  # every code point but surrogates
+    texts = chars + ["".join(c for c in chars if c.isspace()), " a ", "", None]
+    expected = [t is None or not t.strip() for t in texts]
+    assert blank(pa.array(texts, pa.string())).tolist() == expected
+    assert sum(expected) == 29 + 3  # Python's 29 whitespace characters, all of them together, "" and None

@@ -12,7 +12,15 @@ import pyarrow.compute as pc
 
 from fusion_lightning.data.matrix import QueryMatrix
 from fusion_lightning.data.readers import ReaderOptions, SourceData, read_source
-from fusion_lightning.data.readers.common import as_objects, codes, from_codes
+from fusion_lightning.data.readers.common import (
+    as_objects,
+    code_values,
+    codes,
+    first_rows,
+    from_codes,
+    group_min,
+    to_numpy,
+)
 from fusion_lightning.data.schema import SPLITS, ModelCatalog
 from fusion_lightning.data.validate import validate
 
@@ -37,21 +45,6 @@ class DataReport:
                 fh.write(json.dumps(clean, default=str, allow_nan=False) + "\n")
         return path
 
-
-def _np(a) -> np.ndarray:
-    return np.asarray(a.to_numpy(zero_copy_only=False))
-
-
-def _group_min(group: np.ndarray, key: np.ndarray, n_groups: int) -> np.ndarray:
-    """Smallest `key` per group id 0..n_groups-1 (independent of row order)."""
-    out = np.full(n_groups, np.iinfo(np.int64).max, np.int64)
-    np.minimum.at(out, group, key)
-    return out
-
-
-def _first_rows(group: np.ndarray, n_groups: int) -> np.ndarray:
-    """Index of the first row of each group."""
-    return _group_min(group, np.arange(len(group), dtype=np.int64), n_groups)
 
 
 def _stratified_assign(keys: np.ndarray, strata: np.ndarray, fractions: dict[str, float], seed: int,
@@ -89,12 +82,12 @@ class LogTable:
     @property
     def models(self) -> list[str]:
         """Models present in the rows, in catalog order (stable column order for matrices)."""
-        present = set(pc.unique(self.table["model"]).to_pylist())
+        present = set(codes(self.table["model"])[1])
         return [m for m in self.catalog.names if m in present]
 
     @property
     def tasks(self) -> list[str]:
-        return sorted(pc.unique(self.table["task"]).to_pylist())
+        return sorted(v for v in codes(self.table["task"])[1] if v is not None)
 
     def select(self, split: str) -> LogTable:
         mask = pc.fill_null(pc.equal(self.table["split"], split), False)
@@ -114,23 +107,23 @@ class LogTable:
         if mode == "files" and not file_splits:
             raise ValueError("data.split=files, but no file name carries a split (_train/_val/_test)")
         by_files = mode == "files" or (mode == "auto" and file_splits)
-        qi, texts = codes(t["query"])
+        qi, texts = code_values(t["query"])
         n = len(texts)
         # each text's rank in sorted order: the same order as sorting the strings, but sorted once in C++
         texts_arr = np.empty(n, np.int64)
-        texts_arr[np.asarray(pc.sort_indices(pa.array(texts, pa.string())))] = np.arange(n)
+        texts_arr[np.asarray(pc.sort_indices(texts))] = np.arange(n)
         # A text under several tasks / split files gets one stratum and one file split, independent of
         # row order: the alphabetically first task, and the most held-out split (test, val, train).
         ti, tasks = codes(t["task"])
         order = sorted(range(len(tasks)), key=lambda i: tasks[i] or "")
         rank = np.empty(len(tasks), np.int64)
         rank[order] = np.arange(len(tasks))
-        strata = _group_min(qi, rank[ti], n)  # the task's alphabetical rank: strata are visited in name order
+        strata = group_min(qi, rank[ti], n)  # the task's alphabetical rank: strata are visited in name order
         if by_files:
             si, split_values = codes(t["split"])
             held_out = ("test", "val", "train")
             srank = np.array([held_out.index(v) if v in held_out else 2 for v in split_values])[si]
-            qsplit = np.array(held_out, dtype=object)[_group_min(qi, srank, n)]
+            qsplit = np.array(held_out, dtype=object)[group_min(qi, srank, n)]
             if val_fraction > 0 and "val" not in set(qsplit):
                 train = qsplit == "train"
                 qsplit[train] = _stratified_assign(texts_arr[train], strata[train], {"val": val_fraction}, seed,
@@ -153,7 +146,7 @@ class LogTable:
         """One row per query: id, text, task, domain, split, ground truth and metric."""
         qi, ids = codes(self.table["query_id"])
         cols = ["query_id", "query", "task", "domain", "split", "ground_truth", "metric"]
-        return self.table.select(cols).take(pa.array(_first_rows(qi, len(ids))))
+        return self.table.select(cols).take(pa.array(first_rows(qi, len(ids))))
 
     def matrix(self, models: list[str] | None = None) -> QueryMatrix:
         """Dense queries × models arrays (NaN + mask where the log has no call)."""
@@ -171,13 +164,13 @@ class LogTable:
         arrays = {}
         for name in ("performance", "cost", "judge"):
             a = np.full(q * m, np.nan, np.float32)
-            values = _np(pc.fill_null(t[name], np.nan))
+            values = to_numpy(t[name], np.nan)
             a[flat] = values if keep.all() else values[keep]
             arrays[name] = a.reshape(q, m)
         mask = np.zeros(q * m, bool)
         mask[flat] = True
         mask = mask.reshape(q, m)
-        meta = t.select(["query", "task", "domain", "split"]).take(pa.array(_first_rows(qi, q)))
+        meta = t.select(["query", "task", "domain", "split"]).take(pa.array(first_rows(qi, q)))
         ids = np.empty(q, dtype=object)
         ids[:] = query_ids
         return QueryMatrix(
@@ -217,7 +210,7 @@ def load_logs(fmt: str, path: str | Path | None = None, *, source: SourceData | 
     if len(logs) == 0:
         raise ValueError(f"{path or fmt}: no valid rows left to use")
     logs = logs.assign_splits(split, split_seed, val_fraction, test_fraction)
-    masked = logs.summary()["missing_pairs_masked"]
+    masked = len(codes(logs.table["query_id"])[1]) * len(logs.models) - len(logs)  # as summary() counts it
     if masked:
         logs.report.notes.append(f"{masked} (query, model) pairs have no call in the log: masked, not zero")
     return logs

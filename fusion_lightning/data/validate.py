@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fusion_lightning.data.errors import LogValidationError, RowIssue
-from fusion_lightning.data.readers.common import SourceData, codes, map_values
+from fusion_lightning.data.readers.common import SourceData, code_values, codes, map_values, to_numpy
 
 ON_ERROR = ("raise", "quarantine")
 _VALUE_FIELDS = ("performance", "cost", "judge", "response")
@@ -24,9 +24,6 @@ class ValidationResult:
     quarantine: list[dict] = field(default_factory=list)  # bad rows with their reasons
     counts: dict[str, int] = field(default_factory=dict)
 
-
-def _np(a) -> np.ndarray:
-    return np.asarray(a.to_numpy(zero_copy_only=False))
 
 
 def _flag(issues: dict[int, list[RowIssue]], table: pa.Table, mask: np.ndarray, fld: str, msg, values=None) -> None:
@@ -41,27 +38,35 @@ def _flag(issues: dict[int, list[RowIssue]], table: pa.Table, mask: np.ndarray, 
         issues.setdefault(r, []).append(RowIssue(f, line, fld, msg(v) if callable(msg) else msg))
 
 
+def blank(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Per row: null, empty or only whitespace. Once per distinct value, in Arrow; its Unicode whitespace is
+    exactly Python's `str.isspace` (tested over every code point), so this is `v is None or not v.strip()`."""
+    idx, values = code_values(col)
+    empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values.cast(pa.string()))), 0), True)
+    return to_numpy(empty)[idx] if len(values) else np.zeros(len(idx), bool)
+
+
 def _range_checks(t: pa.Table, issues: dict[int, list[RowIssue]], catalog_names: list[str],
                   unparsed: np.ndarray) -> None:
     """`unparsed`: rows whose reader already reported an unparseable value (not reported again as missing)."""
-    blank = lambda v: v is None or not v.strip()  # noqa: E731 - evaluated once per distinct value
-    _flag(issues, t, map_values(t["query"], blank), "query", "empty query text")
-    _flag(issues, t, map_values(t["task"], blank), "task", "missing task")
+    _flag(issues, t, blank(t["query"]), "query", "empty query text")
+    _flag(issues, t, blank(t["task"]), "task", "missing task")
     m = t["model"]
-    unknown = ~_np(pc.fill_null(pc.is_in(m, value_set=pa.array(catalog_names, pa.string())), False))
+    known = set(catalog_names)
+    unknown = map_values(m, lambda v: v not in known)  # once per distinct model, not per row
     _flag(issues, t, unknown, "model", lambda v: f"unknown model {v!r} (not in the model catalog)", m)
     unparsed = unparsed | unknown  # an unknown model has no price either: one issue, not two
 
     perf = t["performance"]
-    p = _np(pc.fill_null(perf, np.nan))
-    _flag(issues, t, _np(pc.is_null(perf)) & ~unparsed, "performance", "missing score")
-    _flag(issues, t, np.isnan(p) & _np(pc.is_valid(perf)), "performance", "NaN")
+    p = to_numpy(perf, np.nan)
+    _flag(issues, t, to_numpy(pc.is_null(perf)) & ~unparsed, "performance", "missing score")
+    _flag(issues, t, np.isnan(p) & to_numpy(pc.is_valid(perf)), "performance", "NaN")
     with np.errstate(invalid="ignore"):
         _flag(issues, t, (p < 0) | (p > 1), "performance", lambda v: f"out of range [0, 1]: {v}", perf)
 
     cost = t["cost"]
-    c = _np(pc.fill_null(cost, np.nan))
-    present = _np(pc.is_valid(cost))
+    c = to_numpy(cost, np.nan)
+    present = to_numpy(pc.is_valid(cost))
     _flag(issues, t, np.isnan(c) & present, "cost", "NaN")
     with np.errstate(invalid="ignore"):
         _flag(issues, t, c < 0, "cost", lambda v: f"negative cost: {v}", cost)
@@ -69,12 +74,12 @@ def _range_checks(t: pa.Table, issues: dict[int, list[RowIssue]], catalog_names:
         _flag(issues, t, ~present & ~unparsed, "cost", "missing cost (other rows of this log have one)")
 
     judge = t["judge"]
-    j = _np(pc.fill_null(judge, 0.0))
+    j = to_numpy(judge, 0.0)
     _flag(issues, t, np.isnan(j), "judge", "NaN")
     with np.errstate(invalid="ignore"):
         _flag(issues, t, (j < 0) | (j > 1), "judge", lambda v: f"out of range [0, 1]: {v}", judge)
     for fld in ("input_tokens", "output_tokens"):
-        tok = _np(pc.fill_null(t[fld], 0))
+        tok = to_numpy(t[fld], 0)
         _flag(issues, t, tok < 0, fld, lambda v: f"negative token count: {v}", t[fld])
 
 

@@ -28,8 +28,10 @@ from fusion_lightning.data.readers import register_reader
 from fusion_lightning.data.readers.common import (
     ReaderOptions,
     SourceData,
+    codes,
     fill_derived,
     find_files,
+    first_rows,
     read_json_records,
     split_from_name,
 )
@@ -65,8 +67,9 @@ def _read_file(f: Path, responses: bool = True) -> pa.Table:
             present = [c for c in pq.read_schema(f).names if responses or c != "response"]
             fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(
                 dictionary_columns=[c for c in DICT_COLUMNS if c in present]))
+            # one batch per row group: a single chunk per column, so later grouping never re-combines chunks
             return pads.dataset(f, format=fmt).to_table(columns=[c for c in USED_COLUMNS if c in present],
-                                                        memory_pool=_read_pool())
+                                                        batch_size=1 << 30, memory_pool=_read_pool())
         if suffix in (".jsonl", ".json"):
             try:
                 return pajson.read_json(f)
@@ -147,11 +150,9 @@ def source_query_embeddings(table: pa.Table, column: str = "query_embedding") ->
 
 
 def _first_rows(t: pa.Table, key: str) -> pa.Table:
-    """The first row of each distinct `key` value (works on dictionary-encoded columns too)."""
-    codes = np.asarray(pc.fill_null(pc.dictionary_encode(t[key]).combine_chunks().indices, -1)) + 1  # null -> 0
-    first = np.full(int(codes.max(initial=0)) + 1, len(codes), np.int64)
-    np.minimum.at(first, codes, np.arange(len(codes)))  # O(rows); np.unique's sort was 10x slower
-    return t.take(pa.array(np.sort(first[first < len(codes)])))
+    """The first row of each distinct `key` value (null is a value too)."""
+    idx, values = codes(t[key])
+    return t.take(pa.array(np.sort(first_rows(idx, len(values)))))
 
 
 def _catalog(t: pa.Table) -> ModelCatalog:
