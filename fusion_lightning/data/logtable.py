@@ -210,7 +210,7 @@ def load_logs(fmt: str, path: str | Path | None = None, *, source: SourceData | 
     if len(logs) == 0:
         raise ValueError(f"{path or fmt}: no valid rows left to use")
     logs = logs.assign_splits(split, split_seed, val_fraction, test_fraction)
-    masked = len(codes(logs.table["query_id"])[1]) * len(logs.models) - len(logs)  # as summary() counts it
+    masked = len(code_values(logs.table["query_id"])[1]) * len(logs.models) - len(logs)  # as summary() counts
     if masked:
         logs.report.notes.append(f"{masked} (query, model) pairs have no call in the log: masked, not zero")
     return logs
