@@ -21,6 +21,10 @@ def test_smollm2_builds_offline_and_answers(tmp_path: Path) -> None:
     assert 130e6 < n_params < 140e6
     out = backend.generate(["What is 2+2? Answer with a number."], max_new_tokens=24, temperature=0)[0]
     assert "4" in out.text and out.output_tokens > 0
+    from transformers import AutoModel  # the base model alone (hidden states) finds every weight as well
+
+    _, info = AutoModel.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"], info["missing_keys"]
 
 
 def test_distill_top_k_with_smollm2_runs(tmp_path: Path) -> None:

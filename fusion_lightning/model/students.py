@@ -83,12 +83,16 @@ def build_smollm2(out: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         out.mkdir(parents=True, exist_ok=True)
-        # save_pretrained refuses GGUF-loaded models: write config + safetensors + tokenizer ourselves
-        # (save_model drops the tied lm_head copy that plain save_file rejects)
-        from safetensors.torch import save_model
+        # save_pretrained refuses GGUF-loaded models: write config + safetensors + tokenizer ourselves. The
+        # tied lm_head is left out (from_pretrained re-ties it), so the input embedding keeps its own name and
+        # a base AutoModel (hidden states, no head) loads it too
+        from safetensors.torch import save_file
 
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
         model.config.save_pretrained(out)
-        save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(out)
     return out
 
