@@ -46,7 +46,6 @@ class DataReport:
         return path
 
 
-
 def _stratified_assign(keys: np.ndarray, strata: np.ndarray, fractions: dict[str, float], seed: int,
                        rest: str) -> np.ndarray:
     """Assign each key a split, per stratum, with seeded shuffles; `rest` gets what the fractions leave."""

@@ -25,7 +25,6 @@ class ValidationResult:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-
 def _flag(issues: dict[int, list[RowIssue]], table: pa.Table, mask: np.ndarray, fld: str, msg, values=None) -> None:
     """Record an issue for every row where `mask` is true; `msg` may be a function of the value."""
     rows = np.flatnonzero(mask)
