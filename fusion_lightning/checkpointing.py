@@ -126,8 +126,10 @@ def check_checkpoint(path: str | Path, module: L.LightningModule, recipe: str | 
         raise ValueError(f"checkpoint {path} comes from recipe {meta['recipe']!r}, this run is recipe {recipe!r}")
     saved_hp, hp = ckpt.get("hyper_parameters") or {}, dict(module.hparams)
     for key in ("models", "tasks", "name_or_path"):
-        if key in saved_hp and key in hp and list(_aslist(saved_hp[key])) != list(_aslist(hp[key])):
-            a, b = _aslist(saved_hp[key]), _aslist(hp[key])
+        if key not in saved_hp or key not in hp:
+            continue
+        a, b = _aslist(saved_hp[key]), _aslist(hp[key])
+        if a != b:
             only_ckpt, only_run = [x for x in a if x not in b], [x for x in b if x not in a]
             detail = (f"only in the checkpoint: {only_ckpt[:5]}, only in this run: {only_run[:5]}"
                       if only_ckpt or only_run else "same entries in a different order")

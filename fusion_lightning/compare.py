@@ -115,7 +115,7 @@ def _value(run: dict[str, Any], key: str) -> Any:
 
 
 def table(runs: list[dict[str, Any]], metrics: list[str]) -> tuple[list[str], list[list[Any]]]:
-    keys = differing_keys(runs) if len(runs) > 1 else []
+    keys = differing_keys(runs)
     show_wandb = any(r.get("wandb") for r in runs)
     cols = ["run", "recipe", *keys, "seed", *(["wandb"] if show_wandb else []), *metrics]
     rows = []

@@ -90,6 +90,7 @@ def _directive(key: str, value: str | None) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fusion_lightning.submit",
+        allow_abbrev=False,  # `--dry` must not pass for --dry-run here while main() (exact flag) submits
         description="Render a SLURM template for a recipe and submit it with sbatch.",
         epilog="example: python -m fusion_lightning.submit recipe=distill_top_k --template deepspeed "
                "--nodes 2 --gpus-per-node 8 --time 12:00:00 trainer.max_epochs=3")
@@ -184,21 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     except SubmitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dry = "--dry-run" in argv
-    if dry:
-        path = Path("<script>")
-    else:
-        log_dir.mkdir(parents=True, exist_ok=True)  # sbatch opens --output before the job starts
-        path = log_dir / f"submit-{datetime.now():%Y-%m-%d_%H-%M-%S-%f}.sbatch"
-        path.write_text(script)
-    cmd = ["sbatch", *[str(path) if a == "\0SCRIPT" else a for a in sbatch_args]]
-    if dry:
+    def command(path: Path | str) -> list[str]:
+        return ["sbatch", *[str(path) if a == "\0SCRIPT" else a for a in sbatch_args]]
+
+    if "--dry-run" in argv:  # exact: the parser takes no abbreviations
         print(script)
-        print("# " + shlex.join(cmd))
+        print("# " + shlex.join(command("<script>")))
         return 0
-    if shutil.which("sbatch") is None:
+    if shutil.which("sbatch") is None:  # before writing anything
         print("error: sbatch not found on PATH (run on a SLURM login node, or use --dry-run)", file=sys.stderr)
         return 2
+    log_dir.mkdir(parents=True, exist_ok=True)  # sbatch opens --output before the job starts
+    path = log_dir / f"submit-{datetime.now():%Y-%m-%d_%H-%M-%S-%f}.sbatch"
+    path.write_text(script)
+    cmd = command(path)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     job = proc.stdout.strip().split(";")[0]
     if job:

@@ -190,8 +190,7 @@ def _to_wandb(logger: WandbLogger, files: dict[str, Path], summary: dict[str, An
         elif key.startswith("selection"):
             cols, rows = _selection_rows(path)
             run.log({f"tables/{path.stem}": wandb.Table(columns=cols, data=rows)})
-    run.summary.update({k: v for k, v in summary.get("metrics", {}).items()})
-    run.summary.update({"recipe": summary.get("recipe"), "seed": summary.get("seed")})
+    run.summary.update({**summary.get("metrics", {}), "recipe": summary.get("recipe"), "seed": summary.get("seed")})
 
 
 def _to_tensorboard(logger: TensorBoardLogger, files: dict[str, Path]) -> None:

@@ -44,7 +44,7 @@ class _Triples(Dataset):
     def __getitem__(self, i: int) -> tuple[int, int, list[int], set[int]]:
         pos = self.positives[i]
         hard = self.hard[i]
-        if self.pools is not None and self.n_hard:
+        if self.pools is not None:  # n_hard > 0
             other, mid = self.pools[i]
             hard = [int(other[int(torch.randint(len(other), ()))])] if len(other) else []
             if len(mid):
@@ -123,6 +123,7 @@ class TemplateDataModule(LogDataModule):
         templates and templates of the same-task queries ranked `hard_band` (near but not neighbours)."""
         rng = np.random.default_rng(0)
         keep, positives, hard, pools = [], [], [], []
+        other_by_task: dict = {}
         lo, hi = self.hard_band
         for i in rows:
             s = np.where(same[i] & eligible, sim[i], -np.inf)
@@ -131,17 +132,23 @@ class TemplateDataModule(LogDataModule):
             pos = sorted({j for n in ([i] if self.own_positive else []) + near for j in by_source.get(int(n), [])})
             if not pos:
                 continue
-            other = np.flatnonzero(t_tasks != tasks[i])
-            far = [n for n in np.argsort(s)[: max(4, len(s) // 4)] if np.isfinite(s[n]) and n not in near]
-            far_t = [j for n in far for j in by_source.get(int(n), []) if j not in pos]
-            negs = ([int(rng.choice(other))] if len(other) else []) + ([int(rng.choice(far_t))] if far_t else [])
-            own = set(by_source.get(int(i), []))
-            mid = np.array(sorted({j for n in order[lo:hi] if np.isfinite(s[n]) for j in by_source.get(int(n), [])
-                                   if j not in pos and j not in own}), dtype=np.int64)
+            if tasks[i] not in other_by_task:  # other-task templates: one array per task, shared by its rows
+                other_by_task[tasks[i]] = np.flatnonzero(t_tasks != tasks[i])
+            other = other_by_task[tasks[i]]
+            negs: list[int] = []
+            if self.n_hard:  # resampled from pools at every draw
+                own = set(by_source.get(int(i), []))
+                mid = np.array(sorted({j for n in order[lo:hi] if np.isfinite(s[n])
+                                       for j in by_source.get(int(n), []) if j not in pos and j not in own}),
+                               dtype=np.int64)
+                pools.append((other, mid))
+            else:  # fixed: one other-task template and one of a far same-task query
+                far = [n for n in np.argsort(s)[: max(4, len(s) // 4)] if np.isfinite(s[n]) and n not in near]
+                far_t = [j for n in far for j in by_source.get(int(n), []) if j not in pos]
+                negs = ([int(rng.choice(other))] if len(other) else []) + ([int(rng.choice(far_t))] if far_t else [])
             keep.append(int(i))
             positives.append(pos)
             hard.append(negs)
-            pools.append((other, mid))
         return _Triples(keep, positives, hard, pools if self.n_hard else None, self.n_hard)
 
     def _teacher_gains(self, rows: list[int], cols: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

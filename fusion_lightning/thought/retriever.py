@@ -97,8 +97,8 @@ class TemplateRetriever(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         q = self._embed(batch["query"], "query")
         docs = self._embed(batch["positive"] + batch["negatives"], "template")
-        logits = (q @ docs.T) / self.hparams.temperature
-        logits = logits.masked_fill(batch["mask"].to(self.device), float("-inf"))
+        scores = (q @ docs.T) / self.hparams.temperature
+        logits = scores.masked_fill(batch["mask"].to(self.device), float("-inf"))
         loss = F.cross_entropy(logits, torch.arange(len(q), device=self.device))
         w = self.hparams.distill_weight
         if w and "gains" in batch:
@@ -106,7 +106,7 @@ class TemplateRetriever(L.LightningModule):
             # never in its evaluation index, left out) ranked like the similarity of their source query
             own = batch["own"].to(self.device)
             target = (batch["gains"].to(self.device) / self.hparams.teacher_temperature).masked_fill(own, float("-inf"))
-            student = ((q @ docs.T) / self.hparams.temperature).masked_fill(own, float("-inf"))
+            student = scores.masked_fill(own, float("-inf"))
             keep = torch.isfinite(target).any(1)
             p = target[keep].softmax(-1)
             logq = student[keep].log_softmax(-1).masked_fill(own[keep], 0.0)

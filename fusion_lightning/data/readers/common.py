@@ -181,8 +181,7 @@ def _distinct(dictionary: pa.Array) -> bool:
     """Whether a dictionary's entries are distinct and non-null. Memoised by buffer identity: a loaded log's
     columns share one dictionary each, which every later grouping step would otherwise re-hash. The memo
     holds the array, so its memory (and hence the key) cannot be reused while the entry lives."""
-    key = (tuple(b.address if b is not None else 0 for b in dictionary.buffers()), dictionary.offset,
-           len(dictionary), str(dictionary.type))
+    key = _array_key(dictionary)
     hit = _DISTINCT.get(key)
     if hit is None:
         hit = (dictionary, _all_distinct(dictionary))

@@ -28,7 +28,7 @@ from fusion_lightning.data.readers import register_reader
 from fusion_lightning.data.readers.common import (
     ReaderOptions,
     SourceData,
-    codes,
+    code_values,
     fill_derived,
     find_files,
     first_rows,
@@ -151,7 +151,7 @@ def source_query_embeddings(table: pa.Table, column: str = "query_embedding") ->
 
 def _first_rows(t: pa.Table, key: str) -> pa.Table:
     """The first row of each distinct `key` value (null is a value too)."""
-    idx, values = codes(t[key])
+    idx, values = code_values(t[key])
     return t.take(pa.array(np.sort(first_rows(idx, len(values)))))
 
 
