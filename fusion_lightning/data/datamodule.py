@@ -16,8 +16,9 @@ from fusion_lightning.data.readers import ReaderOptions
 
 SOURCE_DEFAULTS: dict[str, Any] = {
     "format": "synthetic", "path": None, "catalog": None, "queries": None, "task": None,
-    "on_error": "raise", "split": "auto", "split_seed": 0, "val_fraction": 0.1, "test_fraction": 0.2,
-    "rescore": False, "responses": True, "synthetic": {"n_queries": 3000, "models": 20, "seed": 0},
+    "on_error": "raise", "duplicates": "error", "split": "auto", "split_seed": 0, "val_fraction": 0.1,
+    "test_fraction": 0.2, "rescore": False, "responses": True,
+    "synthetic": {"n_queries": 3000, "models": 20, "seed": 0},
 }
 
 
@@ -32,8 +33,9 @@ def load_from_config(data: Mapping[str, Any] | DictConfig) -> LogTable:
     # re-scoring reads the responses whatever `responses` says
     options = ReaderOptions(catalog=d["catalog"], queries=d["queries"], task=d["task"],
                             responses=bool(d["responses"] or d["rescore"]))
-    split_args = dict(on_error=d["on_error"], split=d["split"], split_seed=d["split_seed"],
-                      val_fraction=d["val_fraction"], test_fraction=d["test_fraction"], rescore=d["rescore"])
+    split_args = dict(on_error=d["on_error"], duplicates=d["duplicates"], split=d["split"],
+                      split_seed=d["split_seed"], val_fraction=d["val_fraction"],
+                      test_fraction=d["test_fraction"], rescore=d["rescore"])
     if d["format"] == "synthetic":
         from fusion_lightning.data.readers.llmfusionbench import from_tables
         from fusion_lightning.data.synthetic import generate_llmfusionbench

@@ -22,7 +22,7 @@ from fusion_lightning.data.readers.common import (
     to_numpy,
 )
 from fusion_lightning.data.schema import SPLITS, ModelCatalog
-from fusion_lightning.data.validate import validate
+from fusion_lightning.data.validate import check_duplicates_mode, validate
 
 SPLIT_MODES = ("auto", "files", "query")
 
@@ -192,19 +192,22 @@ class LogTable:
 def load_logs(fmt: str, path: str | Path | None = None, *, source: SourceData | None = None,
               options: ReaderOptions | None = None, on_error: str = "raise", split: str = "auto",
               split_seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
-              rescore: bool = False) -> LogTable:
+              rescore: bool = False, duplicates: str = "error") -> LogTable:
     """Read (or take `source`), re-score if asked, validate, and split: the one way every recipe gets its logs.
 
     `rescore`: replace each row's performance by fusion_lightning.scoring's score of its response
     against its ground truth and metric (rows lacking one of the three keep theirs; see the report).
+    `duplicates`: error | mean | first | last, for a (query, model) pair logged twice with different values
+    (see `validate`); merged rows are counted as `duplicate_observations_merged`.
     """
+    check_duplicates_mode(duplicates)  # before reading: a typo should not wait for a big file
     src = source if source is not None else read_source(fmt, path, options)
     if rescore:
         from fusion_lightning.scoring.rescore import rescore_source
 
         src = rescore_source(src)
-    result = validate(src, on_error=on_error)
-    report = DataReport({**src.counts, **result.counts}, list(src.notes), result.quarantine)
+    result = validate(src, on_error=on_error, duplicates=duplicates)
+    report = DataReport({**src.counts, **result.counts}, [*src.notes, *result.notes], result.quarantine)
     logs = LogTable(result.table, src.catalog, report, src.task_descriptions)
     if len(logs) == 0:
         raise ValueError(f"{path or fmt}: no valid rows left to use")

@@ -76,9 +76,28 @@ TASK_DOMAINS: dict[str, str] = {
 }
 
 
+_SUBTASK_SEPARATORS = ("_", "-", ".", ":", "/")
+
+
+def known_task(task: str, names) -> str | None:
+    """The entry of `names` that `task` is, or is a sub-task of: the longest name followed by a separator
+    ('mmlu_abstract_algebra' and 'mmlu-college-physics' -> 'mmlu'); None when there is none. Case-insensitive."""
+    t = task.strip().lower()
+    if t in names:
+        return t
+    best = None
+    for name in names:
+        if len(t) > len(name) and t.startswith(name) and t[len(name)] in _SUBTASK_SEPARATORS and (
+                best is None or len(name) > len(best)):
+            best = name
+    return best
+
+
 def domain_of(task: str) -> str:
-    """Domain of a task name; 'other' for tasks the built-in map does not know."""
-    return TASK_DOMAINS.get(task.strip().lower(), "other")
+    """Domain of a task name, or of the task it is a sub-task of ('mmlu_anatomy' -> mmlu's); 'other' for tasks
+    the built-in map does not know."""
+    name = known_task(task, TASK_DOMAINS)
+    return TASK_DOMAINS[name] if name else "other"
 
 
 def make_query_id(task: str | None, query: str) -> str:
@@ -182,8 +201,8 @@ class ModelCatalog:
         """Read a catalog: our own format, or LLMRouter's `llm_candidates.json` (size/feature/prices)."""
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: cannot read model catalog: {e}") from e
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: model catalog must be a JSON object of name -> entry")

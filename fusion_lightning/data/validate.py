@@ -15,6 +15,7 @@ from fusion_lightning.data.errors import LogValidationError, RowIssue
 from fusion_lightning.data.readers.common import SourceData, code_values, codes, map_values, to_numpy
 
 ON_ERROR = ("raise", "quarantine")
+DUPLICATES = ("error", "mean", "first", "last")  # data.duplicates: a (query, model) pair logged twice, differently
 _VALUE_FIELDS = ("performance", "cost", "judge", "response")
 
 
@@ -23,6 +24,12 @@ class ValidationResult:
     table: pa.Table  # the valid rows, exact duplicates collapsed
     quarantine: list[dict] = field(default_factory=list)  # bad rows with their reasons
     counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. how duplicate observations were merged
+
+
+def check_duplicates_mode(mode: str) -> None:
+    if mode not in DUPLICATES:
+        raise ValueError(f"data.duplicates={mode!r}; choose from: {', '.join(DUPLICATES)}")
 
 
 def _flag(issues: dict[int, list[RowIssue]], table: pa.Table, mask: np.ndarray, fld: str, msg, values=None) -> None:
@@ -82,53 +89,152 @@ def _range_checks(t: pa.Table, issues: dict[int, list[RowIssue]], catalog_names:
         _flag(issues, t, tok < 0, fld, lambda v: f"negative token count: {v}", t[fld])
 
 
-def _duplicates(t: pa.Table, issues: dict[int, list[RowIssue]]) -> np.ndarray:
-    """Mask of exact duplicate (query, model) rows to collapse; conflicting duplicates become issues."""
+_MERGE_HINT = ("set data.duplicates=mean|first|last to merge repeated observations, "
+               "or data.on_error=quarantine to set them aside")
+
+
+@dataclass
+class _Duplicates:
+    """What duplicate handling decided: rows to drop, the counts, and (mean) the table with merged values."""
+
+    drop: np.ndarray
+    collapsed: int = 0  # exact duplicates removed
+    merged: int = 0  # rows removed by merging conflicting groups (group size - 1, summed)
+    groups: int = 0  # conflicting groups merged
+    table: pa.Table | None = None  # data.duplicates=mean: the table with each group's means on its kept row
+
+
+def _first_difference(t: pa.Table, rows: np.ndarray, firsts: np.ndarray) -> np.ndarray:
+    """Per pair (rows[i], firsts[i]): index into _VALUE_FIELDS of the first field whose values differ
+    (null equals null only; NaN differs from NaN, as Python's `!=`), -1 where all are equal."""
+    out = np.full(len(rows), -1, np.int64)
+    ra, fa = pa.array(rows), pa.array(firsts)
+    for k in range(len(_VALUE_FIELDS) - 1, -1, -1):  # last to first: the first differing field wins
+        col = t[_VALUE_FIELDS[k]]
+        a, b = col.take(ra), col.take(fa)
+        same = pc.or_(pc.fill_null(pc.equal(a, b), False), pc.and_(pc.is_null(a), pc.is_null(b)))
+        out[~to_numpy(same)] = k
+    return out
+
+
+def _group_mean(col: pa.ChunkedArray, rows: np.ndarray, group: np.ndarray,
+                n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over each group of the non-null values of `col` at `rows`; and whether the group had any."""
+    values = to_numpy(pc.cast(col.take(pa.array(rows)), pa.float64()), np.nan)
+    valid = ~np.isnan(values)  # null (NaN rows have an issue: they take no part)
+    total = np.bincount(group, weights=np.where(valid, values, 0.0), minlength=n_groups)
+    count = np.bincount(group, weights=valid, minlength=n_groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / count, count > 0
+
+
+def _write_means(t: pa.Table, kept: np.ndarray, rows: np.ndarray, group: np.ndarray) -> pa.Table:
+    """The table with, on row kept[g], the mean of each numeric field over the rows of group g: performance,
+    cost and judge the mean of their non-null values, token counts the rounded mean (null where none has one)."""
+    n_groups = len(kept)
+    for name in ("performance", "cost", "judge", "input_tokens", "output_tokens"):
+        col = t[name]
+        mean, has = _group_mean(col, rows, group, n_groups)
+        integer = pa.types.is_integer(col.type)
+        values = to_numpy(col, 0 if integer else np.nan).copy()
+        null = to_numpy(pc.is_null(col)).copy()
+        values[kept] = np.rint(np.where(has, mean, 0)).astype(values.dtype) if integer else np.where(has, mean, 0)
+        null[kept] = ~has
+        arr = pa.array(values, col.type, mask=null if null.any() else None)
+        t = t.set_column(t.schema.get_field_index(name), name, arr)
+    return t
+
+
+def _duplicates(t: pa.Table, issues: dict[int, list[RowIssue]], mode: str = "error") -> _Duplicates:
+    """Rows repeating a (query, model) pair. A group whose rows agree on every value is an exact duplicate:
+    collapsed to its first row. A group that disagrees: with mode `error`, each row differing from the group's
+    first row is an issue (the others are collapsed); with `mean`/`first`/`last`, the whole group becomes one
+    row. Merging leaves out rows that already have an issue: they are raised or quarantined on their own."""
+    n = len(t)
     qi, _ = codes(t["query_id"])
     mi, models = codes(t["model"])
     key = qi * len(models) + mi
     if int(qi.max(initial=-1) + 1) * len(models) <= 8 * len(key) + 1024 and \
             np.bincount(key, minlength=1).max(initial=0) <= 1:
-        return np.zeros(len(t), bool)  # no (query, model) pair twice: nothing to compare
-    order = np.argsort(key, kind="stable")
+        return _Duplicates(np.zeros(n, bool))  # no (query, model) pair twice: nothing to compare
+    if mode == "error" or not issues:
+        order = np.argsort(key, kind="stable")
+    else:  # rows with an issue take no part in merging
+        ok = np.ones(n, bool)
+        ok[list(issues)] = False
+        idx = np.flatnonzero(ok)
+        order = idx[np.argsort(key[idx], kind="stable")]
     ks = key[order]
-    dup_pos = np.flatnonzero(ks[1:] == ks[:-1]) + 1  # positions (in sorted order) repeating the previous key
-    collapse = np.zeros(len(t), bool)
+    starts = np.r_[True, ks[1:] != ks[:-1]] if len(ks) else np.zeros(0, bool)
+    dup_pos = np.flatnonzero(~starts)  # positions (in sorted order) repeating the previous key
+    drop = np.zeros(n, bool)
     if not len(dup_pos):
-        return collapse
-    # first row of each duplicate group, for every repeated row
-    group_start = np.maximum.accumulate(np.where(np.r_[True, ks[1:] != ks[:-1]], np.arange(len(ks)), 0))
-    rows, firsts = order[dup_pos], order[group_start[dup_pos]]
-    vals = {f: t[f].to_pylist() for f in _VALUE_FIELDS}
-    files, lines = t["_file"].to_pylist(), t["_row"].to_pylist()
-    for r, f0 in zip(rows.tolist(), firsts.tolist(), strict=True):
-        diff = [f for f in _VALUE_FIELDS if vals[f][r] != vals[f][f0]]
-        if diff:
-            issues.setdefault(r, []).append(RowIssue(
-                files[r], lines[r], diff[0],
-                f"duplicate (query, model) row with a conflicting value: {vals[diff[0]][r]!r} here vs "
-                f"{vals[diff[0]][f0]!r} at {files[f0]} row {lines[f0]}"))
-        else:
-            collapse[r] = True
-    return collapse
+        return _Duplicates(drop)
+    group = np.cumsum(starts) - 1  # group id per sorted position
+    group_start = np.flatnonzero(starts)
+    rows, firsts = order[dup_pos], order[group_start[group[dup_pos]]]
+    diff = _first_difference(t, rows, firsts)
+    if mode == "error":
+        drop[rows[diff < 0]] = True
+        conflict = np.flatnonzero(diff >= 0)
+        if len(conflict):
+            r_c, f_c = rows[conflict], firsts[conflict]
+            files = t["_file"].take(pa.array(np.r_[r_c, f_c])).to_pylist()
+            lines = t["_row"].take(pa.array(np.r_[r_c, f_c])).to_pylist()
+            k = len(r_c)
+            for i, (r, f0, d) in enumerate(zip(r_c.tolist(), f_c.tolist(), diff[conflict].tolist(), strict=True)):
+                fld = _VALUE_FIELDS[d]
+                here, there = t[fld][r].as_py(), t[fld][f0].as_py()
+                issues.setdefault(r, []).append(RowIssue(
+                    files[i], lines[i], fld,
+                    f"duplicate (query, model) row with a conflicting value: {here!r} here vs {there!r} at "
+                    f"{files[k + i]} row {lines[k + i]}; {_MERGE_HINT}"))
+        return _Duplicates(drop, collapsed=int(drop.sum()))
+    # merge modes: a group with any difference is merged as a whole, the others collapse to their first row
+    conflicting = np.zeros(len(group_start), bool)
+    conflicting[group[dup_pos[diff >= 0]]] = True
+    exact = dup_pos[~conflicting[group[dup_pos]]]
+    drop[order[exact]] = True
+    members = np.flatnonzero(conflicting[group])  # sorted positions of every row of a conflicting group
+    ends = np.r_[group_start[1:], len(ks)] - 1
+    keep_pos = (ends if mode == "last" else group_start)[conflicting]
+    drop[order[members]] = True
+    drop[order[keep_pos]] = False
+    out = _Duplicates(drop, collapsed=len(exact), merged=len(members) - len(keep_pos), groups=len(keep_pos))
+    if mode == "mean" and len(keep_pos):
+        compact = np.cumsum(conflicting) - 1  # group id -> index among the conflicting groups
+        out.table = _write_means(t, order[keep_pos], order[members], compact[group[members]])
+    return out
 
 
-def validate(src: SourceData, on_error: str = "raise") -> ValidationResult:
-    """Check every row; raise on the first batch of problems, or set bad rows aside (quarantine)."""
+def validate(src: SourceData, on_error: str = "raise", duplicates: str = "error") -> ValidationResult:
+    """Check every row; raise on the first batch of problems, or set bad rows aside (quarantine).
+
+    `duplicates`: what a (query, model) pair logged twice with different values becomes: `error` (an issue per
+    conflicting row), or one row by `mean` / `first` / `last` (see `_duplicates`)."""
     if on_error not in ON_ERROR:
         raise ValueError(f"data.on_error={on_error!r}; choose from: {', '.join(ON_ERROR)}")
+    check_duplicates_mode(duplicates)
     t = src.table
     issues: dict[int, list[RowIssue]] = {i: [v] for i, v in src.issues.items()}
     unparsed = np.zeros(len(t), bool)
     unparsed[list(src.issues)] = True
     _range_checks(t, issues, src.catalog.names, unparsed)
-    collapse = _duplicates(t, issues)
+    dups = _duplicates(t, issues, duplicates)
     counts = {"rows_read": t.num_rows}
-    if collapse.any():
-        counts["exact_duplicate_rows_collapsed"] = int(collapse.sum())
+    notes = []
+    if dups.collapsed:
+        counts["exact_duplicate_rows_collapsed"] = dups.collapsed
+    if dups.merged:
+        counts["duplicate_observations_merged"] = dups.merged
+        how = {"mean": "averaged", "first": "first row kept", "last": "last row kept"}[duplicates]
+        notes.append(f"{dups.groups} (query, model) pairs logged more than once with different values: merged "
+                     f"(data.duplicates={duplicates}: {how}), {dups.merged} rows removed")
     if issues and on_error == "raise":
         ordered = sorted((i for v in issues.values() for i in v), key=lambda x: (x.file, x.row))
         raise LogValidationError(ordered)
+    if dups.table is not None:
+        t = dups.table  # merged values on the kept rows; bad rows are untouched
     bad = np.zeros(len(t), bool)
     bad[list(issues)] = True
     quarantine = []
@@ -138,5 +244,5 @@ def validate(src: SourceData, on_error: str = "raise") -> ValidationResult:
             rec["_reasons"] = [f"{i.field}: {i.message}" for i in issues[r]]
             quarantine.append(rec)
         counts["quarantined_rows"] = int(bad.sum())
-    keep = ~(bad | collapse)
-    return ValidationResult(t.filter(pa.array(keep)) if not keep.all() else t, quarantine, counts)
+    keep = ~(bad | dups.drop)
+    return ValidationResult(t.filter(pa.array(keep)) if not keep.all() else t, quarantine, counts, notes)

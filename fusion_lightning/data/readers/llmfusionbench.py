@@ -33,6 +33,7 @@ from fusion_lightning.data.readers.common import (
     find_files,
     first_rows,
     read_json_records,
+    read_utf8_buffer,
     split_from_name,
 )
 from fusion_lightning.data.schema import DICT, FULL_SCHEMA, ModelCatalog, ModelInfo, parse_param_count
@@ -71,8 +72,8 @@ def _read_file(f: Path, responses: bool = True) -> pa.Table:
             return pads.dataset(f, format=fmt).to_table(columns=[c for c in USED_COLUMNS if c in present],
                                                         batch_size=1 << 30, memory_pool=_read_pool())
         if suffix in (".jsonl", ".json"):
-            try:
-                return pajson.read_json(f)
+            try:  # checked UTF-8 first: pyarrow's JSON reader takes any bytes into its strings
+                return pajson.read_json(pa.BufferReader(read_utf8_buffer(f)))
             except pa.ArrowInvalid:
                 # pyarrow reads only JSON lines and counts rows from 0: re-read in Python, which names the
                 # 1-based line of a truncated/invalid record (LogFormatError) or reads a JSON array file
@@ -84,8 +85,8 @@ def _read_file(f: Path, responses: bool = True) -> pa.Table:
                         if rec.get("performance") is not None:
                             rec["performance"] = str(rec["performance"])
                     return pa.Table.from_pylist(recs)
-        if suffix == ".csv":
-            return pacsv.read_csv(f)
+        if suffix == ".csv":  # pyarrow checks UTF-8 but cannot say where: checked first, to name row and field
+            return pacsv.read_csv(pa.BufferReader(read_utf8_buffer(f)))
     except (OSError, pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise LogFormatError(str(f), f"cannot read (unreadable or truncated file): {e}") from e
     raise LogFormatError(str(f), f"unsupported file type {suffix!r} (parquet, jsonl, json, csv)")

@@ -1,14 +1,19 @@
-"""RouteLLM-style wide CSV: `prompt, <model>, <model>_response` (one column pair per model).
+"""RouteLLM-style wide CSV: `prompt, <model>[, <model>_response]` (a column per model, its response beside it).
 
-Rows are named by the line where their CSV record starts (responses span lines). `<model>` holds the recorded correctness (True/False or a score). Gold answers may sit beside the
+Rows are named by the line where their CSV record starts (responses span lines). `<model>` holds the recorded
+correctness (True/False or a score); every column but `prompt` and the `*_response` columns is a model.
+RouteLLM's own evaluation files (its per-subject MMLU CSVs, `mmlu_<subject>.csv`) are correctness-only: no
+response columns, so those models' responses and output token counts are null. Gold answers may sit beside the
 CSV in a JSONL file with `question`/`answer` (GSM8K's own format), joined on the prompt text. The
 source has no token counts or costs: both are estimated from the texts and catalog prices (a
-shipped catalog covers the public RouteLLM models) — and said so.
+shipped catalog covers the public RouteLLM models; without a response, from the input tokens only) — and
+said so.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from importlib import resources
 from pathlib import Path
@@ -24,13 +29,20 @@ from fusion_lightning.data.readers.common import (
     find_files,
     price_calls,
     read_json_records,
+    read_text,
     split_from_name,
     task_from_name,
     to_float,
 )
-from fusion_lightning.data.schema import ModelCatalog
+from fusion_lightning.data.schema import ModelCatalog, known_task
 
+# task (or the task a sub-task such as `mmlu_abstract_algebra` belongs to) -> metric
 TASK_METRICS = {"gsm8k": "GSM8K", "math": "MATH", "mmlu": "em_mc", "mbpp": "code_eval"}
+
+
+def task_metric(task: str) -> str | None:
+    name = known_task(task, TASK_METRICS)
+    return TASK_METRICS[name] if name else None
 
 
 def _default_catalog() -> ModelCatalog:
@@ -57,20 +69,31 @@ def read_routellm(path: Path, options: ReaderOptions) -> SourceData:
                               "split", "_file", "_row")}
     issues: dict[int, RowIssue] = {}
     n_gold = 0
+    no_response: dict[str, int] = {}  # model without a response column -> files
     for f in find_files(path, (".csv",)):
         task = options.task or task_from_name(f)
         split = split_from_name(f)
         gold = _gold(f.parent)
         line = 2  # first line of the record being read (quoted fields may span lines)
         try:
-            with f.open(newline="", encoding="utf-8") as fh:
+            with io.StringIO(read_text(f), newline="") as fh:  # read_text: bad bytes named by row and column
                 reader = csv.DictReader(fh, strict=True)  # strict: a quote cut off at EOF is an error
                 header = reader.fieldnames or []
                 if "prompt" not in header:
                     raise LogFormatError(str(f), f"missing required column 'prompt'; found {header[:10]}")
-                models = [c for c in header if c != "prompt" and f"{c}_response" in header]
+                models = [c for c in header if c != "prompt" and not c.endswith("_response")]
                 if not models:
-                    raise LogFormatError(str(f), "no '<model>' + '<model>_response' column pairs found")
+                    raise LogFormatError(str(f), f"no model columns (prompt, <model>[, <model>_response], ...) "
+                                                 f"found; found {header[:10]}")
+                orphans = [c for c in header if c.endswith("_response") and c[:-len("_response")] not in header]
+                if orphans:
+                    raise LogFormatError(str(f), f"response column(s) {orphans} without their model column "
+                                                 f"(the model's correctness)", field=orphans[0])
+                responses = {m: f"{m}_response" if f"{m}_response" in header else None for m in models}
+                for m, r in responses.items():
+                    if r is None:
+                        no_response[m] = no_response.get(m, 0) + 1
+                metric = task_metric(task)
                 line = reader.line_num + 1
                 for rec in reader:
                     if None in rec or any(rec.get(c) is None for c in header):
@@ -85,10 +108,10 @@ def read_routellm(path: Path, options: ReaderOptions) -> SourceData:
                         cols["query"].append(q)
                         cols["task"].append(task)
                         cols["model"].append(m)
-                        cols["response"].append(rec[f"{m}_response"])
+                        cols["response"].append(rec[responses[m]] if responses[m] else None)
                         cols["performance"].append(perf)
                         cols["ground_truth"].append(gt)
-                        cols["metric"].append(TASK_METRICS.get(task.lower()))
+                        cols["metric"].append(metric)
                         cols["split"].append(split)
                         cols["_file"].append(str(f))
                         cols["_row"].append(line)
@@ -103,5 +126,9 @@ def read_routellm(path: Path, options: ReaderOptions) -> SourceData:
     cols["output_tokens"] = count_tokens(cols["response"])
     cols["cost"] = price_calls(catalog, cols["model"], cols["input_tokens"], cols["output_tokens"])
     notes = [f"token counts estimated with the {TOKEN_ESTIMATOR}; cost = tokens × prices of {catalog.source}"]
+    if no_response:
+        listed = ", ".join(f"{m} ({n} file{'s' if n > 1 else ''})" for m, n in no_response.items())
+        notes.append(f"correctness-only columns (no '<model>_response'): {listed}: response and output tokens "
+                     "unknown (null), cost estimated from input tokens only (input tokens × catalog input price)")
     counts = {"queries_with_gold_answer": n_gold}
     return SourceData(canonical_table(cols), catalog, notes, counts, issues)

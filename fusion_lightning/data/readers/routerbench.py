@@ -20,6 +20,7 @@ from fusion_lightning.data.readers.common import (
     SourceData,
     canonical_table,
     find_files,
+    read_utf8_buffer,
     split_from_name,
     to_float,
 )
@@ -34,7 +35,9 @@ def _load(f: Path) -> pa.Table:
             with f.open("rb") as fh:
                 obj = pickle.load(fh)  # noqa: S301 - RouterBench ships pickled DataFrames
             return pa.Table.from_pandas(obj, preserve_index=False)
-        return pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+        # UTF-8 checked first: pyarrow's own check cannot say which row and column hold the bad bytes
+        return pacsv.read_csv(pa.BufferReader(read_utf8_buffer(f)),
+                              convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
     except (OSError, pa.ArrowInvalid, pickle.UnpicklingError, EOFError, AttributeError) as e:
         raise LogFormatError(str(f), f"cannot read RouterBench table (unreadable or truncated): {e}") from e
 
