@@ -139,7 +139,8 @@ def check_checkpoint(path: str | Path, module: L.LightningModule, recipe: str | 
         if name not in own:
             raise ValueError(f"checkpoint {path} has parameter {name!r}, which this run's "
                              f"{type(module).__name__} does not have")
-        if hasattr(tensor, "shape") and tuple(tensor.shape) != tuple(own[name].shape):
+        # an empty buffer is a placeholder sized from the data on fit (kNN index, task prior, task classifier)
+        if hasattr(tensor, "shape") and tuple(tensor.shape) != tuple(own[name].shape) and own[name].numel():
             raise ValueError(f"checkpoint {path}: parameter {name!r} has shape {tuple(tensor.shape)}, "
                              f"this run's is {tuple(own[name].shape)}")
     partial = bool((ckpt.get("student") or {}).get("lora"))  # LoRA checkpoints hold only the adapter

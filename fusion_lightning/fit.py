@@ -161,8 +161,10 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_cb is not None and getattr(ckpt_cb, "last_model_path", ""):
         artifacts["last_checkpoint"] = ckpt_cb.last_model_path
     artifacts.update(datamodule.write_artifacts(run_dir))
+    extra: dict[str, Any] = {}  # e.g. router_auto's selection
     for obj in (model, *callbacks):
         artifacts.update(getattr(obj, "artifacts", {}) or {})
+        extra.update(getattr(obj, "summary_fields", {}) or {})
     summary = {
         "recipe": cfg.recipe,
         "seed": int(cfg.seed),
@@ -170,6 +172,7 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
         "metrics": dict(sorted(metrics.items())),
         "artifacts": {k: str(Path(v).resolve().relative_to(run_dir)) if Path(v).is_absolute() else str(v)
                       for k, v in artifacts.items()},
+        **extra,
     }
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -52,3 +52,38 @@ def planted_overrides(tmp_path: Path, *extra: str) -> list[str]:
     folder = write_planted_logs(tmp_path / "planted")
     return ["data=llmrouter", f"data.path={folder}", "datamodule.encoder=hashing",
             f"datamodule.embedding_cache={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", *extra]
+
+
+# a rule *inside* each task: the per-task lookup cannot see it, a router that reads the query can
+SUBTOPICS = {  # task -> {sub-topic: its words}
+    "math": {"arithmetic": ["sum", "add", "plus", "total"], "geometry": ["triangle", "angle", "circle", "radius"]},
+    "geo": {"rivers": ["river", "delta", "stream", "basin"], "capitals": ["capital", "city", "parliament", "mayor"]},
+}
+SUB_MODELS = {  # name -> P(correct) per sub-topic, price per M tokens
+    "alpha": ({"arithmetic": 0.95, "geometry": 0.10, "rivers": 0.95, "capitals": 0.10}, 0.3),
+    "beta": ({"arithmetic": 0.10, "geometry": 0.95, "rivers": 0.10, "capitals": 0.95}, 0.3),
+    "gamma": ({"arithmetic": 0.55, "geometry": 0.55, "rivers": 0.55, "capitals": 0.55}, 0.3),
+}
+
+
+def write_subtopic_logs(folder: Path, n_per_subtopic: int = 120, seed: int = 0, price: float | None = None) -> Path:
+    """LLMRouter-format logs where which model is right depends on the sub-topic *within* each task
+    (alpha on arithmetic and rivers, beta on geometry and capitals): task-best is stuck near 0.5,
+    a router that reads the query reaches ~0.95. `price` overrides every model's price (0: no costs)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    catalog = {m: {"size": "7B", "feature": f"{m} model", "input_price": p if price is None else price,
+                   "output_price": p if price is None else price} for m, (_, p) in SUB_MODELS.items()}
+    (folder / "llm_candidates.json").write_text(json.dumps(catalog))
+    for split, n in (("train", n_per_subtopic), ("test", n_per_subtopic // 2)):
+        scores, queries = [], []
+        for task, subs in SUBTOPICS.items():
+            for sub, words in subs.items():
+                for i in range(n):
+                    q = f"{split} {task} {i}: " + " ".join(rng.choice(words, size=4)) + f" #{rng.integers(1_000_000)}"
+                    scores.append({"question": q, "scores": {m: float(rng.random() < p[sub])
+                                                             for m, (p, _) in SUB_MODELS.items()}})
+                    queries.append({"task_name": task, "query": q, "ground_truth": "x", "metric": "em_mc"})
+        (folder / f"scores_{split}.json").write_text(json.dumps(scores))
+        (folder / f"queries_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in queries) + "\n")
+    return folder

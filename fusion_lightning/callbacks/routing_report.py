@@ -34,7 +34,12 @@ from fusion_lightning.query.metrics import (
 )
 
 MAIN_SETTING = "performance_first"
-TABLE_CHOICES = ("router", "best_single", "task_best", "oracle")
+TABLE_CHOICES = ("router", "router_task_blind", "best_single", "task_best", "oracle")
+
+
+def costs_known(*arrays) -> bool:
+    """Whether the log has costs: some logged call costs more than 0 (missing costs are read as 0)."""
+    return any(bool((a.cost[a.mask] > 0).any()) for a in arrays)
 
 
 class RoutingReport(Callback):
@@ -61,7 +66,8 @@ class RoutingReport(Callback):
             return
         report = self.compute(out, pl_module.hparams)
         scalars = {f"{stage}/{k}": v for k, v in report["scalars"].items()}
-        trainer.callback_metrics.pop(f"{stage}/cost_to_match_best", None)  # no stale value when unreached
+        for k in ("cost_to_match_best", "aiq", "single_models/aiq", "reaches_best_single"):
+            trainer.callback_metrics.pop(f"{stage}/{k}", None)  # no stale value when unreached or costs unknown
         for k, v in scalars.items():
             trainer.callback_metrics[k] = torch.tensor(v)
         for logger in trainer.loggers:
@@ -78,19 +84,24 @@ class RoutingReport(Callback):
         sizes = getattr(hparams, "model_sizes", None) or [None] * len(models)
         points = sweep_points(sweep_choices(out["perf_hat"], out["cost_hat"], ev.mask, self.lambdas), ev)
         singles = model_points(ev)
-        c_lo, c_hi = float(singles[:, 0].min()), float(singles[:, 0].max())
         best = (metrics["best_single/cost"], metrics["best_single/perf"])
-        match = cost_to_match(points, best[1], best[0])
-        scalars = {"aiq": aiq(points, c_lo, c_hi), "single_models/aiq": aiq(singles, c_lo, c_hi),
-                   "reaches_best_single": float(match is not None)}
-        if match is not None:
-            scalars["cost_to_match_best"] = match
+        known = costs_known(train, ev)
+        scalars: dict[str, float] = {}
+        if known:  # without costs there is no cost axis: no sweep, AIQ or cost to match
+            c_lo, c_hi = float(singles[:, 0].min()), float(singles[:, 0].max())
+            match = cost_to_match(points, best[1], best[0])
+            scalars = {"aiq": aiq(points, c_lo, c_hi), "single_models/aiq": aiq(singles, c_lo, c_hi),
+                       "reaches_best_single": float(match is not None)}
+            if match is not None:
+                scalars["cost_to_match_best"] = match
         base = baseline_choices(train, ev, MAIN_SETTING, sizes)
-        choices = {"router": choose(out["scores"][MAIN_SETTING], ev.mask),
-                   **{k: base[k] for k in TABLE_CHOICES[1:]}}
+        choices = {"router": choose(out["scores"][MAIN_SETTING], ev.mask)}
+        if "blind_scores" in out:
+            choices["router_task_blind"] = choose(out["blind_scores"], ev.mask)
+        choices.update({k: base[k] for k in TABLE_CHOICES[2:]})
         return {"scalars": scalars, "points": points, "singles": singles, "models": [str(m) for m in models],
-                "best": best, "oracle": (metrics["oracle/cost"], metrics["oracle/perf"]),
-                "rows": per_task_rows(choices, ev, tasks), "metrics": metrics}
+                "best": best, "oracle": (metrics["oracle/cost"], metrics["oracle/perf"]), "costs_known": known,
+                "rows": per_task_rows(choices, ev, tasks), "choices": list(choices), "metrics": metrics}
 
     def write(self, report: dict[str, Any], run_dir: Path, stage: str) -> dict[str, str]:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,18 +118,28 @@ class RoutingReport(Callback):
 
 
 def _markdown(report: dict[str, Any], stage: str) -> str:
-    s = report["scalars"]
-    match = (f"{s['cost_to_match_best']:.3g}× best single's cost" if "cost_to_match_best" in s
-             else "never reached on the λ grid")
-    lines = [f"# Routing on {stage} ({MAIN_SETTING})", "",
-             f"- AIQ: {s['aiq']:.4f} (single models' hull: {s['single_models/aiq']:.4f})",
-             f"- cost to match best single: {match}",
-             f"- gap closed: {report['metrics']['gap_closed']:.4f}", "",
-             "| task | queries | " + " | ".join(f"{c} perf | {c} cost" for c in TABLE_CHOICES) + " |",
-             "|---|---:|" + "---:|" * (2 * len(TABLE_CHOICES))]
+    s, m, names = report["scalars"], report["metrics"], report["choices"]
+    lines = [f"# Routing on {stage} ({MAIN_SETTING})", ""]
+    if report["costs_known"]:
+        match = (f"{s['cost_to_match_best']:.3g}× best single's cost" if "cost_to_match_best" in s
+                 else "never reached on the λ grid")
+        lines += [f"- AIQ: {s['aiq']:.4f} (single models' hull: {s['single_models/aiq']:.4f})",
+                  f"- cost to match best single: {match}"]
+    else:
+        lines += ["- costs unknown: the log has no costs (all zero or missing), so there is no cost–quality "
+                  "sweep, AIQ or cost to match best single"]
+    lines.append(f"- gap closed: {m['gap_closed']:.4f}")
+    if "task_blind/perf" in m:
+        lines.append(f"- task-blind (each query's task inferred from its text, {m['task_blind/task_accuracy']:.1%} "
+                     f"correct): perf {m['task_blind/perf']:.4f}, gap closed {m['task_blind/gap_closed']:.4f} "
+                     f"(the lookup keyed by the inferred task: {m['task_blind/task_best/gap_closed']:.4f})")
+    cols = [k for c in names for k in ("perf", "cost") if report["costs_known"] or k == "perf"]
+    head = [f"{c} {k}" for c in names for k in ("perf", "cost") if report["costs_known"] or k == "perf"]
+    lines += ["", "| task | queries | " + " | ".join(h.replace("_", " ") for h in head) + " |",
+              "|---|---:|" + "---:|" * len(cols)]
     for r in report["rows"]:
         cells = [f"{r[f'{c}_{k}']:.4f}" if k == "perf" else f"{r[f'{c}_{k}']:.4g}"
-                 for c in TABLE_CHOICES for k in ("perf", "cost")]
+                 for c in names for k in ("perf", "cost") if report["costs_known"] or k == "perf"]
         task = f"**{r['task']}**" if r["task"] == "all" else str(r["task"])
         lines.append(f"| {task} | {r['queries']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -129,11 +150,16 @@ def _plot(report: dict[str, Any], path: Path, stage: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    singles, points = report["singles"], report["points"]
-    hull = nondecreasing_hull(points)
     fig = Figure(figsize=(7, 5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
+    if not report["costs_known"]:
+        _plot_performance(ax, report, stage)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        return
+    singles, points = report["singles"], report["points"]
+    hull = nondecreasing_hull(points)
     ax.scatter(singles[:, 0], singles[:, 1], c="tab:gray", s=25, label="single models", zorder=2)
     for (c, p), name in zip(singles, report["models"], strict=True):
         ax.annotate(name, (c, p), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -153,3 +179,25 @@ def _plot(report: dict[str, Any], path: Path, stage: str) -> None:
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _plot_performance(ax, report: dict[str, Any], stage: str) -> None:
+    """Without costs there is no cost axis: each model's and the routers' mean performance as bars."""
+    m = report["metrics"]
+    names = [*report["models"], "best single", "task-best", "router", "oracle"]
+    perfs = [*report["singles"][:, 1], m["best_single/perf"], m["task_best/perf"], m["perf"], m["oracle/perf"]]
+    colors = ["tab:gray"] * len(report["models"]) + ["tab:orange", "tab:purple", "tab:blue", "tab:green"]
+    if "task_blind/perf" in m:
+        names.insert(-1, "router (task-blind)")
+        perfs.insert(-1, m["task_blind/perf"])
+        colors.insert(-1, "tab:cyan")
+    y = np.arange(len(names))
+    ax.barh(y, perfs, color=colors)
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    lo = max(0.0, min(perfs) - 0.05)
+    ax.set_xlim(lo, min(1.0, max(perfs) + 0.05) if max(perfs) <= 1 else max(perfs) * 1.05)
+    for yi, p in zip(y, perfs, strict=True):
+        ax.annotate(f"{p:.3f}", (p, yi), fontsize=7, xytext=(2, -2), textcoords="offset points")
+    ax.set_xlabel("mean performance")
+    ax.set_title(f"performance on {stage} (costs unknown: the log has no costs, so no cost axis)", fontsize=9)

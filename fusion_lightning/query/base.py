@@ -13,11 +13,13 @@ import torch
 from torchmetrics.aggregation import CatMetric
 
 from fusion_lightning.data.matrix import REWARD_SETTINGS
-from fusion_lightning.query.metrics import RoutingArrays, routing_metrics
+from fusion_lightning.query.metrics import RoutingArrays, routing_metrics, task_blind_metrics
 from fusion_lightning.query.objectives import score_cost_loss
 
 TARGETS = ("perf", "perf_n", "cost", "cost_n", "mask", "task")
 OPTIONAL_TARGETS = ("judge", "judge_mask")  # batches carry them when the DataModule has judge scores
+BLIND = ("perf_hat_blind", "cost_hat_blind", "task_hat")  # predictions given the task inferred from the text
+MAIN_SETTING = "performance_first"
 
 
 class RouterModule(L.LightningModule):
@@ -26,10 +28,31 @@ class RouterModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self._eval_store = torch.nn.ModuleDict(
-            {k: CatMetric() for k in ("perf_hat", "cost_hat", *TARGETS, *OPTIONAL_TARGETS)})
+            {k: CatMetric() for k in ("perf_hat", "cost_hat", *TARGETS, *OPTIONAL_TARGETS, *BLIND)})
         # per stage: the eval arrays, the router's predicted rewards and the metrics; callbacks read these
         # in on_validation_end / on_test_end (they run after this module's epoch-end hook)
         self.eval_outputs: dict[str, dict] = {}
+        # the task classifier fitted on train (fusion_lightning.query.task_classifier): routing without a
+        # task label infers it from the text, in the route API and in the task-blind metrics alike
+        self.register_buffer("task_clf_weight", torch.zeros(0, 0))
+        self.register_buffer("task_clf_bias", torch.zeros(0))
+
+    def on_fit_start(self) -> None:
+        clf = getattr(self.trainer.datamodule, "task_classifier", None)
+        if clf is not None:
+            self.task_clf_weight, self.task_clf_bias = (t.to(self.device) for t in clf)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        for name in ("task_clf_weight", "task_clf_bias"):  # sized by the data: take the checkpoint's shape
+            if prefix + name in state_dict:
+                self._buffers[name] = torch.empty_like(state_dict[prefix + name], device=self._buffers[name].device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def infer_tasks(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Task indices inferred from embedding features, or None when this router has no classifier."""
+        if self.task_clf_weight.numel() == 0 or features.shape[-1] != self.task_clf_weight.shape[1]:
+            return None
+        return (features.float() @ self.task_clf_weight.T + self.task_clf_bias).argmax(-1)
 
     def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -54,6 +77,11 @@ class RouterModule(L.LightningModule):
         for k in (*TARGETS, *OPTIONAL_TARGETS):
             if k in batch:
                 self._eval_store[k].update(batch[k].float())
+        if "task_hat" in batch:
+            blind_perf, blind_cost = self.predict(batch["x"], batch["task_hat"])
+            self._eval_store["perf_hat_blind"].update(blind_perf.detach().float())
+            self._eval_store["cost_hat_blind"].update(blind_cost.detach().float())
+            self._eval_store["task_hat"].update(batch["task_hat"].float())
 
     def _routing_epoch_end(self, stage: str) -> None:
         store = {k: m.compute().cpu().numpy() for k, m in self._eval_store.items() if m.update_called}
@@ -61,12 +89,8 @@ class RouterModule(L.LightningModule):
             m.reset()
         if "perf" not in store or store["perf"].ndim != 2:
             return
-        dm = self.trainer.datamodule
-        tr = dm.splits["train"].tensors
-        train = RoutingArrays(*(tr[k].numpy().astype(np.float64) for k in ("perf", "cost", "perf_n", "cost_n")),
-                              tr["mask"].numpy().astype(bool), tr["task"].numpy(), _judge(tr))
-        ev = RoutingArrays(store["perf"], store["cost"], store["perf_n"], store["cost_n"],
-                           store["mask"].astype(bool), store["task"].astype(np.int64), _judge(store))
+        train = split_arrays(self.trainer.datamodule.splits["train"].tensors)
+        ev = split_arrays(store)
         settings = [*REWARD_SETTINGS, *(["judge"] if ev.judge is not None and train.judge is not None else [])]
         scores = {s: self.predicted_reward(torch.from_numpy(store["perf_hat"]),
                                            torch.from_numpy(store["cost_hat"]), s).numpy()
@@ -74,6 +98,13 @@ class RouterModule(L.LightningModule):
         metrics = routing_metrics(scores, train, ev, self.hparams.model_sizes)
         self.eval_outputs[stage] = {"train": train, "eval": ev, "scores": scores, "metrics": metrics,
                                     "perf_hat": store["perf_hat"], "cost_hat": store["cost_hat"]}
+        if "task_hat" in store:
+            blind = self.predicted_reward(torch.from_numpy(store["perf_hat_blind"]),
+                                          torch.from_numpy(store["cost_hat_blind"]), MAIN_SETTING).numpy()
+            task_hat = store["task_hat"].astype(np.int64)
+            metrics.update({f"task_blind/{k}": v for k, v in task_blind_metrics(
+                blind, task_hat, train, ev, self.hparams.model_sizes, MAIN_SETTING).items()})
+            self.eval_outputs[stage]["blind_scores"] = blind
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -105,18 +136,83 @@ class RouterModule(L.LightningModule):
 
 class LogitRouter(RouterModule):
     """A router whose forward(x, task) returns (performance logits [B,M], normalised cost [B,M]),
-    trained with the shared score+cost objective and AdamW (hparams `lr`, `weight_decay`)."""
+    trained with the shared score+cost objective and AdamW (hparams `lr`, `weight_decay`).
+
+    With hparam `task_prior: true` forward's outputs are a residual on the *task prior*: each model's
+    train mean score (as a logit) and mean normalised cost on the query's task (overall means for an
+    unknown task), so the router starts from the per-task lookup and learns only what the query adds.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("prior_perf", torch.zeros(0, 0))  # [tasks, models], built on fit start
+        self.register_buffer("prior_cost", torch.zeros(0, 0))
+
+    @property
+    def uses_task_prior(self) -> bool:
+        return bool(self.hparams.get("task_prior", False))
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.uses_task_prior:
+            t = self.trainer.datamodule.splits["train"].tensors
+            perf, cost = task_prior(t["task"], t["perf"], t["cost_n"], t["mask"], len(self.hparams.tasks))
+            self.prior_perf, self.prior_cost = perf.to(self.device), cost.to(self.device)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        for name in ("prior_perf", "prior_cost"):  # built from the data: take the checkpoint's shape
+            if prefix + name in state_dict:
+                self._buffers[name] = torch.empty_like(state_dict[prefix + name], device=self._buffers[name].device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def outputs(self, x: torch.Tensor, task: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, normalised cost): forward's, or the task prior plus `scale` × forward's residual."""
+        logits, cost = self(x, task)
+        if not self.uses_task_prior:
+            return logits, cost
+        if len(self.prior_perf) == 0:
+            raise RuntimeError("the task prior is empty: fit the router or load a checkpoint first")
+        p = self.prior_perf[task]
+        return torch.logit(p.clamp(1e-6, 1 - 1e-6)) + scale * logits, self.prior_cost[task] + scale * cost
 
     def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cost = self(x, task)
+        logits, cost = self.outputs(x, task)
         return torch.sigmoid(logits), cost
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, cost = self(batch["x"], batch["task"])
+        logits, cost = self.outputs(batch["x"], batch["task"])
         return score_cost_loss(logits, cost, batch, self.hparams.binary, self.hparams.cost_loss_weight)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def task_prior(task: torch.Tensor, perf: torch.Tensor, cost_n: torch.Tensor, mask: torch.Tensor,
+               n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (task, model) train means of score and normalised cost, [n_tasks, M] each: the per-task lookup.
+
+    Row 0 (the unknown task), tasks absent from train and (task, model) pairs never observed get the
+    model's overall mean; masked pairs never count (as in the task-best baseline).
+    """
+    m = mask.float()
+    onehot = torch.nn.functional.one_hot(task.long(), n_tasks).float().T  # [T, N]
+    n = onehot @ m  # observations per (task, model)
+    overall_n = m.sum(0).clamp_min(1)
+    out = []
+    for v in (perf.float() * m, cost_n.float() * m):
+        overall = v.sum(0) / overall_n
+        per_task = (onehot @ v) / n.clamp_min(1)
+        table = torch.where(n > 0, per_task, overall)
+        table[0] = overall
+        out.append(table)
+    return out[0], out[1]
+
+
+def split_arrays(t: dict) -> RoutingArrays:
+    """A split's targets (tensors or numpy arrays) as the metrics' arrays."""
+    f = {k: np.asarray(t[k]).astype(np.float64) for k in ("perf", "cost", "perf_n", "cost_n")}
+    return RoutingArrays(f["perf"], f["cost"], f["perf_n"], f["cost_n"], np.asarray(t["mask"]).astype(bool),
+                         np.asarray(t["task"]).astype(np.int64), _judge(t))
 
 
 def _judge(arrays: dict) -> np.ndarray | None:

@@ -13,6 +13,7 @@ from fusion_lightning.data.embeddings import build_encoder, embed_texts
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
 from fusion_lightning.data.resumable import EpochRandomSampler, ResumableDataLoader
+from fusion_lightning.query.task_classifier import fit_task_classifier, infer_tasks
 
 UNKNOWN_TASK = "<unk>"
 
@@ -52,6 +53,12 @@ class RouterDataModule(LogDataModule):
         self.tasks = [UNKNOWN_TASK, *sorted(set(train.tasks.tolist()))]
         self.embed_dim = feats.shape[1]
         task_index = {t: i for i, t in enumerate(self.tasks)}
+        all_tasks = torch.tensor([task_index.get(t, 0) for t in qm.tasks], dtype=torch.long)
+        # production traffic has no task label: a classifier on the text infers it (task-blind metrics)
+        task_x = self.task_features(qm.queries, feats)
+        is_train = torch.from_numpy(qm.splits == "train")
+        self.task_classifier = fit_task_classifier(task_x[is_train], all_tasks[is_train], len(self.tasks))
+        task_hat = infer_tasks(task_x, *self.task_classifier)
         for split in ("train", "val", "test"):
             rows = np.flatnonzero(qm.splits == split)
             m = qm.take(rows)
@@ -60,7 +67,8 @@ class RouterDataModule(LogDataModule):
             cost_n = self.normaliser.cost(m.cost, m.tasks)
             self.splits[split] = RouterSplit({
                 "x": feats[rows],
-                "task": torch.tensor([task_index.get(t, 0) for t in m.tasks], dtype=torch.long),
+                "task": all_tasks[rows],
+                "task_hat": task_hat[rows],  # the task inferred from the text alone
                 "perf": torch.from_numpy(np.nan_to_num(m.performance, nan=0.0)),
                 "perf_n": torch.from_numpy(np.nan_to_num(perf_n, nan=0.0)),
                 "cost": torch.from_numpy(np.nan_to_num(m.cost, nan=0.0)),
@@ -79,6 +87,13 @@ class RouterDataModule(LogDataModule):
         encoder = build_encoder(self.encoder_name)
         self.encoder_id = encoder.name
         return torch.from_numpy(embed_texts(texts, encoder, self.cache_dir))
+
+    def task_features(self, texts: list[str], feats: torch.Tensor) -> torch.Tensor:
+        """What the task classifier reads: the router's features when they are embeddings, else the
+        embeddings of the configured encoder (routers that read token ids)."""
+        if feats.is_floating_point():
+            return feats
+        return torch.from_numpy(embed_texts(texts, build_encoder(self.encoder_name), self.cache_dir))
 
     def model_kwargs(self) -> dict[str, Any]:
         self.setup()

@@ -47,7 +47,7 @@ class EncoderRouter(LogitRouter):
                  normaliser: dict, model_sizes: list[float | None], pretrained: str = "minilm",
                  max_length: int = 128, task_embedding_dim: int = 32, dropout: float = 0.1, lr: float = 3e-5,
                  head_lr: float = 1e-3, weight_decay: float = 0.01, cost_loss_weight: float = 0.5,
-                 lam: float = 0.0):
+                 lam: float = 0.0, task_prior: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.path = resolve_pretrained(pretrained)

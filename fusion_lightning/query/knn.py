@@ -54,6 +54,7 @@ class KNNRouter(RouterModule):
         self.prior_perf, self.prior_cost = self.perf.sum(0) / n, self.cost_n.sum(0) / n
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         t = self.trainer.datamodule.splits["train"].tensors
         self.build_index(t["x"], t["task"], t["perf"], t["cost_n"], t["mask"])
 

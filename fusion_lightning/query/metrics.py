@@ -224,3 +224,55 @@ def per_task_rows(choices: dict[str, np.ndarray], ev: RoutingArrays, task_names:
             row[f"{name}_cost"] = float(ev.cost[rows_idx[sel], c[sel]].mean())
         out.append(row)
     return out
+
+
+# selection on val and task-blind evaluation ------------------------------------------------------
+def per_query_reward(scores: np.ndarray, a: RoutingArrays, setting: str) -> np.ndarray:
+    """[N] actual reward of routing each query to the argmax of `scores` (what selection compares)."""
+    c = choose(scores, a.mask)
+    return a.reward(setting)[np.arange(len(c)), c]
+
+
+def select_over_reference(rewards: dict[str, np.ndarray], reference: str, se_factor: float = 1.0) -> str:
+    """The candidate with the best mean val reward among those whose paired gain over `reference` is more
+    than `se_factor` standard errors; `reference` (the simpler choice, e.g. the per-task lookup) when none is.
+
+    Val sets are small and rewards mostly 0/1, so the top of a leaderboard is often noise; the paired
+    standard error of the per-query difference says how much of a gain is real (the one-SE rule).
+    Ties go to the earlier candidate in `rewards`' order.
+    """
+    if reference not in rewards:
+        names = list(rewards)
+        return max(names, key=lambda n: (float(np.mean(rewards[n])), -names.index(n)))
+    ref = np.asarray(rewards[reference], float)
+    clear = []
+    for name, r in rewards.items():
+        diff = np.asarray(r, float) - ref
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
+        if name != reference and diff.mean() > se_factor * se:
+            clear.append(name)
+    if not clear:
+        return reference
+    return max(clear, key=lambda n: (float(np.mean(rewards[n])), -clear.index(n)))
+
+
+def task_blind_metrics(scores: np.ndarray, task_hat: np.ndarray, train: RoutingArrays, ev: RoutingArrays,
+                       sizes: list[float | None], setting: str = "performance_first") -> dict[str, float]:
+    """The router as production traffic sees it: every query's task inferred from its text (`task_hat`),
+    never read from the log. `scores` are the router's predicted rewards given the inferred tasks.
+
+    Keys: `perf`, `cost`, `reward`, `gap_closed` (vs the same best single and oracle, which need no
+    task), `task_accuracy` (inferred = logged task), `task_best/perf|gap_closed` (the per-task lookup
+    keyed by the inferred task).
+    """
+    out = {k: v for k, v in outcome(choose(scores, ev.mask), ev, setting).items()}
+    base = baseline_choices(train, ev, setting, sizes)
+    single = outcome(base["best_single"], ev, setting)["perf"]
+    oracle = outcome(base["oracle"], ev, setting)["perf"]
+    out["gap_closed"] = gap_closed(out["perf"], single, oracle)
+    out["task_accuracy"] = float(np.mean(np.asarray(task_hat) == np.asarray(ev.tasks)))
+    blind = RoutingArrays(ev.perf, ev.cost, ev.perf_n, ev.cost_n, ev.mask, np.asarray(task_hat), ev.judge)
+    lookup = outcome(baseline_choices(train, blind, setting, sizes)["task_best"], ev, setting)["perf"]
+    out["task_best/perf"] = lookup
+    out["task_best/gap_closed"] = gap_closed(lookup, single, oracle)
+    return out

@@ -20,7 +20,7 @@ class MFRouter(LogitRouter):
     def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
                  normaliser: dict, model_sizes: list[float | None], dim: int = 64, task_embedding: bool = True,
                  normalize_models: bool = False, dropout: float = 0.3, lr: float = 3e-3,
-                 weight_decay: float = 1e-4, cost_loss_weight: float = 0.5):
+                 weight_decay: float = 1e-4, cost_loss_weight: float = 0.5, task_prior: bool = False):
         super().__init__()
         self.save_hyperparameters()  # models, tasks, encoder and normaliser: all a checkpoint needs to route
         m = len(models)

@@ -14,7 +14,7 @@ class MLPRouter(LogitRouter):
     def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
                  normaliser: dict, model_sizes: list[float | None], hidden_dims: tuple[int, ...] = (128,),
                  task_embedding_dim: int = 32, dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 cost_loss_weight: float = 0.5, lam: float = 0.0):
+                 cost_loss_weight: float = 0.5, lam: float = 0.0, task_prior: bool = False):
         super().__init__()
         self.save_hyperparameters()  # models, tasks, encoder and normaliser: all a checkpoint needs to route
         m = len(models)

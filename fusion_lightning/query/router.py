@@ -73,13 +73,27 @@ class Router:
     def load(cls, path: str | Path, encoder: Encoder | None = None) -> Router:
         return cls(load_router_module(path), encoder)
 
-    def task_ids(self, tasks: Sequence[str | None] | None, n: int) -> torch.Tensor:
-        """Task indices; unknown or missing tasks map to 0 (the router's 'unknown task')."""
-        if tasks is None:
-            return torch.zeros(n, dtype=torch.long)
-        if len(tasks) != n:
+    def task_ids(self, tasks: Sequence[str | None] | None, n: int,
+                 inferred: torch.Tensor | None = None) -> torch.Tensor:
+        """Task indices: known task names by index; a missing or unknown one is the task inferred from
+        the text when `inferred` is given (the checkpoint's task classifier), else 0 ('unknown task')."""
+        if tasks is not None and len(tasks) != n:
             raise ValueError(f"got {n} queries but {len(tasks)} tasks")
-        return torch.tensor([self._task_index.get(t, 0) if t else 0 for t in tasks], dtype=torch.long)
+        fallback = inferred if inferred is not None else torch.zeros(n, dtype=torch.long)
+        if tasks is None:
+            return fallback.long().cpu()
+        ids = torch.tensor([self._task_index.get(t, -1) if t else -1 for t in tasks], dtype=torch.long)
+        return torch.where(ids >= 0, ids, fallback.long().cpu())
+
+    def inferred_tasks(self, queries: Sequence[str], features: torch.Tensor) -> torch.Tensor | None:
+        """The checkpoint's task classifier on the queries' embeddings (the features themselves when the
+        router reads embeddings; the encoder's otherwise); None for checkpoints without one."""
+        if self.module.task_clf_weight.numel() == 0:
+            return None
+        emb = features if features.is_floating_point() else torch.as_tensor(
+            self.encoder.encode(list(queries)))
+        device = self.module.task_clf_weight.device
+        return self.module.infer_tasks(emb.float().to(device))
 
     @torch.inference_mode()
     def route_embeddings(self, features: np.ndarray | torch.Tensor, task_ids: torch.Tensor, lam: float = 0.0,
@@ -102,8 +116,14 @@ class Router:
 
     def route(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None, lam: float = 0.0,
               batch_size: int = 256) -> RouteResult:
-        """Choose a model for each query: argmax of predicted performance − λ · predicted normalised cost."""
+        """Choose a model for each query: argmax of predicted performance − λ · predicted normalised cost.
+
+        Queries without a task (or with one the router never saw) get the task inferred from their text.
+        """
         feats = self.module.featurize(list(queries))
         if feats is None:
             feats = self.encoder.encode(list(queries), batch_size=batch_size)
-        return self.route_embeddings(feats, self.task_ids(tasks, len(queries)), lam=lam)
+        feats = torch.as_tensor(feats)
+        needs = tasks is None or any(not t or t not in self._task_index for t in tasks)
+        inferred = self.inferred_tasks(queries, feats) if needs else None
+        return self.route_embeddings(feats, self.task_ids(tasks, len(queries), inferred), lam=lam)

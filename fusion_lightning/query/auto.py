@@ -1,0 +1,348 @@
+"""router_auto: train a fixed set of candidate routers side by side, select one by val reward, test only it.
+
+Defaults tuned on one log do not carry to the next, so the router picks its own architecture and
+hyperparameters for the log in front of it. Every candidate (any `RouterModule`: MLP, kNN, MF, IRT,
+the residual router, the pure per-task lookup, ...) trains on the same batches in one Lightning
+loop, each with its own optimiser; at every validation epoch each is scored by **val reward** under
+the configured setting (what routing is judged by, not val loss), keeps its best state and stops
+after `patience` epochs without improvement. Ensembles average the predictions of the val-best
+candidate of each named kind. The winner is the best mean val reward among the candidates whose
+paired gain over the reference (the per-task lookup) exceeds `se_factor` standard errors; the lookup
+when none does. The test split is never read before the selection is final; only the winner is tested.
+
+Checkpoints hold every candidate's *best* state and the selection, so `Router.load` routes with the
+winner; the live training weights ride along for `ckpt_path=last`.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from fusion_lightning.query.base import RouterModule, split_arrays
+from fusion_lightning.query.metrics import (
+    baseline_choices,
+    choose,
+    gap_closed,
+    outcome,
+    per_query_reward,
+    select_over_reference,
+)
+
+_PREFIX = "candidates."
+
+
+def kind_of(router: RouterModule) -> str:
+    """'MLPRouter' -> 'mlp': the name ensembles use for "the val-best candidate of this kind"."""
+    name = type(router).__name__
+    return (name[:-len("Router")] if name.endswith("Router") else name).lower()
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
+
+
+def _trains(router: RouterModule) -> bool:
+    return bool(getattr(router, "trains", True)) and any(p.requires_grad for p in router.parameters())
+
+
+class AutoRouter(RouterModule):
+    """Selects one of `candidates` (name -> router config with `_target_`) or `ensembles` (name -> kinds or
+    candidate names) by val reward; predicts with the selected one."""
+
+    def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
+                 normaliser: dict, model_sizes: list[float | None], candidates: dict[str, dict[str, Any]],
+                 ensembles: dict[str, list[str]] | None = None, reference: str = "lookup",
+                 setting: str = "performance_first", patience: int = 5, se_factor: float = 1.0,
+                 out_dir: str | None = None):
+        super().__init__()
+        candidates = {n: _plain(s) for n, s in _plain(candidates).items()}  # Hydra passes configs with _recursive_=false
+        ensembles = {e: list(m) for e, m in _plain(ensembles or {}).items()}
+        self.save_hyperparameters(ignore=["candidates", "ensembles"])
+        self.hparams.update(candidates=candidates, ensembles=ensembles)
+        if reference not in candidates:
+            raise ValueError(f"model.reference={reference!r} is not a candidate; candidates: {', '.join(candidates)}")
+        shared = dict(embed_dim=embed_dim, models=models, tasks=tasks, binary=binary, encoder=encoder,
+                      normaliser=normaliser, model_sizes=model_sizes)
+        self.candidates = nn.ModuleDict({n: instantiate(spec, **shared, _convert_="all")
+                                         for n, spec in candidates.items()})
+        self.ensembles = dict(ensembles or {})
+        kinds = {kind_of(c) for c in self.candidates.values()}
+        for e, members in self.ensembles.items():
+            bad = [m for m in members if m not in self.candidates and m not in kinds]
+            if bad or e in self.candidates:
+                raise ValueError(f"ensemble {e!r}: {bad or 'name taken by a candidate'}; members are candidate "
+                                 f"names or kinds ({', '.join(sorted(kinds))})")
+        self.choices = [*self.candidates, *self.ensembles]
+        self.automatic_optimization = False  # one optimiser per candidate, stepped by hand
+        self.register_buffer("winner", torch.tensor(-1))  # index into self.choices
+        self.register_buffer("members", torch.zeros(len(self.ensembles), len(self.candidates), dtype=torch.bool))
+        self._reset_bookkeeping()
+
+    def _reset_bookkeeping(self) -> None:
+        names = list(self.candidates)
+        self.best: dict[str, dict[str, Any]] = {n: {"reward": float("-inf"), "epoch": -1} for n in names}
+        self.bad_epochs = dict.fromkeys(names, 0)
+        self.progress = dict.fromkeys(names, float("-inf"))
+        self.epochs = dict.fromkeys(names, 0)
+        self.train_seconds = dict.fromkeys(names, 0.0)
+        self.stopped: set[str] = set()
+        self.selection: dict[str, Any] = {}
+        self.artifacts: dict[str, str] = {}
+        self._live: dict[str, torch.Tensor] | None = None
+
+    # prediction: the selected candidate (or ensemble) ----------------------------------------------
+    def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = int(self.winner)
+        if w < 0:
+            raise RuntimeError("no candidate is selected yet: fit router_auto or load its checkpoint")
+        name = self.choices[w]
+        if name in self.candidates:
+            return self.candidates[name].predict(x, task)
+        names = list(self.candidates)
+        preds = [self.candidates[names[i]].predict(x, task)
+                 for i in torch.flatnonzero(self.members[w - len(names)]).tolist()]
+        return torch.stack([p for p, _ in preds]).mean(0), torch.stack([c for _, c in preds]).mean(0)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The selected candidate's loss (val/test loss); before a selection, the reference's."""
+        w = int(self.winner)
+        name = self.choices[w] if w >= 0 else self.hparams.reference
+        return self.candidates[name].loss(batch) if name in self.candidates else torch.zeros(())
+
+    # training: every live candidate on every batch -------------------------------------------------
+    def configure_optimizers(self):
+        self._opt_of: dict[str, int] = {}
+        opts = []
+        for name, c in self.candidates.items():
+            if _trains(c):
+                opt = c.configure_optimizers()
+                if not isinstance(opt, torch.optim.Optimizer):
+                    raise TypeError(f"candidate {name!r}: configure_optimizers must return one optimiser")
+                self._opt_of[name] = len(opts)
+                opts.append(opt)
+        return opts or torch.optim.SGD([torch.zeros(0, requires_grad=True)], lr=0.0)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        for c in self.candidates.values():  # children of a ModuleDict are not attached by Lightning
+            c.trainer = self.trainer
+            c.on_fit_start()
+        if self._live is not None:  # resuming: continue from the live weights, not the best ones
+            self.load_state_dict({**self.state_dict(), **self._live})
+            self._live = None
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        losses = []
+        for name, i in self._opt_of.items():
+            if name in self.stopped:
+                continue
+            t0 = time.perf_counter()
+            loss = self.candidates[name].loss(batch)
+            opts[i].zero_grad()
+            self.manual_backward(loss)
+            opts[i].step()
+            self.train_seconds[name] += time.perf_counter() - t0
+            losses.append(loss.detach())
+        if not self._opt_of:
+            opts[0].step()  # nothing trains: the empty step only advances global_step
+        if losses:
+            self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=len(batch["x"]))
+
+    # selection on val ----------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """While fitting, candidates are scored on the whole split at epoch start (below); afterwards
+        (`trainer.validate` on the checkpoint) the selected router is evaluated like any router."""
+        if self.trainer.state.fn != "fit":
+            super().validation_step(batch, batch_idx)
+
+    @torch.no_grad()
+    def _val_predictions(self, c: RouterModule, val: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        x, task = val["x"].to(self.device), val["task"].to(self.device)
+        perf, cost = zip(*(c.predict(x[i:i + 4096], task[i:i + 4096]) for i in range(0, len(x), 4096)), strict=True)
+        return torch.cat(perf).float().cpu().numpy(), torch.cat(cost).float().cpu().numpy()
+
+    def _rewards(self, perf: np.ndarray, cost: np.ndarray, arrays) -> np.ndarray:
+        s = self.hparams.setting
+        return per_query_reward(self.predicted_reward(torch.from_numpy(perf), torch.from_numpy(cost), s).numpy(),
+                                arrays, s)
+
+    def on_validation_epoch_start(self) -> None:
+        """Score every live candidate on the whole val split, keep its best state, stop the stale ones."""
+        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
+            return
+        val = self.trainer.datamodule.splits["val"].tensors
+        arrays = split_arrays(val)
+        for name, c in self.candidates.items():
+            if name in self.stopped:
+                continue
+            c.eval()
+            if hasattr(c, "select_alpha"):
+                c.select_alpha(val)
+            perf, cost = self._val_predictions(c, val)
+            rewards = self._rewards(perf, cost, arrays)
+            r = float(rewards.mean())
+            self.epochs[name] += 1
+            if r > self.best[name]["reward"] + 1e-12:
+                state = {k: v.detach().clone().cpu() for k, v in c.state_dict().items()}
+                self.best[name] = {"reward": r, "epoch": int(self.current_epoch), "state": state,
+                                   "rewards": rewards, "perf": perf, "cost": cost}
+            progress = float(c.residual_reward()) if hasattr(c, "residual_reward") else r
+            if progress > self.progress[name] + 1e-12:
+                self.progress[name], self.bad_epochs[name] = progress, 0
+            else:
+                self.bad_epochs[name] += 1
+            if not _trains(c) or self.bad_epochs[name] >= self.hparams.patience:
+                self.stopped.add(name)
+            self.log(f"val/auto/{name}/reward", r)
+        self._select(arrays)
+        if all(n in self.stopped for n in self.candidates):
+            self.trainer.should_stop = True
+
+    def _ensemble_members(self, members: list[str]) -> list[str]:
+        """Candidate names of an ensemble: named candidates, and for each kind its val-best candidate."""
+        out = []
+        for m in members:
+            if m in self.candidates:
+                out.append(m)
+                continue
+            of_kind = [n for n, c in self.candidates.items() if kind_of(c) == m and "rewards" in self.best[n]]
+            if of_kind:
+                out.append(max(of_kind, key=lambda n: self.best[n]["reward"]))
+        return list(dict.fromkeys(out))
+
+    def _select(self, arrays) -> None:
+        """The current selection from every candidate's best val state (runs each validation epoch)."""
+        rewards = {n: b["rewards"] for n, b in self.best.items() if "rewards" in b}
+        perf_cost = {n: (b["perf"], b["cost"]) for n, b in self.best.items() if "rewards" in b}
+        names = list(self.candidates)
+        self.members.zero_()
+        for e_i, (e, members) in enumerate(self.ensembles.items()):
+            chosen = self._ensemble_members(members)
+            if len(chosen) < 2:
+                continue
+            for n in chosen:
+                self.members[e_i, names.index(n)] = True
+            perf_cost[e] = (np.mean([perf_cost[n][0] for n in chosen], 0), np.mean([perf_cost[n][1] for n in chosen], 0))
+            rewards[e] = self._rewards(*perf_cost[e], arrays)
+        winner = select_over_reference(rewards, self.hparams.reference, self.hparams.se_factor)
+        self.winner.fill_(self.choices.index(winner))
+        self.selection = {"winner": winner, "reference": self.hparams.reference, "setting": self.hparams.setting,
+                          "se_factor": self.hparams.se_factor,
+                          "rows": self._rows(rewards, perf_cost, winner, arrays)}
+
+    def _rows(self, rewards: dict, perf_cost: dict, winner: str, arrays) -> list[dict[str, Any]]:
+        train = split_arrays(self.trainer.datamodule.splits["train"].tensors)
+        base = baseline_choices(train, arrays, "performance_first", self.hparams.model_sizes)
+        single, oracle = (outcome(base[b], arrays, "performance_first")["perf"] for b in ("best_single", "oracle"))
+        ref = rewards[self.hparams.reference]
+        rows = []
+        for name in self.choices:
+            if name not in rewards:
+                continue
+            o = outcome(choose(self.predicted_reward(*(torch.from_numpy(a) for a in perf_cost[name]),
+                                                     self.hparams.setting).numpy(), arrays.mask), arrays,
+                        self.hparams.setting)
+            diff = rewards[name] - ref
+            se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+            is_cand = name in self.candidates
+            spec = {k: v for k, v in (self.hparams.candidates.get(name) or {}).items() if k != "_target_"}
+            rows.append({
+                "candidate": name, "kind": kind_of(self.candidates[name]) if is_cand else "ensemble",
+                "selected": name == winner, "val_reward": float(rewards[name].mean()), "val_perf": o["perf"],
+                "val_cost": o["cost"], "val_gap_closed": gap_closed(o["perf"], single, oracle),
+                "gain_over_reference": float(diff.mean()), "gain_se": se,
+                "best_epoch": self.best[name]["epoch"] if is_cand else None,
+                "epochs": self.epochs[name] if is_cand else None,
+                "train_s": round(self.train_seconds[name], 3) if is_cand else None,
+                "settings": ", ".join(f"{k}={v}" for k, v in spec.items()) if is_cand else
+                "mean of " + ", ".join(np.array(list(self.candidates))[
+                    self.members[self.choices.index(name) - len(self.candidates)].numpy()].tolist()),
+            })
+        return rows
+
+    # the end of fitting: best states in place, selection written ----------------------------------
+    def on_train_end(self) -> None:
+        for name, b in self.best.items():
+            if "state" in b:
+                self.candidates[name].load_state_dict(b["state"])
+        if self.selection and self.trainer.is_global_zero:
+            self.artifacts = write_selection(self.selection, Path(self.hparams.out_dir or self.trainer.default_root_dir))
+
+    @property
+    def summary_fields(self) -> dict[str, Any]:
+        """What summary.json says of the selection (fit merges it in)."""
+        if not self.selection:
+            return {}
+        rows = {r["candidate"]: round(r["val_reward"], 6) for r in self.selection["rows"]}
+        return {"selection": {k: self.selection[k] for k in ("winner", "reference", "setting", "se_factor")}
+                | {"val_reward": rows}}
+
+    # checkpoints: best states for routing, live states and bookkeeping for resuming ----------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        sd = checkpoint["state_dict"]
+        live = {k: v for k, v in sd.items() if k.startswith(_PREFIX)}
+        for name, b in self.best.items():
+            for k, v in (b.get("state") or {}).items():
+                sd[f"{_PREFIX}{name}.{k}"] = v
+        best = {n: {k: (torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v)
+                    for k, v in b.items() if k != "state"} for n, b in self.best.items()}
+        checkpoint["auto"] = {"live": live, "best": best, "best_states": {n: b.get("state") for n, b in self.best.items()},
+                              "bad_epochs": self.bad_epochs, "progress": self.progress, "epochs": self.epochs,
+                              "train_seconds": self.train_seconds, "stopped": sorted(self.stopped),
+                              "selection": self.selection}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        auto = checkpoint.get("auto")
+        if not auto:
+            return
+        self.best = {n: {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+                     for n, b in auto["best"].items()}
+        for n, state in auto["best_states"].items():
+            if state is not None:
+                self.best[n]["state"] = state
+        self.bad_epochs, self.progress = dict(auto["bad_epochs"]), dict(auto["progress"])
+        self.epochs, self.train_seconds = dict(auto["epochs"]), dict(auto["train_seconds"])
+        self.stopped, self.selection = set(auto["stopped"]), dict(auto["selection"])
+        self._live = auto["live"]
+
+
+def write_selection(selection: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """selection.csv (every column) and selection.md (a table people read) in the run dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = selection["rows"]
+    paths = {"selection_csv": out_dir / "selection.csv", "selection_md": out_dir / "selection.md"}
+    with paths["selection_csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    def num(v: Any, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    lines = [f"# router_auto selection ({selection['setting']} val reward)", "",
+             f"Selected: **{selection['winner']}**. Rule: the best mean val reward among the candidates whose "
+             f"paired gain over `{selection['reference']}` exceeds {selection['se_factor']:g} standard error(s); "
+             f"`{selection['reference']}` when none does.", "",
+             "| candidate | kind | val reward | val perf | val gap closed | gain over reference (± SE) "
+             "| best epoch | epochs | train s | settings |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: -r["val_reward"]):
+        name = f"**{r['candidate']}**" if r["selected"] else r["candidate"]
+        lines.append(f"| {name} | {r['kind']} | {r['val_reward']:.4f} | {r['val_perf']:.4f} | "
+                     f"{r['val_gap_closed']:.3f} | {r['gain_over_reference']:+.4f} ± {r['gain_se']:.4f} | "
+                     f"{num(r['best_epoch'], 'd')} | {num(r['epochs'], 'd')} | {num(r['train_s'], '.1f')} | "
+                     f"{r['settings']} |")
+    paths["selection_md"].write_text("\n".join(lines) + "\n")
+    return {k: str(v) for k, v in paths.items()}

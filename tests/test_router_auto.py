@@ -1,0 +1,117 @@
+"""router_auto: candidates trained side by side, one selected by val reward, only it tested."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from planted import planted_overrides, write_subtopic_logs
+
+from fusion_lightning.config import compose_recipe
+from fusion_lightning.fit import fit
+from fusion_lightning.query.auto import AutoRouter
+from fusion_lightning.query.datamodule import RouterDataModule
+from fusion_lightning.query.router import Router
+
+# three candidates: the lookup, a residual router that can learn, an MLP that cannot (its lr is 0)
+SMALL_SET = [
+    "~model.candidates", "~model.ensembles",
+    "+model.candidates.lookup._target_=fusion_lightning.query.residual.ResidualRouter",
+    "+model.candidates.lookup.alphas=[0.0]", "+model.candidates.lookup.hidden_dims=[]",
+    "+model.candidates.residual._target_=fusion_lightning.query.residual.ResidualRouter",
+    "+model.candidates.frozen_mlp._target_=fusion_lightning.query.mlp.MLPRouter",
+    "+model.candidates.frozen_mlp.lr=0.0",
+]
+
+
+def _subtopic(tmp_path: Path, *extra: str) -> list[str]:
+    folder = write_subtopic_logs(tmp_path / "sub")
+    return ["data=llmrouter", f"data.path={folder}", "datamodule.encoder=hashing",
+            f"datamodule.embedding_cache={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", "logger=none",
+            "~callbacks.progress_bar", *extra]
+
+
+def test_selects_the_candidate_that_learns_the_planted_rule(tmp_path: Path) -> None:
+    summary = fit(compose_recipe("router_auto", _subtopic(tmp_path, *SMALL_SET, "trainer.max_epochs=20")))
+    m, run = summary["metrics"], tmp_path / "run"
+    assert summary["selection"]["winner"] == "residual", summary["selection"]
+    assert set(summary["selection"]["val_reward"]) == {"lookup", "residual", "frozen_mlp"}
+    assert m["test/perf"] >= m["test/task_best/perf"] + 0.2, m
+    rows = {r["candidate"]: r for r in csv.DictReader((run / "selection.csv").open())}
+    assert rows["residual"]["selected"] == "True" and float(rows["residual"]["train_s"]) > 0
+    assert float(rows["residual"]["val_reward"]) > float(rows["lookup"]["val_reward"]) + 0.2
+    assert "**residual**" in (run / "selection.md").read_text()
+    assert summary["artifacts"]["selection_md"] == "selection.md"
+    # the checkpoint alone routes with the winner
+    router = Router.load(run / summary["artifacts"]["best_checkpoint"])
+    assert isinstance(router.module, AutoRouter) and router.module.choices[int(router.module.winner)] == "residual"
+
+
+def test_keeps_the_lookup_when_no_candidate_clearly_beats_it(tmp_path: Path) -> None:
+    """The planted log's scores depend on the task alone: nothing beats the per-task lookup on val."""
+    summary = fit(compose_recipe("router_auto", planted_overrides(tmp_path, *SMALL_SET, "trainer.max_epochs=6",
+                                                                  "logger=none")))
+    assert summary["selection"]["winner"] == "lookup", summary["selection"]
+    m = summary["metrics"]
+    assert m["test/perf"] == m["test/task_best/perf"]
+
+
+def test_the_test_split_is_read_only_after_the_selection_is_final(tmp_path: Path, monkeypatch) -> None:
+    events: list[str] = []
+
+    class Guarded:
+        def __init__(self, inner):
+            self.inner, self.n = inner, inner.n
+
+        def __len__(self) -> int:
+            return self.n
+
+        @property
+        def tensors(self):
+            events.append("test")
+            return self.inner.tensors
+
+        def __getitem__(self, i):
+            events.append("test")
+            return self.inner[i]
+
+    setup, select = RouterDataModule.setup, AutoRouter._select
+
+    def guarded_setup(self, stage=None):
+        setup(self, stage)
+        if not isinstance(self.splits["test"], Guarded):
+            self.splits["test"] = Guarded(self.splits["test"])
+
+    def recorded_select(self, arrays):
+        events.append("select")
+        return select(self, arrays)
+
+    monkeypatch.setattr(RouterDataModule, "setup", guarded_setup)
+    monkeypatch.setattr(AutoRouter, "_select", recorded_select)
+    fit(compose_recipe("router_auto", _subtopic(tmp_path, *SMALL_SET, "trainer.max_epochs=4")))
+    assert "select" in events and "test" in events
+    first_test = events.index("test")
+    assert "select" not in events[first_test:], "a selection ran after the test split was read"
+
+
+def test_default_candidate_set_runs_and_documents_every_candidate(tmp_path: Path) -> None:
+    summary = fit(compose_recipe("router_auto", _subtopic(tmp_path, "trainer.max_epochs=3")))
+    cfg = compose_recipe("router_auto")
+    names = {*cfg.model.candidates, *cfg.model.ensembles}
+    assert set(summary["selection"]["val_reward"]) == names
+    table = (tmp_path / "run" / "selection.md").read_text()
+    for name in names:
+        assert f"| {name} |" in table or f"| **{name}** |" in table
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["selection"] == summary["selection"]
+
+
+def test_bad_candidate_sets_are_one_line_errors() -> None:
+    kw = {"embed_dim": 4, "models": ["a", "b"], "tasks": ["<unk>", "t"], "binary": True, "encoder": "hashing",
+          "normaliser": {}, "model_sizes": [None, None]}
+    mlp = {"_target_": "fusion_lightning.query.mlp.MLPRouter"}
+    with pytest.raises(ValueError, match="reference='lookup' is not a candidate"):
+        AutoRouter(**kw, candidates={"mlp": mlp})
+    with pytest.raises(ValueError, match="ensemble 'e'.*members are candidate names or kinds"):
+        AutoRouter(**kw, candidates={"lookup": mlp}, ensembles={"e": ["nope"]})
