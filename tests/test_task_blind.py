@@ -13,6 +13,7 @@ from planted import planted_overrides, write_subtopic_logs
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.fit import fit
 from fusion_lightning.query.metrics import RoutingArrays, task_blind_metrics
+from fusion_lightning.query.residual import ResidualRouter
 from fusion_lightning.query.router import Router
 from fusion_lightning.query.task_classifier import fit_task_classifier, infer_tasks
 
@@ -23,19 +24,31 @@ def _arrays(perf: list[list[float]], tasks: list[int]) -> RoutingArrays:
 
 
 def test_task_blind_metrics_by_hand() -> None:
-    # train: task 1 -> model 0 is best, task 2 -> model 1; overall model 1 (3 of 4 right)
-    train = _arrays([[1, 0], [1, 1], [0, 1], [0, 1]], [1, 1, 2, 2])
+    # train: task 1 -> model 0 clearly; task 2 -> model 1, narrowly (0.45 vs 0.55); overall model 0
+    train = _arrays([[1, 0], [1, 0], [0.45, 0.55], [0.45, 0.55]], [1, 1, 2, 2])
     ev = _arrays([[1, 0], [0, 1], [1, 0], [0, 1]], [1, 2, 1, 2])
-    # inferred tasks: the third query is taken for task 2; scores given those tasks pick model 0 on task 1
-    task_hat = np.array([1, 2, 2, 2])
-    scores = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
-    m = task_blind_metrics(scores, task_hat, train, ev, [None, None])
-    assert m["perf"] == pytest.approx(3 / 4)  # right on queries 1, 2, 4
-    assert m["task_accuracy"] == pytest.approx(3 / 4)
-    # best single (model 1) scores 2/4, the oracle 4/4
+    # the third query (task 1) reads as task 2 (p 0.55) or task 1 (0.45); the others are inferred right
+    task_hat = np.array([[1, 2], [2, 1], [2, 1], [2, 1]])
+    task_p = np.array([[1.0, 0.0], [1.0, 0.0], [0.55, 0.45], [1.0, 0.0]])
+    scores = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])  # the router errs on the third
+    m = task_blind_metrics(scores, task_hat, task_p, train, ev, [None, None])
+    assert m["perf"] == pytest.approx(3 / 4)
+    assert m["task_accuracy"] == pytest.approx(3 / 4)  # the most probable task is wrong on the third
+    # best single (model 0) scores 2/4, the oracle 4/4
     assert m["gap_closed"] == pytest.approx((3 / 4 - 1 / 2) / (1 - 1 / 2))
-    # the lookup keyed by the inferred task makes the same choices here
-    assert m["task_best/perf"] == pytest.approx(3 / 4) and m["task_best/gap_closed"] == pytest.approx(0.5)
+    # the lookup averaged over the inferred tasks: 0.55·(0.45, 0.55) + 0.45·(1, 0) = (0.70, 0.30) -> model 0,
+    # right on the third query although its most probable task is wrong
+    assert m["task_best/perf"] == pytest.approx(1.0) and m["task_best/gap_closed"] == pytest.approx(1.0)
+
+
+def test_predictions_are_averaged_over_the_inferred_tasks() -> None:
+    kw = {"embed_dim": 2, "models": ["a", "b"], "tasks": ["<unk>", "s", "t"], "binary": True, "encoder": "hashing",
+          "normaliser": {}, "model_sizes": [None, None]}
+    r = ResidualRouter(**kw, hidden_dims=[], alphas=[0.0])
+    r.prior_perf = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.6]])
+    r.prior_cost = torch.zeros(3, 2)
+    perf, _ = r.predict_mixture(torch.zeros(2, 2), torch.tensor([[1, 2], [2, 1]]), torch.tensor([[0.7, 0.3], [1.0, 0.0]]))
+    torch.testing.assert_close(perf, torch.tensor([[0.7 * 0.9 + 0.3 * 0.2, 0.7 * 0.1 + 0.3 * 0.6], [0.2, 0.6]]))
 
 
 def test_task_classifier_separates_tasks_and_never_predicts_unknown() -> None:

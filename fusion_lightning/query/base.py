@@ -15,10 +15,11 @@ from torchmetrics.aggregation import CatMetric
 from fusion_lightning.data.matrix import REWARD_SETTINGS
 from fusion_lightning.query.metrics import RoutingArrays, routing_metrics, task_blind_metrics
 from fusion_lightning.query.objectives import score_cost_loss
+from fusion_lightning.query.task_classifier import task_posterior
 
 TARGETS = ("perf", "perf_n", "cost", "cost_n", "mask", "task")
 OPTIONAL_TARGETS = ("judge", "judge_mask")  # batches carry them when the DataModule has judge scores
-BLIND = ("perf_hat_blind", "cost_hat_blind", "task_hat")  # predictions given the task inferred from the text
+BLIND = ("perf_hat_blind", "cost_hat_blind", "task_hat", "task_hat_p")  # predictions given the inferred tasks
 MAIN_SETTING = "performance_first"
 
 
@@ -48,11 +49,25 @@ class RouterModule(L.LightningModule):
                 self._buffers[name] = torch.empty_like(state_dict[prefix + name], device=self._buffers[name].device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def infer_tasks(self, features: torch.Tensor) -> torch.Tensor | None:
-        """Task indices inferred from embedding features, or None when this router has no classifier."""
+    def task_posterior(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """([N, k] probable task indices, [N, k] their weights) from embedding features; None when this
+        router has no task classifier (or the features are not what it read)."""
         if self.task_clf_weight.numel() == 0 or features.shape[-1] != self.task_clf_weight.shape[1]:
             return None
-        return (features.float() @ self.task_clf_weight.T + self.task_clf_bias).argmax(-1)
+        return task_posterior(features, self.task_clf_weight, self.task_clf_bias)
+
+    def predict_mixture(self, x: torch.Tensor, tasks: torch.Tensor,
+                        weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions averaged over several candidate tasks per query ([B, k] indices and weights): how a
+        router routes a query whose task it only infers. Columns with no weight are not predicted."""
+        perf = cost = None
+        for j in range(tasks.shape[1]):
+            w = weights[:, j:j + 1].to(x.device)
+            if j and not bool((w > 0).any()):
+                continue
+            p, c = self.predict(x, tasks[:, j].to(x.device))
+            perf, cost = (w * p, w * c) if perf is None else (perf + w * p, cost + w * c)
+        return perf, cost
 
     def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -78,10 +93,11 @@ class RouterModule(L.LightningModule):
             if k in batch:
                 self._eval_store[k].update(batch[k].float())
         if "task_hat" in batch:
-            blind_perf, blind_cost = self.predict(batch["x"], batch["task_hat"])
+            blind_perf, blind_cost = self.predict_mixture(batch["x"], batch["task_hat"], batch["task_hat_p"])
             self._eval_store["perf_hat_blind"].update(blind_perf.detach().float())
             self._eval_store["cost_hat_blind"].update(blind_cost.detach().float())
             self._eval_store["task_hat"].update(batch["task_hat"].float())
+            self._eval_store["task_hat_p"].update(batch["task_hat_p"].float())
 
     def _routing_epoch_end(self, stage: str) -> None:
         store = {k: m.compute().cpu().numpy() for k, m in self._eval_store.items() if m.update_called}
@@ -101,9 +117,9 @@ class RouterModule(L.LightningModule):
         if "task_hat" in store:
             blind = self.predicted_reward(torch.from_numpy(store["perf_hat_blind"]),
                                           torch.from_numpy(store["cost_hat_blind"]), MAIN_SETTING).numpy()
-            task_hat = store["task_hat"].astype(np.int64)
             metrics.update({f"task_blind/{k}": v for k, v in task_blind_metrics(
-                blind, task_hat, train, ev, self.hparams.model_sizes, MAIN_SETTING).items()})
+                blind, store["task_hat"].astype(np.int64), store["task_hat_p"], train, ev,
+                self.hparams.model_sizes, MAIN_SETTING).items()})
             self.eval_outputs[stage]["blind_scores"] = blind
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
 

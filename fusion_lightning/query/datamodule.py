@@ -13,7 +13,7 @@ from fusion_lightning.data.embeddings import build_encoder, embed_texts
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
 from fusion_lightning.data.resumable import EpochRandomSampler, ResumableDataLoader
-from fusion_lightning.query.task_classifier import fit_task_classifier, infer_tasks
+from fusion_lightning.query.task_classifier import fit_task_classifier, task_posterior
 
 UNKNOWN_TASK = "<unk>"
 
@@ -58,7 +58,7 @@ class RouterDataModule(LogDataModule):
         task_x = self.task_features(qm.queries, feats)
         is_train = torch.from_numpy(qm.splits == "train")
         self.task_classifier = fit_task_classifier(task_x[is_train], all_tasks[is_train], len(self.tasks))
-        task_hat = infer_tasks(task_x, *self.task_classifier)
+        task_hat, task_hat_p = task_posterior(task_x, *self.task_classifier)
         for split in ("train", "val", "test"):
             rows = np.flatnonzero(qm.splits == split)
             m = qm.take(rows)
@@ -68,7 +68,8 @@ class RouterDataModule(LogDataModule):
             self.splits[split] = RouterSplit({
                 "x": feats[rows],
                 "task": all_tasks[rows],
-                "task_hat": task_hat[rows],  # the task inferred from the text alone
+                "task_hat": task_hat[rows],  # [N, k] the tasks most probable from the text alone, best first
+                "task_hat_p": task_hat_p[rows],  # [N, k] their renormalised probabilities
                 "perf": torch.from_numpy(np.nan_to_num(m.performance, nan=0.0)),
                 "perf_n": torch.from_numpy(np.nan_to_num(perf_n, nan=0.0)),
                 "cost": torch.from_numpy(np.nan_to_num(m.cost, nan=0.0)),

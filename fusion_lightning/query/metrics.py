@@ -256,23 +256,30 @@ def select_over_reference(rewards: dict[str, np.ndarray], reference: str, se_fac
     return max(clear, key=lambda n: (float(np.mean(rewards[n])), -clear.index(n)))
 
 
-def task_blind_metrics(scores: np.ndarray, task_hat: np.ndarray, train: RoutingArrays, ev: RoutingArrays,
-                       sizes: list[float | None], setting: str = "performance_first") -> dict[str, float]:
-    """The router as production traffic sees it: every query's task inferred from its text (`task_hat`),
-    never read from the log. `scores` are the router's predicted rewards given the inferred tasks.
+def task_blind_metrics(scores: np.ndarray, task_hat: np.ndarray, task_p: np.ndarray, train: RoutingArrays,
+                       ev: RoutingArrays, sizes: list[float | None], setting: str = "performance_first"
+                       ) -> dict[str, float]:
+    """The router as production traffic sees it: every query's task inferred from its text, never read
+    from the log. `scores` are the router's predicted rewards averaged over the inferred tasks
+    `task_hat` [N, k] (best first) with weights `task_p` [N, k].
 
     Keys: `perf`, `cost`, `reward`, `gap_closed` (vs the same best single and oracle, which need no
-    task), `task_accuracy` (inferred = logged task), `task_best/perf|gap_closed` (the per-task lookup
-    keyed by the inferred task).
+    task), `task_accuracy` (most probable task = logged task), `task_best/perf|gap_closed` (the per-task
+    lookup under the same inferred tasks: each model's train mean reward averaged over them).
     """
-    out = {k: v for k, v in outcome(choose(scores, ev.mask), ev, setting).items()}
+    task_hat, task_p = np.asarray(task_hat).reshape(len(ev.perf), -1), np.asarray(task_p).reshape(len(ev.perf), -1)
+    out = dict(outcome(choose(scores, ev.mask), ev, setting))
     base = baseline_choices(train, ev, setting, sizes)
     single = outcome(base["best_single"], ev, setting)["perf"]
     oracle = outcome(base["oracle"], ev, setting)["perf"]
     out["gap_closed"] = gap_closed(out["perf"], single, oracle)
-    out["task_accuracy"] = float(np.mean(np.asarray(task_hat) == np.asarray(ev.tasks)))
-    blind = RoutingArrays(ev.perf, ev.cost, ev.perf_n, ev.cost_n, ev.mask, np.asarray(task_hat), ev.judge)
-    lookup = outcome(baseline_choices(train, blind, setting, sizes)["task_best"], ev, setting)["perf"]
+    out["task_accuracy"] = float(np.mean(task_hat[:, 0] == np.asarray(ev.tasks)))
+    r_train = train.reward(setting)
+    overall = _masked_mean(r_train, train.mask)
+    table = {t: _masked_mean(r_train[train.tasks == t], train.mask[train.tasks == t]) if (train.tasks == t).any()
+             else overall for t in np.unique(task_hat)}
+    lookup_scores = sum(task_p[:, [j]] * np.stack([table[t] for t in task_hat[:, j]]) for j in range(task_hat.shape[1]))
+    lookup = outcome(choose(lookup_scores, ev.mask), ev, setting)["perf"]
     out["task_best/perf"] = lookup
     out["task_best/gap_closed"] = gap_closed(lookup, single, oracle)
     return out

@@ -73,38 +73,49 @@ class Router:
     def load(cls, path: str | Path, encoder: Encoder | None = None) -> Router:
         return cls(load_router_module(path), encoder)
 
-    def task_ids(self, tasks: Sequence[str | None] | None, n: int,
-                 inferred: torch.Tensor | None = None) -> torch.Tensor:
-        """Task indices: known task names by index; a missing or unknown one is the task inferred from
-        the text when `inferred` is given (the checkpoint's task classifier), else 0 ('unknown task')."""
-        if tasks is not None and len(tasks) != n:
-            raise ValueError(f"got {n} queries but {len(tasks)} tasks")
-        fallback = inferred if inferred is not None else torch.zeros(n, dtype=torch.long)
+    def task_ids(self, tasks: Sequence[str | None] | None, n: int) -> torch.Tensor:
+        """Task indices; unknown or missing tasks map to 0 (the router's 'unknown task')."""
         if tasks is None:
-            return fallback.long().cpu()
-        ids = torch.tensor([self._task_index.get(t, -1) if t else -1 for t in tasks], dtype=torch.long)
-        return torch.where(ids >= 0, ids, fallback.long().cpu())
+            return torch.zeros(n, dtype=torch.long)
+        if len(tasks) != n:
+            raise ValueError(f"got {n} queries but {len(tasks)} tasks")
+        return torch.tensor([self._task_index.get(t, 0) if t else 0 for t in tasks], dtype=torch.long)
 
-    def inferred_tasks(self, queries: Sequence[str], features: torch.Tensor) -> torch.Tensor | None:
-        """The checkpoint's task classifier on the queries' embeddings (the features themselves when the
-        router reads embeddings; the encoder's otherwise); None for checkpoints without one."""
-        if self.module.task_clf_weight.numel() == 0:
-            return None
-        emb = features if features.is_floating_point() else torch.as_tensor(
-            self.encoder.encode(list(queries)))
-        device = self.module.task_clf_weight.device
-        return self.module.infer_tasks(emb.float().to(device))
+    def task_weights(self, queries: Sequence[str], features: torch.Tensor,
+                     tasks: Sequence[str | None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N, k] task indices, [N, k] weights): a known task with weight 1; for a missing or unknown one
+        the tasks its text suggests, from the checkpoint's task classifier (the unknown task 0 when the
+        checkpoint has none)."""
+        known = self.task_ids(tasks, len(queries))
+        idx, w = known[:, None], torch.ones(len(queries), 1)
+        if bool((known == 0).any()) and self.module.task_clf_weight.numel():
+            emb = features if features.is_floating_point() else torch.as_tensor(
+                self.encoder.encode(list(queries)))
+            post = self.module.task_posterior(emb.float().to(self.module.task_clf_weight.device))
+            if post is not None:
+                inf_idx, inf_w = (t.cpu() for t in post)
+                one = torch.zeros_like(inf_w)
+                one[:, 0] = 1.0
+                unknown = (known == 0)[:, None]
+                idx = torch.where(unknown, inf_idx, torch.cat([known[:, None], inf_idx[:, 1:]], 1))
+                w = torch.where(unknown, inf_w, one)
+        return idx, w
 
     @torch.inference_mode()
     def route_embeddings(self, features: np.ndarray | torch.Tensor, task_ids: torch.Tensor, lam: float = 0.0,
-                         batch_size: int = 4096) -> RouteResult:
-        """Route pre-computed query features (embeddings, or token ids for routers that tokenize)."""
+                         batch_size: int = 4096, task_weights: torch.Tensor | None = None) -> RouteResult:
+        """Route pre-computed query features (embeddings, or token ids for routers that tokenize).
+
+        `task_ids` [N], or [N, k] candidate tasks with `task_weights` [N, k] (predictions averaged over them)."""
         x = torch.as_tensor(features)
         x = x.float() if x.is_floating_point() else x  # token ids stay integers
         device = next(self.module.parameters(), torch.zeros(0)).device
+        if task_ids.ndim == 1:
+            task_ids, task_weights = task_ids[:, None], torch.ones(len(task_ids), 1)
         perf, cost = [], []
         for i in range(0, len(x), batch_size):
-            p, c = self.module.predict(x[i:i + batch_size].to(device), task_ids[i:i + batch_size].to(device))
+            p, c = self.module.predict_mixture(x[i:i + batch_size].to(device), task_ids[i:i + batch_size],
+                                               task_weights[i:i + batch_size])
             perf.append(p.float().cpu())
             cost.append(c.float().cpu())
         perf_t = torch.cat(perf) if perf else torch.zeros(0, len(self.models))
@@ -124,6 +135,5 @@ class Router:
         if feats is None:
             feats = self.encoder.encode(list(queries), batch_size=batch_size)
         feats = torch.as_tensor(feats)
-        needs = tasks is None or any(not t or t not in self._task_index for t in tasks)
-        inferred = self.inferred_tasks(queries, feats) if needs else None
-        return self.route_embeddings(feats, self.task_ids(tasks, len(queries), inferred), lam=lam)
+        idx, w = self.task_weights(queries, feats, tasks)
+        return self.route_embeddings(feats, idx, lam=lam, task_weights=w)
