@@ -1,37 +1,56 @@
 """Recipe discovery and Hydra composition, with one-line errors instead of tracebacks.
 
-Recipes are YAML files in the top-level `recipes/` folder; the config groups `data/`, `model/`,
-`trainer/`, `logger/` and `strategy/` live beside them in `recipes/`, and `callbacks/` is its own
-top-level folder. Wheels carry a copy of both folders inside the package (`_configs/`).
+All configuration lives under `recipes/` (the Hydra config root): the primary config `fit.yaml`,
+the recipes as the config group `recipe/` (package `_global_`: a recipe holds only what differs
+from `fit.yaml`), and the groups `data/`, `datamodule/`, `selection/`, `model/`, `student/`,
+`trainer/`, `strategy/`, `logger/`, `callbacks/`, `cluster/`, `debug/` and `templates/`. The `fit`
+command is a `@hydra.main` application over `fit.yaml`; `compose_recipe` composes the same config
+for code and tests. Wheels carry a copy of `recipes/` inside the package (`_configs/`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from datetime import datetime
 from pathlib import Path
 
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
-
-GROUPS = ("data", "model", "student", "trainer", "logger", "strategy", "cluster", "callbacks")
 
 
 class ConfigError(ValueError):
     """A recipe or override problem, phrased as one line that names the valid choices."""
 
 
+def _run_dir(run_dir: str | None, runs_root: str, recipe: str) -> str:
+    """hydra.run.dir: `run_dir` when given, else <runs_root>/<recipe>/<timestamp> (a suffix keeps runs
+    started in the same second apart). Cached per arguments, so one process resolves it once."""
+    if run_dir not in (None, "", "None", "null"):
+        return str(run_dir)
+    base = Path(str(runs_root)) / str(recipe) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    path, i = base, 1
+    while path.exists():
+        path, i = base.with_name(f"{base.name}_{i}"), i + 1
+    return str(path)
+
+
+if not OmegaConf.has_resolver("fl_run_dir"):
+    OmegaConf.register_new_resolver("fl_run_dir", _run_dir, use_cache=True)
+
+
 def config_root() -> Path:
-    """The folder holding `recipes/` and `callbacks/`: $FUSION_LIGHTNING_CONFIG_ROOT, the source tree, or the wheel copy."""
+    """The folder holding `recipes/`: $FUSION_LIGHTNING_CONFIG_ROOT, the source tree, or the wheel copy."""
     env = os.environ.get("FUSION_LIGHTNING_CONFIG_ROOT")
     if env:
         return Path(env).resolve()
     src = Path(__file__).resolve().parent.parent
-    if (src / "recipes").is_dir() and (src / "callbacks").is_dir():
+    if (src / "recipes" / "fit.yaml").is_file():
         return src
     return Path(__file__).resolve().parent / "_configs"
 
@@ -43,7 +62,7 @@ def recipes_dir() -> Path:
 def list_recipes() -> dict[str, str]:
     """Recipe name -> its one-line description."""
     out = {}
-    for p in sorted(recipes_dir().glob("*.yaml")):
+    for p in sorted((recipes_dir() / "recipe").glob("*.yaml")):
         try:
             desc = (yaml.safe_load(p.read_text()) or {}).get("description", "")
         except yaml.YAMLError:
@@ -53,15 +72,13 @@ def list_recipes() -> dict[str, str]:
 
 
 def group_options(group: str) -> list[str]:
-    root = config_root()
-    folder = root / group if group == "callbacks" else root / "recipes" / group
-    return sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "base")
+    return sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml") if p.stem != "base")
 
 
-def _keys_at(recipe: str, dotted: str) -> list[str]:
-    """Keys of the node `dotted` in the recipe as composed without overrides (for error messages)."""
+def _keys_at(config_name: str, base: list[str], dotted: str) -> list[str]:
+    """Keys of the node `dotted` in the config composed with only `base` overrides (for error messages)."""
     try:
-        node = compose_recipe(recipe, ())
+        node = compose_config(config_name, base)
         for part in [p for p in dotted.split(".") if p]:
             node = node[part]
         return sorted(node.keys())
@@ -69,43 +86,54 @@ def _keys_at(recipe: str, dotted: str) -> list[str]:
         return []
 
 
-def _one_line(e: Exception, recipe: str) -> str:
+def one_line(e: Exception, config_name: str = "fit", base: list[str] | None = None) -> str:
+    """A Hydra / OmegaConf composition error as one line naming the valid keys or choices (of
+    `config_name` composed with the `base` overrides, e.g. the recipe choice)."""
     msg = str(e).strip()
     m = re.search(r"Could not override '([\w.]+)'", msg)
     if m:
         key = m.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        keys = _keys_at(recipe, parent)
+        keys = _keys_at(config_name, base or [], parent)
         where = f"under {parent!r}" if parent else "at the top level"
-        return f"unknown config key {key!r} (use +{key}=... to add a new key); valid keys {where}: {', '.join(keys)}"
+        return (f"unknown config key {key!r} (use +{key}=... to add a new key)"
+                + (f"; valid keys {where}: {', '.join(keys)}" if keys else ""))
     m = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", msg)
-    if m and m.group(1) in GROUPS:
+    if m and (recipes_dir() / m.group(1)).is_dir():
         group, name = m.group(1), m.group(2)
         return f"unknown {group} {name!r}; choose from: {', '.join(group_options(group))}"
-    first = msg.splitlines()[0] if msg else type(e).__name__
-    return first
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+def compose_config(config_name: str, overrides: list[str] | tuple[str, ...] = (),
+                   base: list[str] | None = None) -> DictConfig:
+    """Compose `recipes/<config_name>.yaml` with Hydra overrides (the hydra node resolved and dropped);
+    ConfigError on any problem. The one composer behind `fit`, `templates build` and the tests."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # `${hydra:...}` resolves as in a @hydra.main app
+            run_dir = OmegaConf.select(cfg, "hydra.run.dir")
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(one_line(e, config_name, base)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        del cfg["hydra"]
+        if "run_dir" in cfg:
+            cfg.run_dir = run_dir
+    OmegaConf.set_struct(cfg, True)
+    return cfg
 
 
 def compose_recipe(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose `recipes/<recipe>.yaml` with Hydra overrides; raise ConfigError on any problem."""
+    """The config `python -m fusion_lightning.fit recipe=RECIPE OVERRIDES...` runs, with `recipe` set to
+    its name and `run_dir` to its run dir (given, or <runs_root>/<recipe>/<timestamp>)."""
     recipes = list_recipes()
     if recipe not in recipes:
         raise ConfigError(f"unknown recipe {recipe!r}; choose from: {', '.join(recipes) or '(none found)'}")
-    root = config_root()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(root / "recipes"), version_base="1.3"):
-            cfg = compose(config_name=recipe,
-                          overrides=[*overrides, f"hydra.searchpath=[file://{root}]"],
-                          return_hydra_config=False)
-    except MissingConfigException as e:
-        raise ConfigError(_one_line(e, recipe)) from None
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise ConfigError(_one_line(e, recipe)) from None
-    finally:
-        GlobalHydra.instance().clear()
-    with_recipe = OmegaConf.to_container(cfg, resolve=False)
-    with_recipe["recipe"] = recipe
-    cfg = OmegaConf.create(with_recipe)
-    OmegaConf.set_struct(cfg, True)
+    cfg = compose_config("fit", [f"recipe={recipe}", *overrides], base=[f"recipe={recipe}"])
+    with open_dict(cfg):
+        cfg.recipe = recipe
     return cfg

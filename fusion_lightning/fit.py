@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fusion_lightning import tracking
@@ -32,7 +35,8 @@ from fusion_lightning.checkpointing import (
     checkpoint_plugins,
     find_last,
 )
-from fusion_lightning.config import ConfigError, compose_recipe, list_recipes
+from fusion_lightning.config import ConfigError, compose_recipe, list_recipes, recipes_dir
+from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import REWARD_SETTINGS
 
 USAGE = """usage: python -m fusion_lightning.fit recipe=NAME [key=value ...]
@@ -43,21 +47,6 @@ Runs a recipe from recipes/; every other argument is a Hydra override, e.g.
 SIGTERM (or SIGUSR1 outside SLURM auto-requeue) saves <run_dir>/checkpoints/last.ckpt and exits with
 code 75; the same command with run_dir=<that run dir> ckpt_path=last resumes exactly.
 """
-
-
-def resolve_run_dir(cfg: DictConfig) -> Path:
-    """`run_dir` if set, else <runs_root>/<recipe>/<timestamp> (a suffix keeps concurrent runs apart)."""
-    if cfg.get("run_dir"):
-        path = Path(str(cfg.run_dir))
-    else:
-        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        base = Path(str(cfg.get("runs_root") or "checkpoints/runs")) / cfg.recipe / stamp
-        path, i = base, 1
-        while path.exists():
-            path, i = base.with_name(f"{base.name}_{i}"), i + 1
-    path = path.expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _instantiate_all(node: DictConfig | None) -> list[Any]:
@@ -114,16 +103,38 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     console.print(table)
 
 
-def fit(cfg: DictConfig) -> dict[str, Any]:
-    """Run a composed recipe; returns the summary (also written to <run_dir>/summary.json)."""
-    run_dir = resolve_run_dir(cfg)
+@dataclass
+class Run:
+    """Everything one recipe run is made of, built from its config (`build`) and run by `run`."""
+
+    cfg: DictConfig
+    run_dir: Path
+    datamodule: L.LightningDataModule
+    model: L.LightningModule
+    callbacks: list[Any]
+    loggers: list[Any]
+    trainer: L.Trainer
+    fault: FaultTolerance
+    resolved: dict[str, Any] = field(default_factory=dict)
+
+
+def build(cfg: DictConfig, logs: LogTable | None = None) -> Run:
+    """Seed, then instantiate data, model, callbacks, loggers and trainer from their `_target_` entries.
+
+    `logs`: an already loaded and split LogTable for the DataModule (e.g. a cross-validation fold)."""
+    if not cfg.get("run_dir"):
+        raise ValueError("cfg.run_dir is not set: compose the config with compose_recipe or run the fit command")
+    run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    OmegaConf.save(OmegaConf.create(tracking.redact(resolved)), run_dir / "config.yaml")  # no secrets on disk
+    if rank_zero_only.rank == 0:  # DDP child ranks share the run dir: one writer
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(tracking.redact(resolved)), run_dir / "config.yaml")  # no secrets on disk
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-    datamodule = instantiate(cfg.datamodule, _convert_="all")
+    extra = {"logs": logs} if logs is not None else {}
+    datamodule = instantiate(cfg.datamodule, _convert_="all", **extra)
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = instantiate(cfg.model, **datamodule.model_kwargs(), _convert_="all")
@@ -136,7 +147,14 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     strategy = _strategy(cfg.get("strategy"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, fault], logger=loggers or False,
                                      strategy=strategy, plugins=_plugins(cfg, strategy))
+    return Run(cfg, run_dir, datamodule, model, callbacks, loggers, trainer, fault, resolved)
+
+
+def run(r: Run) -> dict[str, Any]:
+    """`trainer.fit`, then validate and test the best checkpoint; returns the summary (also summary.json)."""
+    cfg, run_dir, trainer, model, datamodule = r.cfg, r.run_dir, r.trainer, r.model, r.datamodule
     ckpt_path = cfg.get("ckpt_path")
+    ckpt_dir = r.fault.dirpath
     to_check = find_last(ckpt_dir) if ckpt_path == "last" else ckpt_path
     if to_check and str(to_check) not in ("best", "hpc", "registry"):
         check_checkpoint(to_check, model, cfg.recipe)
@@ -146,12 +164,12 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
         best = ckpt_cb.best_model_path if ckpt_cb is not None and getattr(ckpt_cb, "best_model_path", "") else None
         metrics = _float_metrics(trainer.callback_metrics)  # train/* of the last epoch
         # val/* and test/* both from the checkpoint that test uses, so the numbers belong together
-        for run in (trainer.validate, trainer.test):
-            run(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        for stage in (trainer.validate, trainer.test):
+            stage(model, datamodule=datamodule, ckpt_path=best, verbose=False)
             metrics.update(_float_metrics(trainer.callback_metrics))
     except SIGTERMException:  # Lightning stopped at a safe point; FaultTolerance saved last.ckpt
-        tracking.finish(loggers, exit_code=EXIT_INTERRUPTED)
-        raise RunInterrupted(fault.signal_name, fault.saved, trainer.current_epoch, trainer.global_step,
+        tracking.finish(r.loggers, exit_code=EXIT_INTERRUPTED)
+        raise RunInterrupted(r.fault.signal_name, r.fault.saved, trainer.current_epoch, trainer.global_step,
                              f"python -m fusion_lightning.fit recipe={cfg.recipe} <same overrides> "
                              f"run_dir={run_dir} ckpt_path=last") from None
 
@@ -160,9 +178,10 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
         artifacts["best_checkpoint"] = best
     if ckpt_cb is not None and getattr(ckpt_cb, "last_model_path", ""):
         artifacts["last_checkpoint"] = ckpt_cb.last_model_path
-    artifacts.update(datamodule.write_artifacts(run_dir))
+    if trainer.is_global_zero:
+        artifacts.update(datamodule.write_artifacts(run_dir))
     extra: dict[str, Any] = {}  # e.g. router_auto's selection
-    for obj in (model, *callbacks):
+    for obj in (model, *r.callbacks):
         artifacts.update(getattr(obj, "artifacts", {}) or {})
         extra.update(getattr(obj, "summary_fields", {}) or {})
     summary = {
@@ -176,9 +195,40 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    tracking.log_artifacts(loggers, run_dir, summary)
-    tracking.finish(loggers)
+    tracking.log_artifacts(r.loggers, run_dir, summary)
+    tracking.finish(r.loggers)
     return summary
+
+
+def fit(cfg: DictConfig, logs: LogTable | None = None) -> dict[str, Any]:
+    """Run a composed recipe end to end (`build`, then `run`); returns the summary."""
+    return run(build(cfg, logs))
+
+
+def _task(cfg: DictConfig) -> None:
+    """The Hydra task: one run (once per combination with -m). Errors become exit codes, not tracebacks."""
+    hc = HydraConfig.get()
+    with open_dict(cfg):
+        cfg.recipe = hc.runtime.choices["recipe"]
+        cfg.run_dir = hc.runtime.output_dir
+    try:
+        summary = fit(cfg)
+    except RunInterrupted as e:  # SIGTERM/SIGUSR1: last.ckpt saved, resumable
+        print(f"stopped: {e}", file=sys.stderr)
+        _EXIT.append(EXIT_INTERRUPTED)
+        return
+    except (ValueError, FileNotFoundError) as e:  # bad data or settings: one clear line, no traceback
+        if os.environ.get("FUSION_LIGHTNING_DEBUG"):
+            raise
+        print(f"error: {e}  (FUSION_LIGHTNING_DEBUG=1 shows the traceback)", file=sys.stderr)
+        _EXIT.append(1)
+        return
+    if rank_zero_only.rank == 0:
+        _print_summary(summary, Path(cfg.run_dir))
+        print(f"run dir: {cfg.run_dir}")
+
+
+_EXIT: list[int] = []  # exit codes of the runs in this process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,28 +242,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name.ljust(width)}  {desc}")
         return 0 if argv else 2
     recipe = [a.split("=", 1)[1] for a in argv if a.startswith("recipe=")]
-    overrides = [a for a in argv if not a.startswith("recipe=")]
     if len(recipe) != 1:
         print(f"error: give exactly one recipe=NAME; choose from: {', '.join(list_recipes())}", file=sys.stderr)
         return 2
-    try:
-        cfg = compose_recipe(recipe[0], overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = fit(cfg)
-    except RunInterrupted as e:  # SIGTERM/SIGUSR1: last.ckpt saved, resumable
-        print(f"stopped: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError) as e:  # bad data or settings: one clear line, no traceback
-        if os.environ.get("FUSION_LIGHTNING_DEBUG"):
-            raise
-        print(f"error: {e}  (FUSION_LIGHTNING_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 1
-    _print_summary(summary, Path(cfg.run_dir))
-    print(f"run dir: {cfg.run_dir}")
-    return 0
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    child = any(a.startswith("hydra.") for a in argv)  # a DDP rank Lightning's launcher started
+    if not multirun and not child:  # one-line errors before Hydra runs (its own are tracebacks)
+        try:
+            compose_recipe(recipe[0], [a for a in argv if not a.startswith("recipe=")])
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    # Hydra reads sys.argv; Lightning's DDP launcher re-runs this command for the other ranks with
+    # hydra.run.dir=<this run's dir>, so every rank shares one run dir
+    sys.argv = [sys.argv[0], *argv]
+    _EXIT.clear()
+    app = hydra.main(config_path=str(recipes_dir()), config_name="fit", version_base="1.3")(_task)
+    app()
+    return max(_EXIT, default=0)
 
 
 if __name__ == "__main__":

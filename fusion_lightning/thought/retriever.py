@@ -1,7 +1,8 @@
 """The template retriever: a bi-encoder LightningModule trained with InfoNCE, and exact top-k search.
 
 Two ways to train, one interface (`encode_queries`, `encode_templates`):
-- `mode: finetune` (the default): the query encoder (packaged MiniLM, or any HF encoder) fine-tuned
+- `mode: auto` (the default) is `head` for the weightless `hashing` encoder, else `finetune`;
+- `mode: finetune`: the query encoder (packaged MiniLM, or any HF encoder) fine-tuned
   end to end, mean-pooled and L2-normalised like sentence-transformers, shared by queries and templates;
 - `mode: head`: frozen embeddings of any `build_encoder` name (e.g. `hashing` for CPU tests) with
   a trainable linear map per side, initialised to the identity, so step 0 equals the frozen encoder.
@@ -26,18 +27,20 @@ from torch import nn
 from fusion_lightning.data.embeddings import build_encoder
 from fusion_lightning.thought.metrics import retrieval_metrics
 
-MODES = ("finetune", "head")
+MODES = ("auto", "finetune", "head")
 
 
 class TemplateRetriever(L.LightningModule):
-    def __init__(self, encoder: str = "minilm", mode: str = "finetune", max_length: int = 128,
+    def __init__(self, encoder: str = "minilm", mode: str = "auto", max_length: int = 128,
                  temperature: float = 0.05, lr: float = 2e-5, head_lr: float = 1e-3, weight_decay: float = 0.01,
                  ks: Sequence[int] = (1, 3, 5), encode_batch_size: int = 128, distill_weight: float = 0.0,
                  teacher_temperature: float = 0.02):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"model.mode={mode!r}; choose from: {', '.join(MODES)}")
-        self.save_hyperparameters()
+        if mode == "auto":  # an encoder without weights (hashing) can only be frozen
+            mode = "head" if str(encoder).startswith("hashing") else "finetune"
+        self.save_hyperparameters()  # with the resolved mode
         self.ks = tuple(int(k) for k in ks)
         if mode == "finetune":
             from transformers import AutoModel, AutoTokenizer

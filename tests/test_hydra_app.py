@@ -1,0 +1,83 @@
+"""`python -m fusion_lightning.fit` as a Hydra application: one run dir shared by every DDP rank,
+`-m` sweeps with one run dir per combination and a sweep summary, `debug=fast`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusion_lightning.compare import main as compare_main
+from fusion_lightning.config import compose_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fit(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fusion_lightning.fit", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _summaries(root: Path) -> list[Path]:
+    return sorted(root.rglob("summary.json"))
+
+
+def test_two_process_ddp_run_leaves_one_run_dir(tmp_path: Path) -> None:
+    """Lightning's launcher re-runs the command for rank 1; Hydra hands it rank 0's run dir."""
+    r = _fit(["recipe=router_mlp", "debug=fast", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+              f"runs_root={tmp_path / 'runs'}", "logger=none"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "error" not in r.stderr.lower(), r.stderr[-3000:]
+    run_dirs = [p for p in (tmp_path / "runs" / "router_mlp").iterdir()]
+    assert len(run_dirs) == 1, run_dirs
+    assert _summaries(tmp_path / "runs") == [run_dirs[0] / "summary.json"]
+    summary = json.loads((run_dirs[0] / "summary.json").read_text())
+    assert (run_dirs[0] / summary["artifacts"]["best_checkpoint"]).is_file()
+    assert (run_dirs[0] / "train_ddp_process_1.log").is_file()  # rank 1 ran, in the same dir
+    assert f"run dir: {run_dirs[0]}" in r.stdout
+
+
+def test_multirun_gives_a_run_dir_per_combination_and_a_sweep_summary(tmp_path: Path, capsys) -> None:
+    r = _fit(["-m", "recipe=router_mlp", "debug=fast", "seed=1,2", f"runs_root={tmp_path / 'runs'}", "logger=none"],
+             cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sweep,) = (tmp_path / "runs" / "router_mlp" / "multirun").iterdir()
+    assert [p.parent.name for p in _summaries(sweep)] == ["0", "1"]
+    seeds = [json.loads(p.read_text())["seed"] for p in _summaries(sweep)]
+    assert seeds == [1, 2]
+    record = json.loads((sweep / "sweep.json").read_text())
+    assert [j["status"] for j in record["jobs"]] == ["completed", "completed"]
+    assert any("seed=1" in o for o in record["jobs"][0]["overrides"])
+    table = (sweep / "comparison" / "comparison.md").read_text()
+    assert "| 1 |" in table and "| 2 |" in table
+    assert compare_main(["--root", str(sweep), "--out", str(tmp_path / "cmp")]) == 0
+    assert "Comparison of 2 runs" in capsys.readouterr().out
+
+
+def test_run_dir_is_exact_when_given_and_timestamped_under_runs_root_otherwise(tmp_path: Path) -> None:
+    exact = compose_recipe("router_mlp", [f"run_dir={tmp_path / 'here'}"])
+    assert exact.run_dir == str(tmp_path / "here")
+    default = compose_recipe("router_knn", [f"runs_root={tmp_path}"])
+    assert Path(default.run_dir).parent == tmp_path / "router_knn"
+
+
+def test_debug_fast_is_small_hashing_and_one_epoch() -> None:
+    cfg = compose_recipe("router_auto", ["debug=fast"])
+    assert cfg.trainer.max_epochs == 1 and cfg.datamodule.encoder == "hashing"
+    assert cfg.data.synthetic.n_queries == 240
+    assert compose_recipe("distill_top_k", ["debug=fast"]).data.synthetic.n_queries == 240
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["recipe=nope"], "unknown recipe 'nope'; choose from: "),
+    (["recipe=router_mlp", "debug=slow"], "unknown debug 'slow'; choose from: fast"),
+    (["recipe=router_mlp", "model.nope=1"], "unknown config key 'model.nope'"),
+])
+def test_bad_commands_are_one_line_errors(argv: list[str], message: str, tmp_path: Path) -> None:
+    r = _fit(argv, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
