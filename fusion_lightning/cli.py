@@ -17,19 +17,14 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from fusion_lightning.config import ConfigError, group_options, recipes_dir
+from fusion_lightning.config import ConfigError, compose_config, group_options
 
 
 def data_group(name: str) -> dict[str, Any]:
-    """The `data` config group entry NAME (over its `base`), resolved, as recipes compose it."""
-    folder = recipes_dir() / "data"
-    path = folder / f"{name}.yaml"
-    if not path.is_file():
+    """The `data` config group entry NAME, resolved, exactly as recipes compose it."""
+    if name not in group_options("data"):
         raise ConfigError(f"unknown data {name!r}; choose from: {', '.join(group_options('data'))}")
-    base = OmegaConf.load(folder / "base.yaml")
-    own = OmegaConf.load(path)
-    own.pop("defaults", None)
-    return OmegaConf.to_container(OmegaConf.merge(base, own), resolve=True)  # type: ignore[return-value]
+    return OmegaConf.to_container(compose_config("data_only", [f"data={name}"]).data, resolve=True)
 
 
 def _load_file(path: str, key: str) -> Any:

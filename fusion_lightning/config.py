@@ -23,12 +23,14 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from fusion_lightning.data import source as _source  # noqa: F401  registers the data/base schema with Hydra
+
 
 class ConfigError(ValueError):
     """A recipe or override problem, phrased as one line that names the valid choices."""
 
 
-def _run_dir(run_dir: str | None, runs_root: str, recipe: str) -> str:
+def run_dir_for(run_dir: str | None, runs_root: str, recipe: str) -> str:
     """hydra.run.dir: `run_dir` when given, else <runs_root>/<recipe>/<timestamp> (a suffix keeps runs
     started in the same second apart). Cached per arguments, so one process resolves it once."""
     if run_dir not in (None, "", "None", "null"):
@@ -41,7 +43,7 @@ def _run_dir(run_dir: str | None, runs_root: str, recipe: str) -> str:
 
 
 if not OmegaConf.has_resolver("fl_run_dir"):
-    OmegaConf.register_new_resolver("fl_run_dir", _run_dir, use_cache=True)
+    OmegaConf.register_new_resolver("fl_run_dir", run_dir_for, use_cache=True)
 
 
 def config_root() -> Path:
@@ -90,6 +92,9 @@ def one_line(e: Exception, config_name: str = "fit", base: list[str] | None = No
     """A Hydra / OmegaConf composition error as one line naming the valid keys or choices (of
     `config_name` composed with the `base` overrides, e.g. the recipe choice)."""
     msg = str(e).strip()
+    cause = str(e.__cause__ or "").strip()
+    if msg.startswith("Error merging override") and cause:  # a value of the wrong type, e.g. val_fraction=abc
+        return f"{msg.removeprefix('Error merging override ')}: {cause.splitlines()[0]}"
     m = re.search(r"Could not override '([\w.]+)'", msg)
     if m:
         key = m.group(1)

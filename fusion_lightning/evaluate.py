@@ -26,10 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from fusion_lightning.cli import data_group, parse_args
-from fusion_lightning.config import ConfigError
+from fusion_lightning.config import ConfigError, run_dir_for
 from fusion_lightning.evaluation import Evaluation, evaluate, table_rows
 
 DEFAULTS: dict[str, Any] = {"data": None, "routers": {}, "thought": None, "student": None, "split": "test",
@@ -110,7 +108,6 @@ def write_report(ev: Evaluation, run_dir: Path, data_counts: dict[str, Any] | No
 def run(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     """Load the log, evaluate, write the report; returns (summary, run dir)."""
     from fusion_lightning.data.datamodule import load_from_config
-    from fusion_lightning.fit import resolve_run_dir
 
     logs = load_from_config(cfg["data"] or data_group("synthetic"))
     routers = cfg["routers"] or {}
@@ -119,8 +116,8 @@ def run(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     ev = evaluate(logs, routers=routers, thought=cfg["thought"], student=cfg["student"], split=cfg["split"],
                   lam=float(cfg["lam"]), tasks=cfg["tasks"], max_per_task=cfg["max_per_task"], seed=int(cfg["seed"]),
                   sampling=cfg["sampling"])
-    run_dir = resolve_run_dir(OmegaConf.create({"run_dir": cfg["out"], "runs_root": cfg["runs_root"],
-                                                "recipe": "evaluate"}))
+    run_dir = Path(run_dir_for(cfg["out"], cfg["runs_root"], "evaluate")).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
     ev.notes.extend(logs.report.notes)
     return write_report(ev, run_dir, logs.summary()), run_dir
 

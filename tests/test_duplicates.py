@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fusion_lightning.data.datamodule import SOURCE_DEFAULTS, LogDataModule, load_from_config
+from fusion_lightning.data.datamodule import LogDataModule, load_from_config
 from fusion_lightning.data.errors import LogValidationError
 from fusion_lightning.data.logtable import load_logs
+from fusion_lightning.data.source import SOURCE_DEFAULTS
 
 
 def _row(q: str, m: str, perf, cost, inp, out, judge, resp) -> dict:

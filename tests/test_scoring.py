@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fusion_lightning.data.datamodule import SOURCE_DEFAULTS, load_from_config
+from fusion_lightning.data.datamodule import load_from_config
 from fusion_lightning.data.logtable import load_logs
 from fusion_lightning.data.readers.common import as_objects, canonical_table
+from fusion_lightning.data.source import SOURCE_DEFAULTS
 from fusion_lightning.scoring import ALIASES, SCORERS, get_scorer, metric_names, score
 from fusion_lightning.scoring.code import SandboxLimits, code_eval, extract_code, run_program, sandbox_report
 from fusion_lightning.scoring.latex import equivalent, last_boxed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,39 +13,25 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from fusion_lightning.data.logtable import LogTable, load_logs
-from fusion_lightning.data.readers import ReaderOptions
-
-SOURCE_DEFAULTS: dict[str, Any] = {
-    "format": "synthetic", "path": None, "catalog": None, "queries": None, "task": None,
-    "on_error": "raise", "duplicates": "error", "split": "auto", "split_seed": 0, "val_fraction": 0.1,
-    "test_fraction": 0.2, "rescore": False, "responses": True,
-    "synthetic": {"n_queries": 3000, "models": 20, "seed": 0},
-}
+from fusion_lightning.data.source import DataSource
 
 
 def load_from_config(data: Mapping[str, Any] | DictConfig) -> LogTable:
-    """The `data` config group -> a validated, split LogTable."""
+    """The `data` config group (a DataSource) -> a validated, split LogTable."""
     if isinstance(data, DictConfig):
         data = OmegaConf.to_container(data, resolve=True)
-    unknown = set(data) - set(SOURCE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown data key(s) {sorted(unknown)}; valid: {', '.join(SOURCE_DEFAULTS)}")
-    d = {**SOURCE_DEFAULTS, **data}
-    # re-scoring reads the responses whatever `responses` says
-    options = ReaderOptions(catalog=d["catalog"], queries=d["queries"], task=d["task"],
-                            responses=bool(d["responses"] or d["rescore"]))
-    split_args = dict(on_error=d["on_error"], duplicates=d["duplicates"], split=d["split"],
-                      split_seed=d["split_seed"], val_fraction=d["val_fraction"],
-                      test_fraction=d["test_fraction"], rescore=d["rescore"])
-    if d["format"] == "synthetic":
+    d = DataSource.from_config(dict(data))
+    split_args = dict(on_error=d.on_error, duplicates=d.duplicates, split=d.split, split_seed=d.split_seed,
+                      val_fraction=d.val_fraction, test_fraction=d.test_fraction, rescore=d.rescore)
+    if d.format == "synthetic":
         from fusion_lightning.data.readers.llmfusionbench import from_tables
         from fusion_lightning.data.synthetic import generate_llmfusionbench
 
-        table = generate_llmfusionbench(**d["synthetic"])
-        return load_logs("synthetic", source=from_tables([("synthetic", table)], options), **split_args)
-    if d["path"] is None:
-        raise ValueError(f"data.path is required for data.format={d['format']}")
-    return load_logs(d["format"], d["path"], options=options, **split_args)
+        table = generate_llmfusionbench(**asdict(d.synthetic))
+        return load_logs("synthetic", source=from_tables([("synthetic", table)], d.reader_options()), **split_args)
+    if d.path is None:
+        raise ValueError(f"data.path is required for data.format={d.format}")
+    return load_logs(d.format, d.path, options=d.reader_options(), **split_args)
 
 
 class LogDataModule(L.LightningDataModule):
