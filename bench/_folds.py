@@ -9,13 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fusion_lightning.data.logtable import LogTable, _stratified_assign
 from fusion_lightning.data.matrix import QueryMatrix
 from fusion_lightning.data.readers.common import codes, from_codes
 from fusion_lightning.data.schema import SPLITS
-from fusion_lightning.query.metrics import RoutingArrays
 
 
 def query_folds(qm: QueryMatrix, k: int, seed: int) -> np.ndarray:
@@ -48,13 +46,6 @@ def fold_logs(logs: LogTable, qm: QueryMatrix, folds: np.ndarray, fold: int, val
     code = np.array([names.index(by_text[x]) for x in row_texts], np.int64)
     table = t.set_column(t.schema.get_field_index("split"), "split", from_codes(code[qi], names))
     return LogTable(table, logs.catalog, logs.report, logs.task_descriptions)
-
-
-def routing_arrays(tensors: dict[str, torch.Tensor]) -> RoutingArrays:
-    """A RouterDataModule split as the metrics' arrays (as RouterModule builds them)."""
-    f = {k: tensors[k].numpy().astype(np.float64) for k in ("perf", "cost", "perf_n", "cost_n")}
-    return RoutingArrays(f["perf"], f["cost"], f["perf_n"], f["cost_n"], tensors["mask"].numpy().astype(bool),
-                         tensors["task"].numpy())
 
 
 # scikit-learn baselines (FusionFactory, RouterBench, LLMRouter) -----------------------------------

@@ -90,7 +90,7 @@ def log_table(name: str, result: dict, tp: dict, args: argparse.Namespace) -> tu
     rows, known = result["rows"], result["costs_known"]
     winners = ", ".join(f"{w} ×{c}" for w, c in result["winners"].most_common()) or "—"
     head = ["router", "folds", "perf", "gap closed", "task-blind gap closed", "cost (µ$/query)",
-            "cost to match best single", "train s", "decisions/s (cached)", "end to end / encoder", "notes"]
+            "cost to match best single", "fit s", "decisions/s (cached)", "end to end / encoder", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     records = []
     for n in _order(rows):
@@ -115,7 +115,8 @@ def log_table(name: str, result: dict, tp: dict, args: argparse.Namespace) -> tu
                "e2e": f"{tp[n]['e2e_ratio']:.2f}×" if "e2e_ratio" in tp.get(n, {}) else "—", "notes": note}
         records.append(rec)
         lines.append("| " + " | ".join(str(v) for v in rec.values()) + " |")
-    lines += ["", *verdicts(rows, result)]
+    lines += ["", "fit s: our routers, the whole `fit` run (train, validate and test the best checkpoint); the "
+              "peers and the ensemble, their training.", "", *verdicts(rows, result)]
     if result["peer_errors"]:
         lines += ["", "Peers that did not run: " + "; ".join(f"{k}: {v}" for k, v in result["peer_errors"].items())]
     return "\n".join(lines), records

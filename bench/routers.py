@@ -42,6 +42,7 @@ from _routers_report import BASELINES, throughput, write_tables  # noqa: E402
 from fusion_lightning.callbacks.routing_report import costs_known  # noqa: E402
 from fusion_lightning.config import compose_recipe  # noqa: E402
 from fusion_lightning.data.datamodule import load_from_config  # noqa: E402
+from fusion_lightning.fit import build, run  # noqa: E402
 from fusion_lightning.query.base import split_arrays  # noqa: E402
 from fusion_lightning.query.metrics import (  # noqa: E402
     cost_to_match,
@@ -93,8 +94,8 @@ def data_overrides(spec: str) -> list[str]:
 
 def recipe(name: str, data: str, run_dir: str, args: argparse.Namespace):
     """The router's recipe as `fit` composes it; the bench only trims epochs in --quick / for the encoder."""
-    over = [*data_overrides(data), "logger=none", f"run_dir={run_dir}", "~callbacks.progress_bar",
-            "~callbacks.routing_report"]
+    over = [*data_overrides(data), "logger=none", f"run_dir={run_dir}", f"seed={args.seed}",
+            "~callbacks.progress_bar", "~callbacks.routing_report", "+trainer.enable_progress_bar=false"]
     if name == "encoder":
         over += [f"trainer.max_epochs={args.encoder_epochs}", "datamodule.max_length=64"]
     elif args.quick and name != "knn":
@@ -102,20 +103,15 @@ def recipe(name: str, data: str, run_dir: str, args: argparse.Namespace):
     return compose_recipe(f"router_{name}", over)
 
 
-def train(name: str, data: str, dm, args: argparse.Namespace) -> tuple[L.LightningModule, float]:
-    """Fit as `fit` does (seed, model from the recipe, callbacks, Trainer), then test the best checkpoint."""
+def train(name: str, data: str, logs, args: argparse.Namespace) -> tuple[L.LightningModule, float]:
+    """Exactly what `fit` runs (build, then run: fit, validate and test the best checkpoint) on one fold's
+    logs; returns the tested model and the seconds of the whole run."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = recipe(name, data, tmp, args)
-        L.seed_everything(args.seed, workers=True, verbose=False)
-        model = instantiate(cfg.model, **dm.model_kwargs(), _convert_="all")
-        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                              enable_model_summary=False)
+        r = build(recipe(name, data, tmp, args), logs=logs)
         t0 = time.perf_counter()
-        trainer.fit(model, datamodule=dm)
+        run(r)
         seconds = time.perf_counter() - t0
-        trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)  # loads the best weights
-    return model.eval(), seconds
+    return r.model.eval(), seconds
 
 
 def evaluate(perf_hat: np.ndarray, cost_hat: np.ndarray | None, train, ev, sizes, known: bool) -> dict:
@@ -181,11 +177,7 @@ def run_log(data: str, args: argparse.Namespace, saved: Path):
         for name in args.routers:
             if name == "encoder" and f >= enc_folds:
                 continue
-            edm = dm
-            if name == "encoder":
-                edm = instantiate(recipe("encoder", data, "/tmp/unused", args).datamodule, logs=flogs,
-                                  _convert_="all")
-            module, sec = train(name, data, edm, args)
+            module, sec = train(name, data, flogs, args)
             out = module.eval_outputs["test"]
             assert np.array_equal(out["eval"].perf, ev.perf), "test order differs"
             preds[name] = (out["perf_hat"].astype(np.float64), out["cost_hat"].astype(np.float64))
@@ -225,7 +217,9 @@ def run_log(data: str, args: argparse.Namespace, saved: Path):
         print(f"[{data} fold {f + 1}/{args.folds}] baselines: " + "  ".join(
             f"{b} {rows[b][-1]['perf']:.3f}" for b in BASELINES), flush=True)
         winners.update(fold_winners)
-        last["dm"], last["edm"] = dm, (edm if "encoder" in args.routers and f < enc_folds else last.get("edm"))
+        last["dm"] = dm
+        if "encoder" in last:
+            last["edm"] = last["encoder"].trainer.datamodule
         done = done[:f] + [{"rows": {n: v[-1] for n, v in rows.items() if len(v) > before.get(n, 0)},
                             "winners": fold_winners}]
         OUT.mkdir(exist_ok=True)
