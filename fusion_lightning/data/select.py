@@ -1,4 +1,5 @@
-"""Top-k response selection: which logged answers a student is distilled from.
+"""Top-k response selection: which logged answers a student is distilled from (model level) and a
+thought template is summarised from (thought level, `thought/select.py`); shared, so it sits below both.
 
 Per query, the logged responses are ranked and the top k kept. Strategies:
 - `performance`: score desc, then shorter, then cheaper;
