@@ -203,7 +203,7 @@ def load_logs(fmt: str, path: str | Path | None = None, *, source: SourceData | 
     check_duplicates_mode(duplicates)  # before reading: a typo should not wait for a big file
     src = source if source is not None else read_source(fmt, path, options)
     if rescore:
-        from fusion_lightning.scoring.rescore import rescore_source
+        from fusion_lightning.data.rescore import rescore_source
 
         src = rescore_source(src)
     result = validate(src, on_error=on_error, duplicates=duplicates)
