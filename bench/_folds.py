@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusion_lightning.data.arrow import codes, from_codes
 from fusion_lightning.data.logtable import LogTable, _stratified_assign
 from fusion_lightning.data.matrix import QueryMatrix
-from fusion_lightning.data.readers.common import codes, from_codes
 from fusion_lightning.data.schema import SPLITS
 from fusion_lightning.query.metrics import RoutingArrays
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from fusion_lightning.data.arrow import as_objects
 from fusion_lightning.data.datamodule import SOURCE_DEFAULTS, load_from_config
 from fusion_lightning.data.logtable import load_logs
-from fusion_lightning.data.readers.common import as_objects, canonical_table
+from fusion_lightning.data.readers.common import canonical_table
 from fusion_lightning.data.rescore import rescore_table
 from fusion_lightning.scoring import ALIASES, SCORERS, get_scorer, metric_names, score
 from fusion_lightning.scoring.code import SandboxLimits, code_eval, extract_code, run_program, sandbox_report

@@ -10,9 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fusion_lightning.data.matrix import QueryMatrix
-from fusion_lightning.data.readers import ReaderOptions, SourceData, read_source
-from fusion_lightning.data.readers.common import (
+from fusion_lightning.data.arrow import (
     as_objects,
     code_values,
     codes,
@@ -21,6 +19,8 @@ from fusion_lightning.data.readers.common import (
     group_min,
     to_numpy,
 )
+from fusion_lightning.data.matrix import QueryMatrix
+from fusion_lightning.data.readers import ReaderOptions, SourceData, read_source
 from fusion_lightning.data.schema import SPLITS, ModelCatalog
 from fusion_lightning.data.validate import check_duplicates_mode, validate
 

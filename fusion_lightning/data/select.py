@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fusion_lightning.data.arrow import as_objects, codes
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import TaskNormaliser
-from fusion_lightning.data.readers.common import as_objects, codes
 
 STRATEGIES = ("performance", "judge", "hybrid", "cost_aware")
 
