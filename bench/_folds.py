@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fusion_lightning.data.arrow import codes, from_codes
 from fusion_lightning.data.logtable import LogTable, _stratified_assign
 from fusion_lightning.data.matrix import QueryMatrix
-from fusion_lightning.data.readers.common import codes, from_codes
 from fusion_lightning.data.schema import SPLITS
 
 

@@ -28,8 +28,8 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from fusion_lightning.data.arrow import as_objects
 from fusion_lightning.data.logtable import load_logs
-from fusion_lightning.data.readers.common import as_objects
 from fusion_lightning.scoring.numeric import (
     gsm8k,
     gsm8k_answer,

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 DEFAULT_METRICS = ("test/perf", "test/cost", "test/reward", "test/aiq", "test/gap_closed", "test/loss")
 # keys that differ between any two runs without saying anything about the experiment
@@ -176,6 +179,34 @@ def compare(runs: list[dict[str, Any]], metrics: list[str] | None, out: Path) ->
         raise ValueError(f"metric(s) {unknown} in none of the runs; they have e.g.: {', '.join(known[:20])}")
     cols, rows = table(runs, metrics)
     return write(cols, rows, metrics, out)
+
+
+class SweepSummary(Callback):
+    """What a Hydra multirun (`python -m fusion_lightning.fit -m recipe=... seed=1,2`) leaves in its sweep
+    dir (a Hydra callback, configured in recipes/fit.yaml): each job's overrides and outcome in
+    `sweep.json`, and this command's table over the jobs' run dirs in `comparison/`."""
+
+    def __init__(self) -> None:
+        self.jobs: list[dict[str, Any]] = []
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        hc = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else None
+        self.jobs.append({
+            "overrides": list(job_return.overrides or []),
+            "run_dir": str(hc.runtime.output_dir) if hc is not None else None,
+            "status": "completed" if job_return.status == JobStatus.COMPLETED else "failed",
+        })
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir():
+            return
+        runs, _ = find_runs(sweep_dir)
+        record = {"sweep_dir": str(sweep_dir), "jobs": self.jobs, "finished_runs": [str(r) for r in runs]}
+        if runs:
+            paths = compare([load_run(r) for r in runs], None, sweep_dir / "comparison")
+            record["comparison"] = {k: str(v) for k, v in paths.items()}
+        (sweep_dir / "sweep.json").write_text(json.dumps(record, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ sample of `max_per_task` queries per task), so the numbers are comparable:
 - query level: a router checkpoint routes each query; the recorded score and cost of the model it
   picks are counted (offline, no generation);
 - thought level (live): a backend answers each query zero-shot, few-shot (k random solved train
-  examples of the same task, chosen by `model.select`) and, with a template library, template-augmented
+  examples of the same task, chosen by `data.select`) and, with a template library, template-augmented
   (prompts from `thought.prompt`);
 - model level (live): a student directory (LocalBackend) answers zero-shot.
 Live columns are scored with the task's scorer against the ground truth; cost is the backend's
@@ -75,7 +75,7 @@ def eval_queries(qm: QueryMatrix, tasks: list[str] | None, max_per_task: int | N
 
 def _solved_examples(train: LogTable) -> dict[str, list[tuple[str, str]]]:
     """task -> (query, best response) of the train queries some model solved (top score 1)."""
-    from fusion_lightning.model.select import SelectionConfig, select_responses
+    from fusion_lightning.data.select import SelectionConfig, select_responses
 
     examples, _ = select_responses(train, SelectionConfig(strategy="performance", k=1))
     out: dict[str, list[tuple[str, str]]] = {}

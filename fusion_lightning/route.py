@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from fusion_lightning.data.readers.common import read_input_lines
+from fusion_lightning.data.text import read_input_lines
 from fusion_lightning.query.router import Router
 
 

@@ -12,8 +12,8 @@ from fusion_lightning.config import compose_recipe
 from fusion_lightning.data.logtable import load_logs
 from fusion_lightning.data.readers.common import SourceData, canonical_table
 from fusion_lightning.data.schema import ModelCatalog, ModelInfo
+from fusion_lightning.data.select import SelectionConfig, select_responses
 from fusion_lightning.fit import fit
-from fusion_lightning.model.select import SelectionConfig, select_responses
 from fusion_lightning.model.sft import (
     IGNORE,
     PLAIN_PROMPT,

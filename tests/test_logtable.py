@@ -273,7 +273,7 @@ def test_judge_reward_and_errors():
 # --------------------------------------------------------------------------------------------- grouping codes
 
 def test_codes_are_dense_in_dictionary_order_with_or_without_duplicate_entries():
-    from fusion_lightning.data.readers.common import codes
+    from fusion_lightning.data.arrow import codes
 
     distinct = pa.DictionaryArray.from_arrays(pa.array([2, None, 0, 2, 0], pa.int32()), pa.array(["a", "unused", "c"]))
     idx, values = codes(pa.chunked_array([distinct[:2], distinct[2:]]))
@@ -287,7 +287,7 @@ def test_codes_are_dense_in_dictionary_order_with_or_without_duplicate_entries()
 
 
 def test_from_codes_merges_equal_values_and_query_ids_match_one_by_one():
-    from fusion_lightning.data.readers.common import from_codes
+    from fusion_lightning.data.arrow import from_codes
     from fusion_lightning.data.schema import make_query_id, make_query_ids
 
     col = from_codes(np.array([0, 1, 2, 1]), ["a", "b", "a"])

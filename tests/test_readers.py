@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from fusion_lightning.data.logtable import load_logs
+from fusion_lightning.data.pricing import count_tokens
 from fusion_lightning.data.readers import ReaderOptions, read_source
-from fusion_lightning.data.readers.common import count_tokens, split_from_name, task_from_name
+from fusion_lightning.data.readers.files import split_from_name, task_from_name
 from fusion_lightning.data.readers.llmfusionbench import (
     parse_performance,
     parse_tensor_string,

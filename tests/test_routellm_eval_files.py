@@ -11,8 +11,8 @@ import pytest
 
 from fusion_lightning.data.errors import LogFormatError
 from fusion_lightning.data.logtable import load_logs
+from fusion_lightning.data.pricing import count_tokens
 from fusion_lightning.data.readers import read_source
-from fusion_lightning.data.readers.common import count_tokens
 from fusion_lightning.data.schema import domain_of
 
 MIXTRAL, GPT4 = "mixtral-8x7b-instruct-v0.1", "gpt-4-1106-preview"  # as RouteLLM's MMLU files name them

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from fusion_lightning.data.arrow import as_objects
 from fusion_lightning.data.datamodule import load_from_config
 from fusion_lightning.data.logtable import load_logs
-from fusion_lightning.data.readers.common import as_objects, canonical_table
+from fusion_lightning.data.readers.common import canonical_table
+from fusion_lightning.data.rescore import rescore_table
 from fusion_lightning.data.source import SOURCE_DEFAULTS
 from fusion_lightning.scoring import ALIASES, SCORERS, get_scorer, metric_names, score
 from fusion_lightning.scoring.code import SandboxLimits, code_eval, extract_code, run_program, sandbox_report
 from fusion_lightning.scoring.latex import equivalent, last_boxed
 from fusion_lightning.scoring.numeric import gsm8k, gsm8k_answer, math_equiv
-from fusion_lightning.scoring.rescore import rescore_table
 from fusion_lightning.scoring.text import cem, choice_letter, commongen_coverage, em_mc, f1, normalize_answer
 
 SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -10,7 +10,7 @@ import pytest
 from fusion_lightning.data.errors import LogFormatError
 from fusion_lightning.data.logtable import load_logs
 from fusion_lightning.data.readers import ReaderOptions, read_source
-from fusion_lightning.data.readers.common import read_input_lines
+from fusion_lightning.data.text import read_input_lines
 
 BAD = "\udcff\udcfe"  # the raw bytes \xff\xfe, as surrogateescape spells them in a str
 

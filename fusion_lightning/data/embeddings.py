@@ -115,6 +115,11 @@ class SentenceTransformerEncoder:
         return np.asarray(out, dtype=np.float32)
 
 
+def resolve_pretrained(name: str) -> str:
+    """'minilm' / 'all-MiniLM-L6-v2' -> the packaged model's folder; any other path or name as is."""
+    return SentenceTransformerEncoder(name).path
+
+
 class HashingEncoder:
     """Signed feature hashing of lowercased unigrams + bigrams.
 

@@ -10,9 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fusion_lightning.data.matrix import QueryMatrix
-from fusion_lightning.data.readers import ReaderOptions, SourceData, read_source
-from fusion_lightning.data.readers.common import (
+from fusion_lightning.data.arrow import (
     as_objects,
     code_values,
     codes,
@@ -21,6 +19,8 @@ from fusion_lightning.data.readers.common import (
     group_min,
     to_numpy,
 )
+from fusion_lightning.data.matrix import QueryMatrix
+from fusion_lightning.data.readers import ReaderOptions, SourceData, read_source
 from fusion_lightning.data.schema import SPLITS, ModelCatalog
 from fusion_lightning.data.validate import check_duplicates_mode, validate
 
@@ -203,7 +203,7 @@ def load_logs(fmt: str, path: str | Path | None = None, *, source: SourceData | 
     check_duplicates_mode(duplicates)  # before reading: a typo should not wait for a big file
     src = source if source is not None else read_source(fmt, path, options)
     if rescore:
-        from fusion_lightning.scoring.rescore import rescore_source
+        from fusion_lightning.data.rescore import rescore_source
 
         src = rescore_source(src)
     result = validate(src, on_error=on_error, duplicates=duplicates)

@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fusion_lightning.data.arrow import code_values, codes, map_values, to_numpy
 from fusion_lightning.data.errors import LogValidationError, RowIssue
-from fusion_lightning.data.readers.common import SourceData, code_values, codes, map_values, to_numpy
+from fusion_lightning.data.readers.common import SourceData
 
 ON_ERROR = ("raise", "quarantine")
 DUPLICATES = ("error", "mean", "first", "last")  # data.duplicates: a (query, model) pair logged twice, differently

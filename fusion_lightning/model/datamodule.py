@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from fusion_lightning.data.datamodule import LogDataModule
 from fusion_lightning.data.resumable import ResumableDataLoader
-from fusion_lightning.model.select import SelectionConfig, SelectionReport, select_responses
+from fusion_lightning.data.select import SelectionConfig, SelectionReport, select_responses
 from fusion_lightning.model.sft import (
     LengthGroupedSampler,
     Tokenized,

@@ -12,14 +12,9 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
-from fusion_lightning.data.embeddings import SentenceTransformerEncoder
+from fusion_lightning.data.embeddings import resolve_pretrained
 from fusion_lightning.query.base import LogitRouter
 from fusion_lightning.query.datamodule import RouterDataModule
-
-
-def resolve_pretrained(name: str) -> str:
-    """'minilm' / 'all-MiniLM-L6-v2' -> the packaged model's folder; any other path or name as is."""
-    return SentenceTransformerEncoder(name).path
 
 
 class EncoderRouterDataModule(RouterDataModule):

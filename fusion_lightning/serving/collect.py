@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion_lightning.data.readers.common import read_input_lines
 from fusion_lightning.data.schema import ModelCatalog, make_query_id
+from fusion_lightning.data.text import read_input_lines
 from fusion_lightning.scoring import resolve_metric, score
 from fusion_lightning.scoring.formats import zero_shot_prompt
-from fusion_lightning.scoring.judge import judge_responses
 from fusion_lightning.serving import Backend, build_backend
+from fusion_lightning.serving.judge import judge_responses
 
 THINK_SUFFIX = "_think"  # LLMFusionBench's name for the reasoning-prompt variant of a model
 THINK_LINE = "Let's think step by step."

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fusion_lightning.data.arrow import as_objects
 from fusion_lightning.data.embeddings import Encoder
 from fusion_lightning.data.logtable import LogTable
-from fusion_lightning.data.readers.common import as_objects
-from fusion_lightning.model.select import Example
+from fusion_lightning.data.select import Example
 from fusion_lightning.thought.library import Template, TemplateLibrary
 from fusion_lightning.thought.select import TemplateSelection, select_for_templates
 from fusion_lightning.thought.summarise import Summariser

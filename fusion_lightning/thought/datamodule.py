@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fusion_lightning.data.arrow import as_objects
 from fusion_lightning.data.datamodule import LogDataModule
 from fusion_lightning.data.embeddings import build_encoder, embed_texts
-from fusion_lightning.data.readers.common import as_objects
 from fusion_lightning.thought.build import build_library
 from fusion_lightning.thought.library import TemplateLibrary
 from fusion_lightning.thought.metrics import bm25_scores

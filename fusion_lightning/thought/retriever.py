@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_lightning.data.embeddings import build_encoder
+from fusion_lightning.data.embeddings import build_encoder, resolve_pretrained
 from fusion_lightning.thought.metrics import retrieval_metrics
 
 MODES = ("auto", "finetune", "head")
@@ -44,8 +44,6 @@ class TemplateRetriever(L.LightningModule):
         self.ks = tuple(int(k) for k in ks)
         if mode == "finetune":
             from transformers import AutoModel, AutoTokenizer
-
-            from fusion_lightning.query.encoder import resolve_pretrained
 
             if str(encoder).startswith("hashing"):
                 raise ValueError(f"the {encoder!r} encoder has no weights to fine-tune; use model.mode=head with it "

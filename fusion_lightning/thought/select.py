@@ -1,7 +1,7 @@
 """Which logged responses a query's thought template is summarised from.
 
-Reuses the model level's ranking (`fusion_lightning.model.select`) and adds what the paper's
-thought level does differently:
+Reuses the response ranking the model level distils from (`fusion_lightning.data.select`) and adds
+what the paper's thought level does differently:
 - `hybrid` (the paper's): the top `pool_size` (5) by performance then cost, re-ranked by judge then
   cost, keep the top `n` (3);
 - `performance` / `judge`: the model level's strategies, keep the top `n`;
@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from fusion_lightning.data.logtable import LogTable
-from fusion_lightning.model.select import Example, SelectionConfig, SelectionReport, select_responses
+from fusion_lightning.data.select import Example, SelectionConfig, SelectionReport, select_responses
 
 THOUGHT_STRATEGIES = ("performance", "judge", "hybrid")
 

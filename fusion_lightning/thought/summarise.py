@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fusion_lightning.model.select import Example
+from fusion_lightning.data.select import Example
 from fusion_lightning.scoring.formats import answer_instruction
 from fusion_lightning.serving import Backend
 

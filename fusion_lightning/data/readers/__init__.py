@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from fusion_lightning.data.readers.common import ReaderOptions, SourceData, drop_cross_split_duplicates
+from fusion_lightning.data.readers.common import ReaderOptions, SourceData
+from fusion_lightning.data.readers.files import drop_cross_split_duplicates
 
 Reader = Callable[[Path, ReaderOptions], SourceData]
 READERS: dict[str, Reader] = {}

@@ -23,20 +23,13 @@ import pyarrow.dataset as pads
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from fusion_lightning.data.arrow import code_values, first_rows
 from fusion_lightning.data.errors import LogFormatError, RowIssue
 from fusion_lightning.data.readers import register_reader
-from fusion_lightning.data.readers.common import (
-    ReaderOptions,
-    SourceData,
-    code_values,
-    fill_derived,
-    find_files,
-    first_rows,
-    read_json_records,
-    read_utf8_buffer,
-    split_from_name,
-)
+from fusion_lightning.data.readers.common import ReaderOptions, SourceData, fill_derived
+from fusion_lightning.data.readers.files import find_files, split_from_name
 from fusion_lightning.data.schema import DICT, FULL_SCHEMA, ModelCatalog, ModelInfo, parse_param_count
+from fusion_lightning.data.text import read_json_records, read_utf8_buffer
 
 REQUIRED = ("task_name", "query", "llm", "performance")
 RENAME = {"task_name": "task", "llm": "model", "input_tokens_num": "input_tokens",

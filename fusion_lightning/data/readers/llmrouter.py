@@ -11,20 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusion_lightning.data.errors import LogFormatError, RowIssue
+from fusion_lightning.data.pricing import TOKEN_ESTIMATOR, count_tokens, price_calls
 from fusion_lightning.data.readers import register_reader
-from fusion_lightning.data.readers.common import (
-    TOKEN_ESTIMATOR,
-    ReaderOptions,
-    SourceData,
-    canonical_table,
-    count_tokens,
-    price_calls,
-    read_json_records,
-    split_from_name,
-    task_from_name,
-    to_float,
-)
+from fusion_lightning.data.readers.common import ReaderOptions, SourceData, canonical_table, to_float
+from fusion_lightning.data.readers.files import split_from_name, task_from_name
 from fusion_lightning.data.schema import ModelCatalog, ModelInfo
+from fusion_lightning.data.text import read_json_records
 
 CATALOG_NAMES = ("llm_candidates.json", "catalog.json", "models.json")
 

@@ -19,22 +19,12 @@ from importlib import resources
 from pathlib import Path
 
 from fusion_lightning.data.errors import LogFormatError, RowIssue
+from fusion_lightning.data.pricing import TOKEN_ESTIMATOR, count_tokens, price_calls
 from fusion_lightning.data.readers import register_reader
-from fusion_lightning.data.readers.common import (
-    TOKEN_ESTIMATOR,
-    ReaderOptions,
-    SourceData,
-    canonical_table,
-    count_tokens,
-    find_files,
-    price_calls,
-    read_json_records,
-    read_text,
-    split_from_name,
-    task_from_name,
-    to_float,
-)
+from fusion_lightning.data.readers.common import ReaderOptions, SourceData, canonical_table, to_float
+from fusion_lightning.data.readers.files import find_files, split_from_name, task_from_name
 from fusion_lightning.data.schema import ModelCatalog, known_task
+from fusion_lightning.data.text import read_json_records, read_text
 
 # task (or the task a sub-task such as `mmlu_abstract_algebra` belongs to) -> metric
 TASK_METRICS = {"gsm8k": "GSM8K", "math": "MATH", "mmlu": "em_mc", "mbpp": "code_eval"}

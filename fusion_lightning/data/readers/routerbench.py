@@ -15,16 +15,10 @@ import pyarrow.csv as pacsv
 
 from fusion_lightning.data.errors import LogFormatError, RowIssue
 from fusion_lightning.data.readers import register_reader
-from fusion_lightning.data.readers.common import (
-    ReaderOptions,
-    SourceData,
-    canonical_table,
-    find_files,
-    read_utf8_buffer,
-    split_from_name,
-    to_float,
-)
+from fusion_lightning.data.readers.common import ReaderOptions, SourceData, canonical_table, to_float
+from fusion_lightning.data.readers.files import find_files, split_from_name
 from fusion_lightning.data.schema import ModelCatalog, ModelInfo
+from fusion_lightning.data.text import read_utf8_buffer
 
 REQUIRED = ("sample_id", "prompt", "eval_name")
 

@@ -1,4 +1,5 @@
-"""Top-k response selection: which logged answers a student is distilled from.
+"""Top-k response selection: which logged answers a student is distilled from (model level) and a
+thought template is summarised from (thought level, `thought/select.py`); shared, so it sits below both.
 
 Per query, the logged responses are ranked and the top k kept. Strategies:
 - `performance`: score desc, then shorter, then cheaper;
@@ -21,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fusion_lightning.data.arrow import as_objects, codes
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import TaskNormaliser
-from fusion_lightning.data.readers.common import as_objects, codes
 
 STRATEGIES = ("performance", "judge", "hybrid", "cost_aware")
 

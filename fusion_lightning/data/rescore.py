@@ -16,7 +16,8 @@ from dataclasses import replace
 import numpy as np
 import pyarrow as pa
 
-from fusion_lightning.data.readers.common import SourceData, as_objects, codes
+from fusion_lightning.data.arrow import as_objects, codes
+from fusion_lightning.data.readers.common import SourceData
 from fusion_lightning.scoring import get_scorer, resolve_metric
 from fusion_lightning.scoring.code import SandboxLimits, code_eval
 

@@ -4,6 +4,9 @@ The judge sees the question, the reference answer and the response and must end 
 `Score: <s>` where s is one of the rubric values. Anything else (no score line, two different score
 lines, a value off the rubric) is *missing* (None), never 0: a judge that failed to answer says
 nothing about the response.
+
+A judge calls a backend, so it lives with the serving clients; `fusion_lightning.scoring` stays pure
+functions of (response, ground truth).
 """
 
 from __future__ import annotations
