@@ -23,7 +23,12 @@ from fusion_lightning.config import compose_recipe  # noqa: E402
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-    """The stock strategy minus its CUDA-only checks (device check, device-index validation)."""
+    """The stock strategy minus its CUDA-only checks (device check, device-index validation). Also usable
+    from the fit command: `strategy._target_=deepspeed_cpu.CPUDeepSpeedStrategy` with tests/ on PYTHONPATH."""
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu", self.local_rank)  # DeepSpeed reads the rank from the device index
 
     def setup_environment(self) -> None:
         DDPStrategy.setup_environment(self)

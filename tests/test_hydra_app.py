@@ -81,3 +81,20 @@ def test_bad_commands_are_one_line_errors(argv: list[str], message: str, tmp_pat
     r = _fit(argv, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_two_process_deepspeed_zero2_run_leaves_one_run_dir(tmp_path: Path) -> None:
+    """The same launch path under ZeRO-2, through the test-only CPU DeepSpeed strategy."""
+    r = _fit(["recipe=distill_top_k", "debug=fast", "strategy=deepspeed_zero2", "model=student_full",
+              "strategy._target_=deepspeed_cpu.CPUDeepSpeedStrategy", "strategy.process_group_backend=gloo",
+              "trainer.devices=2", "trainer.accelerator=cpu", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2",
+              "callbacks.student_eval.max_queries=4", "callbacks.student_eval.max_new_tokens=4",
+              f"runs_root={tmp_path / 'runs'}", "logger=none"], cwd=ROOT, timeout=900,
+             env={"DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join(
+                 [str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dirs = list((tmp_path / "runs" / "distill_top_k").iterdir())
+    assert len(run_dirs) == 1 and _summaries(tmp_path / "runs") == [run_dirs[0] / "summary.json"]
+    summary = json.loads((run_dirs[0] / "summary.json").read_text())
+    assert summary["metrics"]["train/loss"] == summary["metrics"]["train/loss"]  # trained, not NaN
+    assert (run_dirs[0] / "train_ddp_process_1.log").is_file()
