@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -76,11 +77,40 @@ def test_sigusr1_mid_epoch_on_the_distilled_student_resumes_to_the_same_losses(t
                                              "+callbacks.signal.step=5", "+callbacks.signal.sig=SIGUSR1"]))
     assert info.value.step == 5 and Path(info.value.ckpt_path).name == "last.ckpt"
     ckpt = torch.load(info.value.ckpt_path, map_location="cpu", weights_only=True)
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches_yielded"] > 0  # mid-epoch
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["_num_yielded"] > 0  # mid-epoch
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored after fit
     resumed = fit(compose_recipe("distill_top_k", [*part, "ckpt_path=last"]))
     for key in ("test/loss", "train/loss", "val/loss"):
         assert resumed["metrics"][key] == pytest.approx(full["metrics"][key], rel=1e-5), key
+
+
+def test_slurm_requeue_mid_epoch_saves_hpc_checkpoint_at_step_end_and_resumes_exactly(
+        router_runs, tmp_path: Path, monkeypatch, caplog) -> None:
+    """Lightning's SLURM auto-requeue without a cluster: SLURM variables, a fake `scontrol` on PATH."""
+    tmp, full = router_runs
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "fl-test", "SLURM_JOB_ID": "4242",
+                       "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    run = [*_router(tmp, "requeue"), "+cluster=slurm"]
+    with pytest.raises(RunInterrupted, match=r"SIGUSR1 \(SLURM requeue\) at epoch 0, step 5: saved .*hpc_ckpt_1\.ckpt; "
+                                             r"SLURM requeued the job"):
+        fit(compose_recipe("router_mlp", [*run, "+callbacks.signal._target_=interrupt.SignalAtStep",
+                                          "+callbacks.signal.step=5", "+callbacks.signal.sig=SIGUSR1"]))
+    assert calls.read_text().split() == ["requeue", "4242"]
+    hpc = tmp / "requeue" / "hpc_ckpt_1.ckpt"
+    ckpt = torch.load(hpc, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 5 and ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["_num_yielded"] == 5
+    assert not (tmp / "requeue" / "checkpoints" / "last.ckpt").exists()  # no second, unused checkpoint
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        resumed = fit(compose_recipe("router_mlp", run))  # the requeued job: Lightning picks hpc_ckpt_1 itself
+    assert f"Restored all states from the checkpoint at {hpc}" in caplog.text
+    for key in ("test/perf", "test/cost", "test/loss", "val/loss", "train/loss", "test/aiq"):
+        assert resumed["metrics"][key] == pytest.approx(full["metrics"][key], rel=1e-6, abs=1e-9), key
 
 
 def test_checkpoints_load_weights_only(router_runs) -> None:

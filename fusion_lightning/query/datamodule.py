@@ -7,12 +7,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fusion_lightning.data.datamodule import LogDataModule
 from fusion_lightning.data.embeddings import build_encoder, embed_texts
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
-from fusion_lightning.data.resumable import EpochRandomSampler, ResumableDataLoader
+from fusion_lightning.data.resumable import EpochRandomSampler
 from fusion_lightning.query.task_classifier import fit_task_classifier, task_posterior
 
 UNKNOWN_TASK = "<unk>"
@@ -126,5 +127,5 @@ class RouterDataModule(LogDataModule):
         if not shuffle:
             return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers)
         # the order is a function of the epoch and the position is checkpointed: ckpt_path=last resumes exactly
-        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=EpochRandomSampler(ds, seed=0),
-                                   num_workers=self.num_workers, generator=g)
+        return StatefulDataLoader(ds, batch_size=self.batch_size, sampler=EpochRandomSampler(ds, seed=0),
+                                  num_workers=self.num_workers, generator=g)
