@@ -22,6 +22,7 @@ from fusion_lightning.checkpointing import (
 )
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.fit import fit, main
+from fusion_lightning.io import atomic_open, atomic_write
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -136,6 +137,17 @@ def test_a_failed_save_leaves_the_previous_last_ckpt_intact(tmp_path: Path, monk
     old = io.load_checkpoint(path)
     assert old["step"] == 1 and torch.equal(old["w"], torch.arange(4.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left behind
+
+
+def test_atomic_write_replaces_a_file_whole_or_not_at_all(tmp_path: Path) -> None:
+    path = atomic_write(tmp_path / "new" / "report.json", '{"v": 1}')  # parents created
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_text() == '{"v": 1}' and path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    with pytest.raises(RuntimeError, match="killed"), atomic_open(path, "w") as fh:
+        fh.write('{"v": 2, "trunc')
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == '{"v": 1}' and [p.name for p in path.parent.iterdir()] == ["report.json"]
 
 
 def test_a_truncated_checkpoint_is_a_one_line_error(router_runs, tmp_path: Path, capsys) -> None:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from fusion_lightning.data.logtable import LogTable, load_logs
 from fusion_lightning.data.readers import ReaderOptions
+from fusion_lightning.io import atomic_write
 
 SOURCE_DEFAULTS: dict[str, Any] = {
     "format": "synthetic", "path": None, "catalog": None, "queries": None, "task": None,
@@ -89,7 +90,7 @@ class LogDataModule(L.LightningDataModule):
         """Files the data step leaves in the run dir, name -> path: the data report (counts and how
         values were derived) and, with data.on_error=quarantine, the quarantined rows."""
         report = Path(run_dir) / "data_report.json"
-        report.write_text(json.dumps({"counts": self.summary(), "notes": self.logs.report.notes}, indent=2))
+        atomic_write(report, json.dumps({"counts": self.summary(), "notes": self.logs.report.notes}, indent=2))
         out = {"data_report": str(report)}
         q = self.logs.report.write_quarantine(Path(run_dir) / "quarantine.jsonl")
         if q:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fusion_lightning.data.datamodule import LogDataModule
+from fusion_lightning.io import atomic_write
 from fusion_lightning.model.select import SelectionConfig, SelectionReport, select_responses
 from fusion_lightning.model.sft import (
     LengthGroupedSampler,
@@ -94,6 +95,6 @@ class DistillDataModule(LogDataModule):
     def write_artifacts(self, run_dir: Path) -> dict[str, str]:
         out = super().write_artifacts(run_dir)
         path = Path(run_dir) / "selection_report.json"
-        path.write_text(json.dumps({s: vars(r) for s, r in self.reports.items()}, indent=2))
+        atomic_write(path, json.dumps({s: vars(r) for s, r in self.reports.items()}, indent=2))
         out["selection_report"] = str(path)
         return out

@@ -16,6 +16,7 @@ from pathlib import Path
 from fusion_lightning.data.embeddings import Encoder
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.readers.common import as_objects
+from fusion_lightning.io import atomic_write
 from fusion_lightning.model.select import Example
 from fusion_lightning.thought.library import Template, TemplateLibrary
 from fusion_lightning.thought.select import TemplateSelection, select_for_templates
@@ -94,5 +95,5 @@ def build_library(logs: LogTable, summariser: Summariser, encoder: Encoder, out:
     report.library_size = len(library)
     if out is not None:
         library.save(out)
-        (out / "build_report.json").write_text(json.dumps(asdict(report), indent=2))
+        atomic_write(out / "build_report.json", json.dumps(asdict(report), indent=2))
     return library, report
