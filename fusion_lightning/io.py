@@ -46,6 +46,25 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, encoding: str = "ut
     return Path(path)
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created, with its folder, if missing) for one-time work
+    that several processes may start at once: DDP ranks before their process group exists, one local
+    rank 0 per node on a shared disk. The first does the work; the others wait, then find it done.
+    No lock where the platform or filesystem has none (e.g. Lustre mounted without flock)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable (a no-op where directories cannot be opened or fsynced)."""
     try:

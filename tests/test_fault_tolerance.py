@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from fusion_lightning.checkpointing import (
 )
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.fit import fit, main
-from fusion_lightning.io import atomic_open, atomic_write
+from fusion_lightning.io import atomic_open, atomic_write, file_lock
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -148,6 +149,24 @@ def test_atomic_write_replaces_a_file_whole_or_not_at_all(tmp_path: Path) -> Non
         fh.write('{"v": 2, "trunc')
         raise RuntimeError("killed mid-write")
     assert path.read_text() == '{"v": 1}' and [p.name for p in path.parent.iterdir()] == ["report.json"]
+
+
+def test_file_lock_makes_concurrent_one_time_work_run_once(tmp_path: Path) -> None:
+    done, calls = tmp_path / "done", []
+
+    def prepare() -> None:  # what prepare_data does: build unless built, under the lock
+        with file_lock(tmp_path / ".lock"):
+            if not done.exists():
+                calls.append(1)
+                time.sleep(0.3)
+                atomic_write(done, "built")
+
+    threads = [threading.Thread(target=prepare) for _ in range(3)]  # separate opens: flock excludes them too
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1] and done.read_text() == "built"
 
 
 def test_a_truncated_checkpoint_is_a_one_line_error(router_runs, tmp_path: Path, capsys) -> None:
