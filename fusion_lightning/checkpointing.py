@@ -2,14 +2,14 @@
 
 Lightning 2.6 already turns SIGTERM into `trainer.received_sigterm` and raises `SIGTERMException`
 from its loops at the next safe point (end of a training batch, end of an epoch), calling every
-callback's `on_exception` first. `FaultTolerance` builds on that: it writes `last.ckpt` there, also
-treats SIGUSR1 as SIGTERM when SLURM's auto-requeue does not own that signal, and records the
+callback's `on_exception` first; it checkpoints the position of `StatefulDataLoader` train loaders
+and restores it on resume. `FaultTolerance` builds on that: it writes `last.ckpt` there, also
+treats SIGUSR1 as SIGTERM when nothing else handles it (SLURM auto-requeue does), and records the
 module class and recipe in every checkpoint so that a resume from the wrong one fails clearly.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import signal
 import threading
@@ -18,11 +18,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from fusion_lightning.io import atomic_open
 
 EXIT_INTERRUPTED = 75  # sysexits.h EX_TEMPFAIL: "try again later" - the run saved last.ckpt and can resume
 
@@ -33,30 +34,34 @@ class RunInterrupted(Exception):
     def __init__(self, signal_name: str, ckpt_path: str | None, epoch: int, step: int, resume: str):
         self.signal_name, self.ckpt_path, self.epoch, self.step = signal_name, ckpt_path, epoch, step
         saved = f"saved {ckpt_path}" if ckpt_path else "no checkpoint saved (no training step had run)"
-        super().__init__(f"interrupted by {signal_name} at epoch {epoch}, step {step}: {saved}; "
-                         f"resume with: {resume}")
+        then = ("SLURM requeued the job, which resumes from it" if ckpt_path and Path(ckpt_path).name.startswith("hpc_")
+                else f"resume with: {resume}")
+        super().__init__(f"interrupted by {signal_name} at epoch {epoch}, step {step}: {saved}; {then}")
+
+
+class Requeued(SIGTERMException):
+    """Raised at a safe point by `SLURMRequeue` once Lightning saved `ckpt_path` (hpc_ckpt_N.ckpt) and
+    requeued the job: the run stops like on SIGTERM, and FaultTolerance writes no last.ckpt of its own."""
+
+    def __init__(self, ckpt_path: str | None, signal_name: str = "SIGUSR1"):
+        super().__init__(f"requeued by SLURM after saving {ckpt_path}")
+        self.ckpt_path, self.signal_name = ckpt_path, signal_name
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into a temp file in the target's directory, fsync, then os.replace: a kill mid-write
-    leaves the previous checkpoint intact. Loads weights-only where the checkpoint allows it."""
+    """torch.save streamed into a temp file beside the target, fsynced, renamed (fusion_lightning.io).
+
+    Lightning's own TorchCheckpointIO serialises into memory, writes a temp file in the *system* temp
+    dir and moves it into place: a rename only where that dir is on the checkpoint's filesystem, else
+    (node-local /tmp, shared run dir: the usual cluster layout) a copy straight into `last.ckpt`, which
+    a kill mid-copy leaves truncated; nothing is fsynced. Loads weights-only where the checkpoint allows it.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not support storage_options: {storage_options!r}")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        with atomic_open(path, "wb") as fh:
+            torch.save(checkpoint, fh)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         if weights_only is False:
@@ -67,19 +72,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             rank_zero_warn(f"{path}: not loadable with weights_only=True ({str(e).splitlines()[0]}); "
                            "loading it as a trusted full pickle")
             return super().load_checkpoint(path, map_location=map_location, weights_only=False)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def checkpoint_plugins(strategy: Any) -> list[Any]:
@@ -174,22 +166,25 @@ class FaultTolerance(L.Callback):
         checkpoint["fusion_lightning"] = {"module_class": module_class(pl_module), "recipe": self.recipe}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after Lightning registered its handlers (it restores the originals in teardown)
-        env = trainer._accelerator_connector.cluster_environment
-        slurm_owns_it = isinstance(env, SLURMEnvironment) and env.auto_requeue
-        if not slurm_owns_it and threading.current_thread() is threading.main_thread():
-            connector = trainer._signal_connector
+        # after Lightning registered its handlers (it restores the originals in teardown): with
+        # SLURMEnvironment(auto_requeue=True) SIGUSR1 is Lightning's requeue signal, else it has none
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None) \
+                and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self._stop_like_sigterm)
 
-            def on_sigusr1(signum: int, frame: Any) -> None:
-                self.signal_name = "SIGUSR1"
-                connector._sigterm_notifier_fn(signum, frame)
-
-            signal.signal(signal.SIGUSR1, on_sigusr1)
+    def _stop_like_sigterm(self, signum: int, frame: Any) -> None:
+        self.signal_name = "SIGUSR1"
+        handler = signal.getsignal(signal.SIGTERM)  # Lightning's: sets trainer.received_sigterm
+        if callable(handler):
+            handler(signal.SIGTERM, frame)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
         self.interrupted = True
+        if isinstance(exception, Requeued):  # the hpc checkpoint is the one the requeued job resumes from
+            self.signal_name, self.saved = f"{exception.signal_name} (SLURM requeue)", exception.ckpt_path
+            return
         path = self.dirpath / "last.ckpt"
         if trainer.state.fn != TrainerFn.FITTING:  # during the final validate/test: training's last.ckpt stands
             self.saved = str(path) if path.is_file() else None

@@ -21,6 +21,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from fusion_lightning.io import atomic_open, atomic_write
+
 DEFAULT_METRICS = ("test/perf", "test/cost", "test/reward", "test/aiq", "test/gap_closed", "test/loss")
 # keys that differ between any two runs without saying anything about the experiment
 _NOISE = ("run_dir", "runs_root", "ckpt_path", "description", "recipe", "seed")
@@ -145,13 +147,13 @@ def write(cols: list[str], rows: list[list[Any]], metrics: list[str], out: Path)
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "comparison.md", "csv": out / "comparison.csv", "png": out / "comparison.png"}
-    with paths["csv"].open("w", newline="") as fh:
+    with atomic_open(paths["csv"], "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols)
         w.writerows([["" if isinstance(v, float) and math.isnan(v) else v for v in r] for r in rows])
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if c in metrics else "---" for c in cols) + "|"]
     lines += ["| " + " | ".join(_cell(v) for v in r) + " |" for r in rows]
-    paths["md"].write_text(f"# Comparison of {len(rows)} runs\n\n" + "\n".join(lines) + "\n")
+    atomic_write(paths["md"], f"# Comparison of {len(rows)} runs\n\n" + "\n".join(lines) + "\n")
     labels = [Path(str(r[0])).name for r in rows]
     n = max(len(metrics), 1)
     fig, axes = plt.subplots(1, n, figsize=(min(3.0 + 0.3 * len(rows), 8) * n, 3.8), squeeze=False)
@@ -163,7 +165,8 @@ def write(cols: list[str], rows: list[list[Any]], metrics: list[str], out: Path)
         ax.set_title(m, fontsize=9)
         ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(paths["png"], dpi=120)
+    with atomic_open(paths["png"]) as fh:
+        fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)
     return paths
 

@@ -29,6 +29,7 @@ from typing import Any
 from fusion_lightning.cli import data_group, parse_args
 from fusion_lightning.config import ConfigError, run_dir_for
 from fusion_lightning.evaluation import Evaluation, evaluate, table_rows
+from fusion_lightning.io import atomic_open, atomic_write
 
 DEFAULTS: dict[str, Any] = {"data": None, "routers": {}, "thought": None, "student": None, "split": "test",
                             "lam": 0.0, "tasks": None, "max_per_task": None, "seed": 0, "sampling": {},
@@ -51,7 +52,7 @@ def write_report(ev: Evaluation, run_dir: Path, data_counts: dict[str, Any] | No
     import matplotlib.pyplot as plt
 
     rows, cols = table_rows(ev), list(ev.columns)
-    with (run_dir / "fusion_table.csv").open("w", newline="") as fh:
+    with atomic_open(run_dir / "fusion_table.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["row", "kind", "domain", "queries"] + [f"{c}_{s}" for c in cols for s in ("perf", "cost")])
         w.writeheader()
         w.writerows(rows)
@@ -75,7 +76,7 @@ def write_report(ev: Evaluation, run_dir: Path, data_counts: dict[str, Any] | No
             lines.append(f"| {label} | {r['domain']} | {r['queries']} | " + " | ".join(cells) + " |")
     if ev.notes:
         lines += ["", "Notes:", *[f"- {n}" for n in ev.notes]]
-    (run_dir / "fusion_table.md").write_text("\n".join(lines) + "\n")
+    atomic_write(run_dir / "fusion_table.md", "\n".join(lines) + "\n")
 
     overall = next(r for r in rows if r["kind"] == "overall")
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(cols) + 2), 4.5))
@@ -89,7 +90,8 @@ def write_report(ev: Evaluation, run_dir: Path, data_counts: dict[str, Any] | No
     ax.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items() if k in ev.kinds.values()],
               fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(run_dir / "fusion_bars.png", dpi=120)
+    with atomic_open(run_dir / "fusion_bars.png") as fh:
+        fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)
 
     def clean(v: Any) -> Any:
@@ -101,7 +103,7 @@ def write_report(ev: Evaluation, run_dir: Path, data_counts: dict[str, Any] | No
                "gap_closed": ev.info.get("gap_closed", {}), "info": ev.info, "notes": ev.notes,
                "rows": [{k: clean(v) for k, v in r.items()} for r in rows],
                "artifacts": {"table_md": "fusion_table.md", "table_csv": "fusion_table.csv", "bars": "fusion_bars.png"}}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 

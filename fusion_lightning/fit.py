@@ -38,6 +38,7 @@ from fusion_lightning.checkpointing import (
 from fusion_lightning.config import ConfigError, compose_recipe, list_recipes, recipes_dir
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import REWARD_SETTINGS
+from fusion_lightning.io import atomic_write
 
 USAGE = """usage: python -m fusion_lightning.fit recipe=NAME [key=value ...]
 
@@ -130,7 +131,7 @@ def build(cfg: DictConfig, logs: LogTable | None = None) -> Run:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank_zero_only.rank == 0:  # DDP child ranks share the run dir: one writer
         run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(tracking.redact(resolved)), run_dir / "config.yaml")  # no secrets on disk
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(tracking.redact(resolved))))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     extra = {"logs": logs} if logs is not None else {}
@@ -194,7 +195,7 @@ def run(r: Run) -> dict[str, Any]:
         **extra,
     }
     if trainer.is_global_zero:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     tracking.log_artifacts(r.loggers, run_dir, summary)
     tracking.finish(r.loggers)
     return summary

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from fusion_lightning.data.text import read_input_lines
+from fusion_lightning.io import atomic_open
 from fusion_lightning.query.router import Router
 
 
@@ -42,12 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     tasks = [r.get("task") or r.get("task_name") for r in records]
     result = router.route([r["query"] for r in records], tasks=tasks, lam=args.lam, batch_size=args.batch_size)
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_open(args.output, "w", encoding="utf-8") as fh:  # complete file or none
         for rec, model, row in zip(records, result.models, result.scores, strict=True):
             out = {**rec, "model": model, "scores": dict(zip(result.candidates, map(float, row), strict=True))}
             fh.write(json.dumps(out) + "\n")
-    tmp.replace(args.output)  # complete file or none
     print(f"routed {len(records)} queries -> {args.output}")
     return 0
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from fusion_lightning.checkpointing import (
 )
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.fit import fit, main
+from fusion_lightning.io import atomic_open, atomic_write, file_lock
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -76,11 +79,40 @@ def test_sigusr1_mid_epoch_on_the_distilled_student_resumes_to_the_same_losses(t
                                              "+callbacks.signal.step=5", "+callbacks.signal.sig=SIGUSR1"]))
     assert info.value.step == 5 and Path(info.value.ckpt_path).name == "last.ckpt"
     ckpt = torch.load(info.value.ckpt_path, map_location="cpu", weights_only=True)
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches_yielded"] > 0  # mid-epoch
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["_num_yielded"] > 0  # mid-epoch
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored after fit
     resumed = fit(compose_recipe("distill_top_k", [*part, "ckpt_path=last"]))
     for key in ("test/loss", "train/loss", "val/loss"):
         assert resumed["metrics"][key] == pytest.approx(full["metrics"][key], rel=1e-5), key
+
+
+def test_slurm_requeue_mid_epoch_saves_hpc_checkpoint_at_step_end_and_resumes_exactly(
+        router_runs, tmp_path: Path, monkeypatch, caplog) -> None:
+    """Lightning's SLURM auto-requeue without a cluster: SLURM variables, a fake `scontrol` on PATH."""
+    tmp, full = router_runs
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "fl-test", "SLURM_JOB_ID": "4242",
+                       "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    run = [*_router(tmp, "requeue"), "+cluster=slurm"]
+    with pytest.raises(RunInterrupted, match=r"SIGUSR1 \(SLURM requeue\) at epoch 0, step 5: saved .*hpc_ckpt_1\.ckpt; "
+                                             r"SLURM requeued the job"):
+        fit(compose_recipe("router_mlp", [*run, "+callbacks.signal._target_=interrupt.SignalAtStep",
+                                          "+callbacks.signal.step=5", "+callbacks.signal.sig=SIGUSR1"]))
+    assert calls.read_text().split() == ["requeue", "4242"]
+    hpc = tmp / "requeue" / "hpc_ckpt_1.ckpt"
+    ckpt = torch.load(hpc, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 5 and ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["_num_yielded"] == 5
+    assert not (tmp / "requeue" / "checkpoints" / "last.ckpt").exists()  # no second, unused checkpoint
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        resumed = fit(compose_recipe("router_mlp", run))  # the requeued job: Lightning picks hpc_ckpt_1 itself
+    assert f"Restored all states from the checkpoint at {hpc}" in caplog.text
+    for key in ("test/perf", "test/cost", "test/loss", "val/loss", "train/loss", "test/aiq"):
+        assert resumed["metrics"][key] == pytest.approx(full["metrics"][key], rel=1e-6, abs=1e-9), key
 
 
 def test_checkpoints_load_weights_only(router_runs) -> None:
@@ -106,6 +138,35 @@ def test_a_failed_save_leaves_the_previous_last_ckpt_intact(tmp_path: Path, monk
     old = io.load_checkpoint(path)
     assert old["step"] == 1 and torch.equal(old["w"], torch.arange(4.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left behind
+
+
+def test_atomic_write_replaces_a_file_whole_or_not_at_all(tmp_path: Path) -> None:
+    path = atomic_write(tmp_path / "new" / "report.json", '{"v": 1}')  # parents created
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_text() == '{"v": 1}' and path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    with pytest.raises(RuntimeError, match="killed"), atomic_open(path, "w") as fh:
+        fh.write('{"v": 2, "trunc')
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == '{"v": 1}' and [p.name for p in path.parent.iterdir()] == ["report.json"]
+
+
+def test_file_lock_makes_concurrent_one_time_work_run_once(tmp_path: Path) -> None:
+    done, calls = tmp_path / "done", []
+
+    def prepare() -> None:  # what prepare_data does: build unless built, under the lock
+        with file_lock(tmp_path / ".lock"):
+            if not done.exists():
+                calls.append(1)
+                time.sleep(0.3)
+                atomic_write(done, "built")
+
+    threads = [threading.Thread(target=prepare) for _ in range(3)]  # separate opens: flock excludes them too
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1] and done.read_text() == "built"
 
 
 def test_a_truncated_checkpoint_is_a_one_line_error(router_runs, tmp_path: Path, capsys) -> None:

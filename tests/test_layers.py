@@ -3,6 +3,7 @@ source with `ast` (nothing is imported, so a lazy import inside a function count
 
 A part may import itself, the package root and the parts `MAY_IMPORT` names, nothing else:
 
+- `io` (atomic writes, file locks) sits below everything and imports nothing of the package;
 - `scoring/` is pure functions of (response, ground truth): it imports nothing else of the package;
 - `data/` (readers, validation, LogTable, embeddings, re-scoring, response ranking) may use scoring only;
 - `serving/`'s clients (backends, cache, judge, collect) may use data and scoring, never a level;
@@ -27,19 +28,21 @@ LEVELS = ("query", "thought", "model")
 COMPOSITIONS = {"fusion_lightning.serving.pipeline", "fusion_lightning.evaluation"}
 SUPPORT = {"fusion_lightning.config", "fusion_lightning.checkpointing", "fusion_lightning.tracking",
            "fusion_lightning.cli"}
-PARTS = ("root", "scoring", "data", "serving", *LEVELS, "callbacks", "composition", "support", "cli")
-BASE = {"data", "scoring"}
+UTIL = {"fusion_lightning.io"}  # atomic writes and file locks: below everything, imports nothing of ours
+PARTS = ("root", "util", "scoring", "data", "serving", *LEVELS, "callbacks", "composition", "support", "cli")
+BASE = {"util", "data", "scoring"}
 MAY_IMPORT: dict[str, set[str]] = {
     "root": set(),
+    "util": set(),
     "scoring": set(),
-    "data": {"scoring"},
+    "data": {"util", "scoring"},
     "serving": BASE,
     "query": BASE,
     "thought": BASE | {"serving"},  # thought/summarise.py: LLMSummariser over build_backend
     "model": BASE,
-    "callbacks": BASE | {"serving", *LEVELS},
+    "callbacks": BASE | {"serving", *LEVELS, "support"},  # slurm.py works with checkpointing's FaultTolerance
     "composition": BASE | {"serving", *LEVELS},
-    "support": {"data"},  # config.py registers the `data` config schema (data/source.py) with Hydra
+    "support": {"util", "data"},  # config.py registers the `data` config schema (data/source.py) with Hydra
     "cli": set(PARTS),
 }
 
@@ -63,6 +66,8 @@ def part_of(module: str, tree: ast.Module) -> str | None:
         return "composition"
     if module in SUPPORT:
         return "support"
+    if module in UTIL:
+        return "util"
     top = module.split(".")[1]
     if top in ("scoring", "data", "serving", "callbacks", *LEVELS):
         return top

@@ -84,7 +84,7 @@ def test_slurm_preset_adds_lightning_slurm_environment_and_requeue_callback() ->
     (plugin,) = cfg.trainer.plugins
     assert plugin._target_.endswith("SLURMEnvironment") and plugin.auto_requeue is True
     assert cfg.callbacks.slurm_requeue._target_ == "fusion_lightning.callbacks.slurm.SLURMRequeue"
-    assert cfg.callbacks.resume_state  # RNG state goes into the hpc checkpoint too
+    assert cfg.callbacks.resume_state  # RNG state goes into the hpc checkpoint too (Lightning saves none)
 
 
 # ---------------------------------------------------------------- real SLURM
@@ -179,6 +179,7 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted_run(
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text}"
     assert f"job {job} restart 0" in text and f"job {job} restart 1" in text
     assert "Handling auto-requeue signal" in text and (run / "hpc_ckpt_1.ckpt").exists(), text[-3000:]
+    assert "interrupted by SIGUSR1 (SLURM requeue)" in text and "SLURM requeued the job" in text, text[-3000:]
     restored = re.search(r"Restored all states from the checkpoint at (\S+)", text)
     assert restored and restored.group(1).endswith("hpc_ckpt_1.ckpt"), text[-3000:]
     got = json.loads((run / "summary.json").read_text())["metrics"]

@@ -45,6 +45,23 @@ def test_index_exact_top_k_with_task_filter():
     assert torch.equal(i[2], ref.indices[2]) and torch.equal(i[3], ref.indices[3])  # no/unknown task: all
 
 
+def test_library_is_built_once_in_prepare_data_and_loaded_in_setup_on_every_rank(tmp_path, monkeypatch):
+    kw = dict(library_dir=str(tmp_path / "lib"), encoder="hashing", embedding_cache=str(tmp_path / "emb"))
+    rank0 = TemplateDataModule(logs=planted_logs(), **kw)
+    rank0.prepare_data()  # Lightning: local rank 0 only, before setup anywhere
+    assert (tmp_path / "lib" / "library.json").is_file() and list((tmp_path / "emb").rglob("shard-*.npz"))
+
+    def no_second_build(*a, **k):
+        raise AssertionError("the library was built (summarised) again")
+
+    monkeypatch.setattr("fusion_lightning.thought.datamodule.build_library", no_second_build)
+    rank1 = TemplateDataModule(logs=planted_logs(), **kw)
+    rank1.setup("fit")  # every rank: loads the library and reads the cached query vectors
+    rank0.setup("fit")
+    assert [t.id for t in rank1.library.templates] == [t.id for t in rank0.library.templates]
+    assert np.array_equal(rank1._qv, rank0._qv)
+
+
 def _planted_run(tmp_path, dm_kw=None, model_kw=None):
     L.seed_everything(0, verbose=False)
     dm = TemplateDataModule(logs=planted_logs(), library_dir=str(tmp_path / "lib"), encoder="hashing",

@@ -1,6 +1,7 @@
 """Exact resumption: random-number-generator state saved in checkpoints and restored when training resumes.
 
-Lightning restores model, optimizer, scheduler and loop counters; the RNG state is ours to carry.
+Lightning restores model, optimizer, scheduler, loop counters and the position of `StatefulDataLoader`
+train loaders; it saves no torch/numpy/python RNG state in checkpoints, so that is ours to carry.
 It is applied at the start of the first training epoch (or batch, for a mid-epoch restore) after a
 restore, so Lightning's own set-up work (sanity validation, data-loader creation) cannot shift it.
 """
@@ -13,6 +14,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 
 def capture_rng() -> dict[str, Any]:
@@ -39,11 +41,12 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 class ResumeState(L.Callback):
-    """Carries the RNG state, and hands the train loaders their saved position (see data/resumable.py).
+    """Carries the RNG state, and warns if Lightning did not restore the train loaders' position.
 
-    Lightning restores stateful loaders itself only if it first builds them after the loop state is
-    restored; `trainer.estimated_stepping_batches` in `configure_optimizers` builds them earlier, so
-    the saved loader states are re-applied here at `on_train_start` (idempotent when Lightning did it).
+    Lightning drops the saved loader positions when the train loader was built before the checkpoint
+    was restored, as `trainer.estimated_stepping_batches` in `configure_optimizers` does (Lightning
+    issue #20550; Student reads it lazily for that reason): then the resumed epoch would silently
+    start from its first batch again.
     """
 
     def __init__(self) -> None:
@@ -55,15 +58,16 @@ class ResumeState(L.Callback):
         self._loader_states = list((fit_loop.get("state_dict") or {}).get("combined_loader") or [])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        states, self._loader_states = self._loader_states, []
-        if not states or not trainer.fit_loop.restarting:  # an epoch-boundary resume starts a fresh pass
+        saved, self._loader_states = self._loader_states, []
+        if not saved or not trainer.fit_loop.restarting:  # an epoch-boundary resume starts a fresh pass
             return
         loaders = trainer.train_dataloader
         loaders = list(loaders.values()) if isinstance(loaders, dict) else (
             list(loaders) if isinstance(loaders, list | tuple) else [loaders])
-        stateful = [dl for dl in loaders if hasattr(dl, "load_state_dict") and hasattr(dl, "state_dict")]
-        for loader, state in zip(stateful, states, strict=False):
-            loader.load_state_dict(state)
+        if [dl.state_dict() for dl in loaders if hasattr(dl, "state_dict")] != saved:
+            rank_zero_warn("the checkpoint's train-loader position was not restored (was the train loader built "
+                           "before the restore, e.g. by trainer.estimated_stepping_batches in configure_optimizers?"
+                           "): this resumed epoch starts from its first batch, not exactly where the run stopped")
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": capture_rng()}

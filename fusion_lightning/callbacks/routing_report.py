@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from fusion_lightning.io import atomic_open, atomic_write
 from fusion_lightning.query.metrics import (
     LAMBDAS,
     aiq,
@@ -108,11 +109,11 @@ class RoutingReport(Callback):
         paths = {"routing_table_md": run_dir / "routing_table.md", "routing_table_csv": run_dir / "routing_table.csv",
                  "pareto": run_dir / "pareto.png"}
         rows = report["rows"]
-        with paths["routing_table_csv"].open("w", newline="") as f:
+        with atomic_open(paths["routing_table_csv"], "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        paths["routing_table_md"].write_text(_markdown(report, stage))
+        atomic_write(paths["routing_table_md"], _markdown(report, stage))
         _plot(report, paths["pareto"], stage)
         return {k: str(v) for k, v in paths.items()}
 
@@ -155,8 +156,7 @@ def _plot(report: dict[str, Any], path: Path, stage: str) -> None:
     ax = fig.subplots()
     if not report["costs_known"]:
         _plot_performance(ax, report, stage)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        _save(fig, path)
         return
     singles, points = report["singles"], report["points"]
     hull = nondecreasing_hull(points)
@@ -177,8 +177,13 @@ def _plot(report: dict[str, Any], path: Path, stage: str) -> None:
     ax.set_ylabel("mean performance")
     ax.set_title(f"cost vs performance on {stage}")
     ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png", dpi=120)
 
 
 def _plot_performance(ax, report: dict[str, Any], stage: str) -> None:

@@ -1,56 +1,59 @@
-"""SLURM auto-requeue at a consistent point, so a requeued run resumes exactly.
+"""SLURM auto-requeue at a safe point, so the requeued job resumes exactly.
 
 Lightning's `SLURMEnvironment(auto_requeue=True)` handles the requeue signal (SIGUSR1) by saving
-`<default_root_dir>/hpc_ckpt_N.ckpt` and calling `scontrol requeue`; the restarted job resumes from that
-checkpoint. The handler runs wherever Python happens to be when the signal lands (mid optimizer step,
-mid validation), and such a checkpoint does not resume to the same numbers. This callback keeps
-Lightning's handler and its checkpoint/requeue logic but defers the call to the next safe point: the end of
-the training epoch (after validation and ModelCheckpoint, the same point as `last.ckpt`, so resume is
-exact), or the end of a training batch with `at="batch"` (for epochs longer than the signal's lead time;
-then exactness also needs a data loader that checkpoints its position). Under DDP the ranks agree on
-the decision, so they all save at the same step.
+`<default_root_dir>/hpc_ckpt_N.ckpt` and calling `scontrol requeue`; the requeued job resumes from
+the newest hpc checkpoint by itself. But the handler does that inside the signal handler, wherever
+Python is when the signal lands (between two parameter updates of an optimizer step, half-way
+through a validation), and such a checkpoint does not resume to the same numbers; checkpointed
+loader positions do not change that. This callback keeps Lightning's handler and defers the call to
+the end of the current optimizer step (for an epoch's last batch: the end of the epoch, after its
+validation and ModelCheckpoint), points from which Lightning resumes exactly, like `last.ckpt` on
+SIGTERM. Then it stops the run with `Requeued`, so FaultTolerance writes no last.ckpt of its own.
+Under DDP the ranks agree first, so they all save at the same step. A requeue signal during a
+separate validate/test run, or as training stops anyway, is logged and the run finishes.
 
-It is a `Checkpoint` subclass only so that Lightning orders it with the checkpoint callbacks (last) and
-calls it after ModelCheckpoint/EarlyStopping in the epoch-end hook: the hpc checkpoint then holds their
-state for this epoch, as `last.ckpt` does.
+It is a `Checkpoint` subclass so that Lightning orders it after ModelCheckpoint/EarlyStopping in the
+epoch-end hook: the hpc checkpoint then holds their state for this epoch, as `last.ckpt` does.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import signal
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint
 
+from fusion_lightning.checkpointing import FaultTolerance, Requeued
+
 log = logging.getLogger(__name__)
 
 
 class SLURMRequeue(Checkpoint):
-    def __init__(self, at: Literal["epoch", "batch"] = "epoch") -> None:
-        if at not in ("epoch", "batch"):
-            raise ValueError(f"SLURMRequeue: at must be 'epoch' or 'batch', got {at!r}")
-        self.at = at
+    def __init__(self) -> None:
         self.pending = False
         self._lightning_handler: Any = None
         self._signum: int | None = None
 
     def _defer(self, signum: int, frame: Any) -> None:
-        log.info("SLURM requeue signal %s received: checkpoint and requeue at the end of this %s", signum, self.at)
+        log.info("SLURM requeue signal %s received: checkpoint and requeue at the end of this step", signum)
         self.pending = True
 
     def _install(self, trainer: L.Trainer) -> None:
         """Swap Lightning's registered requeue handler for the deferring one (after Lightning registered it)."""
-        env = trainer._accelerator_connector.cluster_environment
-        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None):
+        env = getattr(trainer.strategy, "cluster_environment", None)  # parallel strategies; else the default
+        signum = env.requeue_signal if isinstance(env, SLURMEnvironment) and env.requeue_signal else signal.SIGUSR1
+        current = signal.getsignal(signum)
+        # Lightning installs a handler only with auto_requeue=True; FaultTolerance's is a plain SIGTERM stop
+        if not callable(current) or current == self._defer or isinstance(getattr(current, "__self__", None),
+                                                                          FaultTolerance):
             return
-        current = signal.getsignal(env.requeue_signal)
-        if current == self._defer or current in (None, signal.SIG_DFL, signal.SIG_IGN):
-            return
-        self._signum, self._lightning_handler = int(env.requeue_signal), current
-        signal.signal(env.requeue_signal, self._defer)
+        self._signum, self._lightning_handler = int(signum), current
+        signal.signal(signum, self._defer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install(trainer)
@@ -61,22 +64,23 @@ class SLURMRequeue(Checkpoint):
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install(trainer)
 
-    def _maybe_requeue(self, trainer: L.Trainer) -> None:
-        if self._lightning_handler is None:
-            return
-        if not trainer.strategy.reduce_boolean_decision(self.pending, all=False):
-            return
-        if trainer.should_stop:  # training ends here anyway; only the short val/test of fit() remain
-            log.info("SLURM requeue signal received as training stops: finishing instead of requeueing")
-            self.pending = False
+    def _requeue_if_signalled(self, trainer: L.Trainer) -> None:
+        if self._lightning_handler is None or not trainer.strategy.reduce_boolean_decision(self.pending, all=False):
             return
         self.pending = False
-        self._lightning_handler(self._signum, None)  # Lightning: save hpc checkpoint, `scontrol requeue`
+        if trainer.should_stop:  # training ends here anyway; only the short val/test of fit() remain
+            log.info("SLURM requeue signal received as training stops: finishing instead of requeueing")
+            return
+        self._lightning_handler(self._signum, None)  # Lightning: save hpc_ckpt_N.ckpt, `scontrol requeue`
+        saved = sorted(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"),
+                       key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+        raise Requeued(str(saved[-1]) if saved else None, signal.Signals(self._signum).name)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.at == "batch":
-            self._maybe_requeue(trainer)
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # not mid gradient accumulation, and an epoch's last batch waits for its validation and epoch end
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and batch_idx + 1 < trainer.num_training_batches:
+            self._requeue_if_signalled(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at == "epoch":
-            self._maybe_requeue(trainer)
+        self._requeue_if_signalled(trainer)

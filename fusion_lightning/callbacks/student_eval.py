@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from fusion_lightning.io import atomic_open, atomic_write
 from fusion_lightning.scoring import get_scorer
 
 
@@ -95,12 +96,12 @@ class StudentEvaluation(L.Callback):
 
     def _write(self, out: Path, rows: list[tuple]) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        with (out / "student_eval.csv").open("w", newline="") as fh:
+        with atomic_open(out / "student_eval.csv", "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["task", "queries", "base_perf", "student_perf"])
             w.writerows([(t, k, f"{b:.4f}", f"{s:.4f}") for t, k, b, s in rows])
         lines = ["| task | queries | base (zero-shot) | student |", "|---|---|---|---|"]
         lines += [f"| {t} | {k} | {b:.3f} | {s:.3f} |" for t, k, b, s in rows]
-        (out / "student_eval.md").write_text("\n".join(lines) + "\n")
+        atomic_write(out / "student_eval.md", "\n".join(lines) + "\n")
         self.artifacts = {"student_eval_md": str(out / "student_eval.md"),
                           "student_eval_csv": str(out / "student_eval.csv")}

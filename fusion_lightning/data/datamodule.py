@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from fusion_lightning.data.logtable import LogTable, load_logs
 from fusion_lightning.data.source import DataSource
+from fusion_lightning.io import atomic_write
 
 
 def load_from_config(data: Mapping[str, Any] | DictConfig) -> LogTable:
@@ -76,7 +77,7 @@ class LogDataModule(L.LightningDataModule):
         """Files the data step leaves in the run dir, name -> path: the data report (counts and how
         values were derived) and, with data.on_error=quarantine, the quarantined rows."""
         report = Path(run_dir) / "data_report.json"
-        report.write_text(json.dumps({"counts": self.summary(), "notes": self.logs.report.notes}, indent=2))
+        atomic_write(report, json.dumps({"counts": self.summary(), "notes": self.logs.report.notes}, indent=2))
         out = {"data_report": str(report)}
         q = self.logs.report.write_quarantine(Path(run_dir) / "quarantine.jsonl")
         if q:

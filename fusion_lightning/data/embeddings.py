@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import uuid
 import zipfile
 from collections.abc import Sequence
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from fusion_lightning.io import atomic_open
 
 PACKAGED_MINILM = "all-MiniLM-L6-v2"
 _MINILM_ALIASES = {"minilm", PACKAGED_MINILM.lower(), f"sentence-transformers/{PACKAGED_MINILM}".lower()}
@@ -256,16 +257,8 @@ class EmbeddingCache:
     def _write_shard(self, keys: np.ndarray, vectors: np.ndarray) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"shard-{os.getpid()}-{uuid.uuid4().hex[:12]}.npz"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, keys=keys, vectors=vectors)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(final) as f:
+            np.savez(f, keys=keys, vectors=vectors)
         self._loaded.add(final.name)
         return final
 

@@ -23,6 +23,7 @@ from fusion_lightning.data.matrix import QueryMatrix
 from fusion_lightning.data.readers import ReaderOptions, SourceData, read_source
 from fusion_lightning.data.schema import SPLITS, ModelCatalog
 from fusion_lightning.data.validate import check_duplicates_mode, validate
+from fusion_lightning.io import atomic_open
 
 SPLIT_MODES = ("auto", "files", "query")
 
@@ -39,7 +40,7 @@ class DataReport:
         if not self.quarantine:
             return None
         path = Path(path)
-        with path.open("w") as fh:
+        with atomic_open(path, "w") as fh:
             for rec in self.quarantine:
                 clean = {k: "NaN" if isinstance(v, float) and v != v else v for k, v in rec.items()}
                 fh.write(json.dumps(clean, default=str, allow_nan=False) + "\n")

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from fusion_lightning.data.arrow import as_objects, codes
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import TaskNormaliser
+from fusion_lightning.io import atomic_write
 
 STRATEGIES = ("performance", "judge", "hybrid", "cost_aware")
 
@@ -64,7 +65,7 @@ class SelectionReport:
     no_usable_by_task: dict[str, int] = field(default_factory=dict)
 
     def write(self, path: Path) -> Path:
-        path.write_text(json.dumps(asdict(self), indent=2))
+        atomic_write(path, json.dumps(asdict(self), indent=2))
         return path
 
     def lines(self) -> list[str]:

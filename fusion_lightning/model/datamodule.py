@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fusion_lightning.data.datamodule import LogDataModule
-from fusion_lightning.data.resumable import ResumableDataLoader
 from fusion_lightning.data.select import SelectionConfig, SelectionReport, select_responses
+from fusion_lightning.io import atomic_write
 from fusion_lightning.model.sft import (
     LengthGroupedSampler,
     Tokenized,
@@ -72,11 +73,12 @@ class DistillDataModule(LogDataModule):
         # A loader-owned generator: creating an iterator then draws its seed from it, not from the global RNG,
         # so a resumed run's dropout sees the same random stream as an uninterrupted one.
         generator = torch.Generator().manual_seed(self.seed)
-        if train:  # our sampler shards itself across ranks (see LengthGroupedSampler)
+        if train:  # our sampler shards itself across ranks (see LengthGroupedSampler); Lightning checkpoints
+            # the loader's position and its order is a function of the epoch: a mid-epoch resume is exact
             lengths = [sum(len(e.input_ids) for e in seq) for seq in items]
             sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed, group=self.group_by_length)
-            return ResumableDataLoader(items, batch_sampler=sampler, collate_fn=collate_fn,
-                                       num_workers=self.num_workers, generator=generator)
+            return StatefulDataLoader(items, batch_sampler=sampler, collate_fn=collate_fn,
+                                      num_workers=self.num_workers, generator=generator)
         return DataLoader(items, batch_size=self.batch_size, collate_fn=collate_fn, num_workers=self.num_workers,
                           generator=generator)
 
@@ -93,6 +95,6 @@ class DistillDataModule(LogDataModule):
     def write_artifacts(self, run_dir: Path) -> dict[str, str]:
         out = super().write_artifacts(run_dir)
         path = Path(run_dir) / "selection_report.json"
-        path.write_text(json.dumps({s: vars(r) for s, r in self.reports.items()}, indent=2))
+        atomic_write(path, json.dumps({s: vars(r) for s, r in self.reports.items()}, indent=2))
         out["selection_report"] = str(path)
         return out

@@ -7,11 +7,12 @@ hold only the trainable (adapter) parameters.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
 import torch
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM
 
 from fusion_lightning.model import packed_attention
 from fusion_lightning.model.sft import IGNORE
@@ -78,8 +79,24 @@ class Student(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
                                 betas=tuple(self.hparams.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = get_cosine_schedule_with_warmup(opt, int(self.hparams.warmup_ratio * total), total)
+        ratio, total = self.hparams.warmup_ratio, 0
+
+        def factor(step: int) -> float:
+            """Linear warm-up over ceil(warmup_ratio * total) steps, then cosine decay to 0 (transformers'
+            cosine schedule). The length is read at the first step, not here: reading
+            `trainer.estimated_stepping_batches` now would build the train loader before Lightning restores
+            its mid-epoch position, and Lightning then drops that position (Lightning issue #20550)."""
+            nonlocal total
+            if step == 0:
+                return 0.0 if ratio > 0 else 1.0
+            total = total or max(int(self.trainer.estimated_stepping_batches), 1)
+            warmup = math.ceil(ratio * total)
+            if step < warmup:
+                return step / warmup
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+        # a function, not an object: LambdaLR keeps it out of its state_dict (checkpoints stay weights-only)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

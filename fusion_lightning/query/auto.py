@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from fusion_lightning.io import atomic_open, atomic_write
 from fusion_lightning.query.base import RouterModule, split_arrays
 from fusion_lightning.query.metrics import (
     baseline_choices,
@@ -323,7 +324,7 @@ def write_selection(selection: dict[str, Any], out_dir: Path) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = selection["rows"]
     paths = {"selection_csv": out_dir / "selection.csv", "selection_md": out_dir / "selection.md"}
-    with paths["selection_csv"].open("w", newline="") as f:
+    with atomic_open(paths["selection_csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -344,5 +345,5 @@ def write_selection(selection: dict[str, Any], out_dir: Path) -> dict[str, str]:
                      f"{r['val_gap_closed']:.3f} | {r['gain_over_reference']:+.4f} ± {r['gain_se']:.4f} | "
                      f"{num(r['best_epoch'], 'd')} | {num(r['epochs'], 'd')} | {num(r['train_s'], '.1f')} | "
                      f"{r['settings']} |")
-    paths["selection_md"].write_text("\n".join(lines) + "\n")
+    atomic_write(paths["selection_md"], "\n".join(lines) + "\n")
     return {k: str(v) for k, v in paths.items()}

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from fusion_lightning.data.arrow import as_objects
 from fusion_lightning.data.datamodule import LogDataModule
 from fusion_lightning.data.embeddings import build_encoder, embed_texts
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
-from fusion_lightning.data.resumable import EpochRandomSampler, ResumableDataLoader
+from fusion_lightning.data.resumable import EpochRandomSampler
+from fusion_lightning.io import file_lock
 from fusion_lightning.query.task_classifier import fit_task_classifier, task_posterior
 
 UNKNOWN_TASK = "<unk>"
@@ -40,6 +44,14 @@ class RouterDataModule(LogDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.splits: dict[str, RouterSplit] = {}
         self.matrices: dict[str, QueryMatrix] = {}
+
+    def prepare_data(self) -> None:
+        """Embeds every query into the embedding cache once (Lightning runs this on each node's local rank
+        0 only); `setup` then reads the vectors from the cache on every rank. Without a cache, setup embeds."""
+        if self.cache_dir:  # the lock: concurrent callers wait for the first, then read its vectors
+            with file_lock(Path(self.cache_dir) / ".prepare.lock"):
+                embed_texts(as_objects(self.logs.query_table()["query"]).tolist(), build_encoder(self.encoder_name),
+                            self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -126,5 +138,5 @@ class RouterDataModule(LogDataModule):
         if not shuffle:
             return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers)
         # the order is a function of the epoch and the position is checkpointed: ckpt_path=last resumes exactly
-        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=EpochRandomSampler(ds, seed=0),
-                                   num_workers=self.num_workers, generator=g)
+        return StatefulDataLoader(ds, batch_size=self.batch_size, sampler=EpochRandomSampler(ds, seed=0),
+                                  num_workers=self.num_workers, generator=g)

@@ -31,6 +31,7 @@ from torch_geometric.data import HeteroData
 from torch_geometric.nn import HeteroConv, TransformerConv
 
 from fusion_lightning.data.matrix import TaskNormaliser
+from fusion_lightning.io import atomic_open
 from fusion_lightning.query.base import RouterModule
 from fusion_lightning.query.graph_data import (
     CONTEXT_KEYS,
@@ -296,5 +297,6 @@ class GraphRouter(RouterModule):
         ckpt = {"state_dict": self.state_dict(), "hyper_parameters": dict(self.hparams),
                 "pytorch-lightning_version": L.__version__}
         self.on_save_checkpoint(ckpt)
-        torch.save(ckpt, path)
+        with atomic_open(path) as fh:
+            torch.save(ckpt, fh)
         return Path(path)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from fusion_lightning.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +47,9 @@ class GenerationCache:
         return record if isinstance(record, dict) and "response" in record else None
 
     def put(self, key: str, request: dict[str, Any], response: dict[str, Any]) -> None:
-        """Write atomically (temp file in the same directory + rename): a reader sees all or nothing."""
-        p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        """Write atomically (fusion_lightning.io): a reader sees all or nothing."""
         record = {"key": key, "created": time.time(), "request": request, "response": response}
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{key[:8]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f, ensure_ascii=False)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path(key), json.dumps(record, ensure_ascii=False))
 
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0

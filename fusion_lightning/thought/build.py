@@ -17,6 +17,7 @@ from fusion_lightning.data.arrow import as_objects
 from fusion_lightning.data.embeddings import Encoder
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.select import Example
+from fusion_lightning.io import atomic_write
 from fusion_lightning.thought.library import Template, TemplateLibrary
 from fusion_lightning.thought.select import TemplateSelection, select_for_templates
 from fusion_lightning.thought.summarise import Summariser
@@ -94,5 +95,5 @@ def build_library(logs: LogTable, summariser: Summariser, encoder: Encoder, out:
     report.library_size = len(library)
     if out is not None:
         library.save(out)
-        (out / "build_report.json").write_text(json.dumps(asdict(report), indent=2))
+        atomic_write(out / "build_report.json", json.dumps(asdict(report), indent=2))
     return library, report

@@ -19,10 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fusion_lightning.data.arrow import as_objects
 from fusion_lightning.data.datamodule import LogDataModule
 from fusion_lightning.data.embeddings import build_encoder, embed_texts
+from fusion_lightning.data.resumable import EpochRandomSampler
+from fusion_lightning.io import file_lock
 from fusion_lightning.thought.build import build_library
 from fusion_lightning.thought.library import TemplateLibrary
 from fusion_lightning.thought.metrics import bm25_scores
@@ -72,12 +75,31 @@ class TemplateDataModule(LogDataModule):
         self._built = None
 
     # -- setup ----------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """One-time work, written to disk; Lightning runs it on each node's local rank 0 only. Builds the
+        library into `library_dir` unless it is there (the summariser may call an LLM once per query) and
+        embeds the queries into `embedding_cache` when one is set; `setup` loads both on every rank."""
+        if self.library_dir is None:  # an in-memory library is built in setup: a single process
+            return
+        lib = self._library()
+        if self.embedding_cache:
+            texts = as_objects(self.logs.query_table()["query"]).tolist()
+            embed_texts(texts, build_encoder(lib.encoder), self.embedding_cache)
+
     def _library(self) -> TemplateLibrary:
         d = self.library_dir
-        if d is not None and (d / "library.json").is_file():
-            return TemplateLibrary.load(d)
+        if d is None:
+            return self._build(None)
+        # concurrent callers (ranks before their process group exists, nodes sharing the disk) wait for the
+        # first one's library instead of building, and summarising, again
+        with file_lock(d / ".build.lock"):
+            if not (d / "library.json").is_file():
+                self._build(d)
+        return TemplateLibrary.load(d)
+
+    def _build(self, out: Path | None) -> TemplateLibrary:
         summariser = build_summariser(self.summariser_cfg, self.logs.task_descriptions)
-        lib, self.build_report = build_library(self.logs, summariser, build_encoder(self.encoder_name), d,
+        lib, self.build_report = build_library(self.logs, summariser, build_encoder(self.encoder_name), out,
                                                self.selection, self.dedup_threshold, progress=False)
         return lib
 
@@ -207,8 +229,10 @@ class TemplateDataModule(LogDataModule):
         if split == "train":
             if len(self._train) == 0:
                 raise ValueError("no train query has a template positive; check data splits and the library")
-            return DataLoader(self._train, batch_size=self.batch_size, shuffle=train, drop_last=len(self._train) >
-                              self.batch_size, collate_fn=self._collate_train, num_workers=self.num_workers)
+            # the order is a function of the epoch and Lightning checkpoints the position: exact mid-epoch resume
+            return StatefulDataLoader(self._train, batch_size=self.batch_size, sampler=EpochRandomSampler(self._train),
+                                      drop_last=len(self._train) > self.batch_size, collate_fn=self._collate_train,
+                                      num_workers=self.num_workers, generator=torch.Generator().manual_seed(0))
         ev = self._eval[split]
         idx = list(range(len(ev["query"])))
         return DataLoader(idx, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fusion_lightning.io import atomic_open, atomic_write
 
 FILES = ("templates.jsonl", "embeddings.npy", "library.json")
 
@@ -53,17 +53,6 @@ class Template:
         self.summarisers += [s for s in other.summarisers if s not in self.summarisers]
         self.scores += other.scores
         self.judges += other.judges
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class TemplateLibrary:
@@ -131,14 +120,14 @@ class TemplateLibrary:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(asdict(t), ensure_ascii=False) + "\n" for t in self.templates)
-        _atomic_write(d / "templates.jsonl", lambda f: f.write(lines.encode("utf-8")))
-        _atomic_write(d / "embeddings.npy", lambda f: np.save(f, self.embeddings))
-        fails = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in self.failures)
-        _atomic_write(d / "failures.jsonl", lambda f: f.write(fails.encode("utf-8")))
+        atomic_write(d / "templates.jsonl", lines)
+        with atomic_open(d / "embeddings.npy") as f:
+            np.save(f, self.embeddings)
+        atomic_write(d / "failures.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in self.failures))
         meta = {"encoder": self.encoder, "dedup_threshold": self.dedup_threshold, "templates": len(self),
                 "summarisers": self.summarisers, "failures": len(self.failures),
                 "tasks": sorted({t.task for t in self.templates})}
-        _atomic_write(d / "library.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        atomic_write(d / "library.json", json.dumps(meta, indent=2))  # last: a complete library.json means complete files
         return d
 
     @classmethod
