@@ -115,3 +115,23 @@ def test_bad_candidate_sets_are_one_line_errors() -> None:
         AutoRouter(**kw, candidates={"mlp": mlp})
     with pytest.raises(ValueError, match="ensemble 'e'.*members are candidate names or kinds"):
         AutoRouter(**kw, candidates={"lookup": mlp}, ensembles={"e": ["nope"]})
+
+
+def test_an_ensemble_winner_predicts_the_mean_of_its_members_and_survives_a_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    kw = {"embed_dim": 2, "models": ["a", "b"], "tasks": ["<unk>", "t"], "binary": True, "encoder": "hashing",
+          "normaliser": {}, "model_sizes": [None, None]}
+    lookup = {"_target_": "fusion_lightning.query.residual.ResidualRouter", "alphas": [0.0], "hidden_dims": []}
+    r = AutoRouter(**kw, candidates={"lookup": lookup, "other": lookup}, ensembles={"both": ["lookup", "other"]})
+    for name, prior in (("lookup", [[0.2, 0.6], [0.2, 0.6]]), ("other", [[0.8, 0.0], [0.8, 0.0]])):
+        r.candidates[name].prior_perf = torch.tensor(prior)
+        r.candidates[name].prior_cost = torch.zeros(2, 2)
+    r.winner.fill_(r.choices.index("both"))
+    r.members[0] = torch.tensor([True, True])
+    perf, _ = r.predict(torch.zeros(1, 2), torch.tensor([1]))
+    torch.testing.assert_close(perf, torch.tensor([[0.5, 0.3]]))
+    torch.save({"state_dict": r.state_dict()}, tmp_path / "s.pt")
+    again = AutoRouter(**kw, candidates={"lookup": lookup, "other": lookup}, ensembles={"both": ["lookup", "other"]})
+    again.load_state_dict(torch.load(tmp_path / "s.pt")["state_dict"])
+    torch.testing.assert_close(again.predict(torch.zeros(1, 2), torch.tensor([1]))[0], perf)

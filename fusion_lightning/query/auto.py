@@ -110,7 +110,7 @@ class AutoRouter(RouterModule):
             return self.candidates[name].predict(x, task)
         names = list(self.candidates)
         preds = [self.candidates[names[i]].predict(x, task)
-                 for i in torch.flatnonzero(self.members[w - len(names)]).tolist()]
+                 for i in self.members[w - len(names)].nonzero().flatten().tolist()]
         return torch.stack([p for p, _ in preds]).mean(0), torch.stack([c for _, c in preds]).mean(0)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,6 +7,8 @@ so one checkpoint serves any cost weight. Evaluation on val/test is shared here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning as L
 import numpy as np
 import torch
@@ -201,6 +203,15 @@ class LogitRouter(RouterModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def mlp_body(in_dim: int, hidden_dims: Sequence[int], dropout: float) -> tuple[torch.nn.Sequential, int]:
+    """Linear → GELU → Dropout per hidden width (the routers' shared trunk) and its output width."""
+    layers: list[torch.nn.Module] = []
+    for h in hidden_dims:
+        layers += [torch.nn.Linear(in_dim, h), torch.nn.GELU(), torch.nn.Dropout(dropout)]
+        in_dim = h
+    return torch.nn.Sequential(*layers), in_dim
 
 
 def task_prior(task: torch.Tensor, perf: torch.Tensor, cost_n: torch.Tensor, mask: torch.Tensor,

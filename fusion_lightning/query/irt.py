@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_lightning.query.base import LogitRouter
+from fusion_lightning.query.base import LogitRouter, mlp_body
 
 
 def irt_logits(a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -32,12 +32,7 @@ class IRTRouter(LogitRouter):
         self.save_hyperparameters()  # models, tasks, encoder and normaliser: all a checkpoint needs to route
         m = len(models)
         self.task_emb = nn.Embedding(len(tasks), task_embedding_dim) if task_embedding_dim else None
-        layers: list[nn.Module] = []
-        h = embed_dim + (task_embedding_dim or 0)
-        for width in hidden_dims:
-            layers += [nn.Linear(h, width), nn.GELU(), nn.Dropout(dropout)]
-            h = width
-        self.body = nn.Sequential(*layers)
+        self.body, h = mlp_body(embed_dim + (task_embedding_dim or 0), hidden_dims, dropout)
         self.theta = nn.Parameter(torch.randn(m, dim) / dim ** 0.5)  # abilities
         self.disc_head = nn.Linear(h, dim)   # -> a_q after softplus
         self.diff_head = nn.Linear(h, 1)     # -> b_q

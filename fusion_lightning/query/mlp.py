@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusion_lightning.query.base import LogitRouter
+from fusion_lightning.query.base import LogitRouter, mlp_body
 
 
 class MLPRouter(LogitRouter):
@@ -19,12 +19,7 @@ class MLPRouter(LogitRouter):
         self.save_hyperparameters()  # models, tasks, encoder and normaliser: all a checkpoint needs to route
         m = len(models)
         self.task_emb = nn.Embedding(len(tasks), task_embedding_dim) if task_embedding_dim else None
-        layers: list[nn.Module] = []
-        d = embed_dim + (task_embedding_dim or 0)
-        for h in hidden_dims:
-            layers += [nn.Linear(d, h), nn.GELU(), nn.Dropout(dropout)]
-            d = h
-        self.body = nn.Sequential(*layers)
+        self.body, d = mlp_body(embed_dim + (task_embedding_dim or 0), hidden_dims, dropout)
         self.perf_head = nn.Linear(d, m)
         self.cost_head = nn.Linear(d, m)
 

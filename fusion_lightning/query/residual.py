@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusion_lightning.query.base import LogitRouter, split_arrays
+from fusion_lightning.query.base import LogitRouter, mlp_body, split_arrays
 from fusion_lightning.query.metrics import per_query_reward, select_over_reference
 
 
@@ -34,12 +34,7 @@ class ResidualRouter(LogitRouter):
             raise ValueError(f"alphas must be a non-empty list of values >= 0, got {list(alphas)}")
         m = len(models)
         self.task_emb = nn.Embedding(len(tasks), task_embedding_dim) if task_embedding_dim else None
-        layers: list[nn.Module] = []
-        d = embed_dim + (task_embedding_dim or 0)
-        for h in hidden_dims:
-            layers += [nn.Linear(d, h), nn.GELU(), nn.Dropout(dropout)]
-            d = h
-        self.body = nn.Sequential(*layers)
+        self.body, d = mlp_body(embed_dim + (task_embedding_dim or 0), hidden_dims, dropout)
         self.perf_head, self.cost_head = nn.Linear(d, m), nn.Linear(d, m)
         for head in (self.perf_head, self.cost_head):  # start exactly at the prior
             nn.init.zeros_(head.weight)
