@@ -135,3 +135,14 @@ def test_an_ensemble_winner_predicts_the_mean_of_its_members_and_survives_a_chec
     again = AutoRouter(**kw, candidates={"lookup": lookup, "other": lookup}, ensembles={"both": ["lookup", "other"]})
     again.load_state_dict(torch.load(tmp_path / "s.pt")["state_dict"])
     torch.testing.assert_close(again.predict(torch.zeros(1, 2), torch.tensor([1]))[0], perf)
+
+
+def test_resume_from_last_gives_the_uninterrupted_selection(tmp_path: Path) -> None:
+    """ckpt_path=last continues every candidate from its live weights (the checkpoint's state_dict holds the
+    best ones, for routing), with the same bookkeeping: the same selection and test metrics."""
+    full = fit(compose_recipe("router_auto", _subtopic(tmp_path / "a", *SMALL_SET, "trainer.max_epochs=4")))
+    part = _subtopic(tmp_path / "b", *SMALL_SET)
+    fit(compose_recipe("router_auto", [*part, "trainer.max_epochs=2"]))
+    resumed = fit(compose_recipe("router_auto", [*part, "trainer.max_epochs=4", "ckpt_path=last"]))
+    assert resumed["selection"] == full["selection"]
+    assert resumed["metrics"]["test/perf"] == full["metrics"]["test/perf"]
