@@ -146,3 +146,13 @@ def test_resume_from_last_gives_the_uninterrupted_selection(tmp_path: Path) -> N
     resumed = fit(compose_recipe("router_auto", [*part, "trainer.max_epochs=4", "ckpt_path=last"]))
     assert resumed["selection"] == full["selection"]
     assert resumed["metrics"]["test/perf"] == full["metrics"]["test/perf"]
+
+
+def test_bonferroni_threshold_grows_with_the_number_of_choices() -> None:
+    from fusion_lightning.query.auto import selection_z
+
+    assert selection_z(1.5, 13) == 1.5
+    assert selection_z("bonferroni", 2) == pytest.approx(1.645, abs=1e-3)  # one comparison: one-sided 5%
+    assert selection_z("bonferroni", 13) == pytest.approx(2.638, abs=1e-3)  # 12 comparisons with the lookup
+    with pytest.raises(ValueError, match="a number or 'bonferroni'"):
+        selection_z("holm", 13)

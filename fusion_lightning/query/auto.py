@@ -8,7 +8,9 @@ the configured setting (what routing is judged by, not val loss), keeps its best
 after `patience` epochs without improvement. Ensembles average the predictions of the val-best
 candidate of each named kind. The winner is the best mean val reward among the candidates whose
 paired gain over the reference (the per-task lookup) exceeds `se_factor` standard errors; the lookup
-when none does. The test split is never read before the selection is final; only the winner is tested.
+when none does. The default `se_factor: bonferroni` is a one-sided 5% test corrected for the number
+of comparisons (z = 2.64 for the default 13 choices): with a dozen candidates, one of them beats the
+lookup on a few hundred val queries by more than one SE by luck alone (bench/auto_selection.py). The test split is never read before the selection is final; only the winner is tested.
 
 Checkpoints hold every candidate's *best* state and the selection, so `Router.load` routes with the
 winner; the live training weights ride along for `ckpt_path=last`.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import csv
 import time
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -47,6 +50,16 @@ def kind_of(router: RouterModule) -> str:
     return (name[:-len("Router")] if name.endswith("Router") else name).lower()
 
 
+def selection_z(se_factor: float | str, n_choices: int, level: float = 0.05) -> float:
+    """The paired standard errors a winner must beat the reference by: `se_factor` itself, or for
+    "bonferroni" the one-sided `level` test corrected for the n_choices − 1 comparisons with the reference."""
+    if isinstance(se_factor, str):
+        if se_factor != "bonferroni":
+            raise ValueError(f"model.se_factor={se_factor!r}: a number or 'bonferroni'")
+        return NormalDist().inv_cdf(1 - level / max(n_choices - 1, 1))
+    return float(se_factor)
+
+
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
 
@@ -62,7 +75,7 @@ class AutoRouter(RouterModule):
     def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
                  normaliser: dict, model_sizes: list[float | None], candidates: dict[str, dict[str, Any]],
                  ensembles: dict[str, list[str]] | None = None, reference: str = "lookup",
-                 setting: str = "performance_first", patience: int = 5, se_factor: float = 1.0,
+                 setting: str = "performance_first", patience: int = 5, se_factor: float | str = "bonferroni",
                  out_dir: str | None = None):
         super().__init__()
         candidates = {n: _plain(s) for n, s in _plain(candidates).items()}  # Hydra passes configs with _recursive_=false
@@ -236,10 +249,11 @@ class AutoRouter(RouterModule):
                 self.members[e_i, names.index(n)] = True
             perf_cost[e] = (np.mean([perf_cost[n][0] for n in chosen], 0), np.mean([perf_cost[n][1] for n in chosen], 0))
             rewards[e] = self._rewards(*perf_cost[e], arrays)
-        winner = select_over_reference(rewards, self.hparams.reference, self.hparams.se_factor)
+        z = selection_z(self.hparams.se_factor, len(rewards))
+        winner = select_over_reference(rewards, self.hparams.reference, z)
         self.winner.fill_(self.choices.index(winner))
         self.selection = {"winner": winner, "reference": self.hparams.reference, "setting": self.hparams.setting,
-                          "se_factor": self.hparams.se_factor,
+                          "se_factor": z, "rule": str(self.hparams.se_factor),
                           "rows": self._rows(rewards, perf_cost, winner, arrays)}
 
     def _rows(self, rewards: dict, perf_cost: dict, winner: str, arrays) -> list[dict[str, Any]]:
@@ -286,7 +300,7 @@ class AutoRouter(RouterModule):
         if not self.selection:
             return {}
         rows = {r["candidate"]: round(r["val_reward"], 6) for r in self.selection["rows"]}
-        return {"selection": {k: self.selection[k] for k in ("winner", "reference", "setting", "se_factor")}
+        return {"selection": {k: self.selection[k] for k in ("winner", "reference", "setting", "rule", "se_factor")}
                 | {"val_reward": rows}}
 
     # checkpoints: best states for routing, live states and bookkeeping for resuming ----------------
@@ -334,7 +348,8 @@ def write_selection(selection: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
     lines = [f"# router_auto selection ({selection['setting']} val reward)", "",
              f"Selected: **{selection['winner']}**. Rule: the best mean val reward among the candidates whose "
-             f"paired gain over `{selection['reference']}` exceeds {selection['se_factor']:g} standard error(s); "
+             f"paired gain over `{selection['reference']}` exceeds {selection['se_factor']:.2f} standard errors "
+             f"(se_factor={selection['rule']}); "
              f"`{selection['reference']}` when none does.", "",
              "| candidate | kind | val reward | val perf | val gap closed | gain over reference (± SE) "
              "| best epoch | epochs | train s | settings |",
