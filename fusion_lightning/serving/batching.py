@@ -15,13 +15,18 @@ The server batches routing (embed and score many queries at once) and in-process
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+from .base import Backend, Generation, Prompt
 
 log = logging.getLogger(__name__)
 T, R = TypeVar("T"), TypeVar("R")
@@ -108,3 +113,45 @@ class MicroBatcher(Generic[T, R]):
                 fut.set_exception(r)
             else:
                 fut.set_result(r)
+
+
+@dataclass
+class GenerationRequest:
+    """One request for an in-process backend: `n` answers to `prompt`; `streams[i]`, when given,
+    receives answer i's text as it is generated."""
+
+    prompt: Prompt
+    n: int
+    sampling: Mapping[str, Any]
+    streams: Sequence[Callable[[str], None]] | None = None
+
+
+def generate_requests(backend: Backend, requests: list[GenerationRequest]) -> list[list[Generation] | Exception]:
+    """A MicroBatcher `fn` for an in-process backend: the requests that share sampling parameters are one
+    `generate` call (n rows per request). A backend whose `generate` takes `streams` streams each row;
+    another gets its whole answer handed to the stream at the end."""
+    streaming = "streams" in inspect.signature(backend.generate).parameters
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(json.dumps(dict(r.sampling), sort_keys=True, default=str), []).append(i)
+    out: list[list[Generation] | Exception] = [[] for _ in requests]
+    for idx in groups.values():
+        rows = [(i, c) for i in idx for c in range(requests[i].n)]
+        prompts = [requests[i].prompt for i, _ in rows]
+        streams = [requests[i].streams[c] if requests[i].streams else None for i, c in rows]
+        sampling = dict(requests[idx[0]].sampling)
+        try:
+            if streaming and any(streams):
+                gens = backend.generate(prompts, streams=streams, **sampling)
+            else:
+                gens = backend.generate(prompts, **sampling)
+                for stream, g in zip(streams, gens, strict=True):
+                    if stream is not None and g.text:
+                        stream(g.text)
+        except Exception as e:  # noqa: BLE001 - these requests fail, the others in the batch go on
+            for i in idx:
+                out[i] = e
+            continue
+        for (i, _), g in zip(rows, gens, strict=True):
+            out[i].append(g)  # type: ignore[union-attr]
+    return out

@@ -31,7 +31,16 @@ from typing import Any
 
 import httpx
 
-from .base import Chunk, Generation, Prompt, Sampling, StopTrim, resolve_sampling, to_messages, truncate_at_stop
+from .base import (
+    Chunk,
+    Generation,
+    Prompt,
+    Sampling,
+    StopTrim,
+    resolve_sampling,
+    to_messages,
+    truncate_at_stop,
+)
 from .cache import GenerationCache, request_key
 
 log = logging.getLogger(__name__)
@@ -339,24 +348,27 @@ class OpenAICompatibleBackend:
 
 
     # -- one request at a time, for a server (async) ----------------------------------------------
-    def _cache_soon(self, key: str, body: dict[str, Any], response: dict[str, Any]) -> None:
+    def _cache_soon(self, key: str | None, body: dict[str, Any], response: dict[str, Any]) -> None:
         """Write the answer to the cache in a worker thread (an fsync must not hold up the reply)."""
-        if self.cache is None:
+        if self.cache is None or key is None:
             return
         fut = asyncio.get_running_loop().run_in_executor(
             None, self.cache.put, key, {"base_url": self.base_url, "body": body}, response)
         self._pending.add(fut)
         fut.add_done_callback(self._pending.discard)
 
-    def _cached(self, prompt: Prompt, sampling: Mapping[str, Any]) -> tuple[dict, str, Generation | None]:
+    def _cached(self, prompt: Prompt, sampling: Mapping[str, Any],
+                use: bool) -> tuple[dict, str | None, Generation | None]:
         body = self.request_body(prompt, resolve_sampling(self.default_sampling, sampling))
+        if not use or self.cache is None:
+            return body, None, None
         key = request_key({"base_url": self.base_url, "body": body})
-        record = self.cache.get(key) if self.cache is not None else None
+        record = self.cache.get(key)
         return body, key, None if record is None else _generation(record["response"], cached=True)
 
-    async def acomplete(self, prompt: Prompt, **sampling: Any) -> Generation:
-        """One answer (retries, cache); raises BackendError when it fails for good."""
-        body, key, hit = self._cached(prompt, sampling)
+    async def acomplete(self, prompt: Prompt, *, cache: bool = True, **sampling: Any) -> Generation:
+        """One answer (retries; the cache unless `cache=False`); raises BackendError when it fails for good."""
+        body, key, hit = self._cached(prompt, sampling, cache)
         if hit is not None:
             return hit
         for attempt in range(self.max_retries + 1):
@@ -368,9 +380,10 @@ class OpenAICompatibleBackend:
         self._cache_soon(key, body, response)
         return _generation(response, cached=False)
 
-    async def astream(self, prompt: Prompt, **sampling: Any) -> AsyncIterator[Chunk]:
-        """The answer as it arrives: `Chunk(0, text)` pieces, then `Chunk(0, "", generation)`."""
-        body, key, hit = self._cached(prompt, sampling)
+    async def astream(self, prompt: Prompt, *, cache: bool = True, **sampling: Any) -> AsyncIterator[Chunk]:
+        """The answer as it arrives: `Chunk(0, text)` pieces, then `Chunk(0, "", generation)`. A cached
+        answer comes as one piece; a streamed one is cached when complete (unless `cache=False`)."""
+        body, key, hit = self._cached(prompt, sampling, cache)
         if hit is not None:
             yield Chunk(0, hit.text)
             yield Chunk(0, "", hit)
