@@ -20,7 +20,8 @@ Answers are rule-based: `answer(messages) -> str` (default: "echo: <last user me
 
 `stream=true` answers as OpenAI does: server-sent events, one `chat.completion.chunk` per word (the
 first with the role), one with the finish reason, a usage chunk when
-`stream_options.include_usage`, then `data: [DONE]`; `chunk_delay_s` between chunks. HTTP/1.1 with
+`stream_options.include_usage`, then `data: [DONE]`. `token_delay_s` paces the answer like a model's
+decoding: a stream sends each word that long after the last, a plain answer waits for all of them. HTTP/1.1 with
 keep-alive (streams are chunked), one thread per connection, a listen backlog of 1024: it holds
 hundreds of concurrent clients.
 
@@ -56,10 +57,10 @@ class FakeOpenAIServer:
         delay_s: float = 0.0,
         retry_after: str | None = "0",
         slow_s: float = 1.0,
-        chunk_delay_s: float = 0.0,
+        token_delay_s: float = 0.0,
         port: int = 0,
     ):
-        self.api_key, self.answer, self.delay_s, self.chunk_delay_s = api_key, answer, delay_s, chunk_delay_s
+        self.api_key, self.answer, self.delay_s, self.token_delay_s = api_key, answer, delay_s, token_delay_s
         self.retry_after, self.slow_s = retry_after, slow_s
         self.faults: dict[str, list[str]] = {}
         self.fail_after: int | None = None
@@ -139,6 +140,8 @@ class FakeOpenAIServer:
         usage = {"prompt_tokens": n_in, "completion_tokens": len(text.split()), "total_tokens": n_in + len(text.split())}
         if body.get("stream"):
             return self._stream(h, body, text, finish, usage, cut=fault == "cut")
+        if self.token_delay_s:
+            self._closing.wait(self.token_delay_s * len(text.split(" ")))
         with self._lock:
             self.successes += 1
         _send(h, 200, {
@@ -164,8 +167,8 @@ class FakeOpenAIServer:
             if cut and i == 3:
                 h.close_connection = True
                 return h.connection.shutdown(2)
-            if i and self.chunk_delay_s:
-                self._closing.wait(self.chunk_delay_s)
+            if i and self.token_delay_s:
+                self._closing.wait(self.token_delay_s)
             _event(h, {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
         _event(h, {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         if (body.get("stream_options") or {}).get("include_usage"):
@@ -181,6 +184,8 @@ class FakeOpenAIServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive: no new connection (and TIME_WAIT port) per request
             timeout = 60  # an idle keep-alive connection is closed after a minute
+            disable_nagle_algorithm = True  # TCP_NODELAY: no 40 ms wait for a delayed ACK between writes
+            wbufsize = -1  # buffered: headers and body leave in one write (flushed after each request)
 
             def do_POST(self):  # noqa: N802 (http.server's naming)
                 with server._lock:

@@ -49,7 +49,7 @@ def router_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def upstreams():
     made = {n: FakeOpenAIServer(api_key=None, answer=lambda m, n=n: f"{n} says {m[-1]['content']} {LONG}",
-                                chunk_delay_s=0.001).start() for n in ("alpha", "beta")}
+                                token_delay_s=0.001).start() for n in ("alpha", "beta")}
     yield made
     for s in made.values():
         s.stop()

@@ -1,4 +1,4 @@
-"""The fused pipeline as an OpenAI-compatible ASGI app (FastAPI on uvicorn; see `serve.py` for the CLI).
+"""The fused pipeline as an OpenAI-compatible ASGI app (Starlette on uvicorn; see `serve.py` for the CLI).
 
     POST /v1/chat/completions   OpenAI chat completions: `stream` (server-sent events, `data: [DONE]`,
                                 `stream_options.include_usage`), `n`, `usage`; plus optional `task`
@@ -25,6 +25,7 @@ that has begun. With `api_key_env` every /v1 route needs `Authorization: Bearer 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -36,9 +37,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from .base import Chunk, Generation, resolve_sampling, to_messages
 from .batching import GenerationRequest, MicroBatcher, generate_requests
@@ -177,8 +180,9 @@ class _HTTPRunner:
         return list(await asyncio.gather(*calls))
 
     def stream(self, prompt: Any, n: int, sampling: Mapping[str, Any]) -> AsyncIterator[Chunk]:
-        streams = [_reindex(self.backend.astream(prompt, cache=n == 1, **_nth(sampling, i)), i) for i in range(n)]
-        return streams[0] if n == 1 else _merge(streams)
+        if n == 1:
+            return self.backend.astream(prompt, **sampling)
+        return _merge([_reindex(self.backend.astream(prompt, cache=False, **_nth(sampling, i)), i) for i in range(n)])
 
     async def close(self) -> None:
         await self.backend.aclose()
@@ -371,30 +375,54 @@ class FusionServer:
                       start: float) -> AsyncIterator[bytes]:
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": req.model}
         fusion = {"routed_to": plan.model, "stages": self.pipeline.stages}
+        # every chunk is this JSON around its choices: encoded once, the text alone per chunk
+        before = json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": ['
+        after = '], "fusion": ' + json.dumps(fusion, ensure_ascii=False) + (', "usage": null' if req.include_usage
+                                                                            else "") + "}"
 
         def event(choices: list[dict], usage: dict | None = None) -> bytes:
-            payload = {**head, "choices": choices, "fusion": fusion}
-            if req.include_usage:
-                payload["usage"] = usage
-            return _sse(payload)
+            if usage is not None:
+                return _sse({**head, "choices": choices, "fusion": fusion, "usage": usage})
+            return f"data: {before}{', '.join(json.dumps(c, ensure_ascii=False) for c in choices)}{after}\n\n".encode()
+
+        def text_event(i: int, text: str) -> bytes:
+            delta = json.dumps(text, ensure_ascii=False)
+            return (f'data: {before}{{"index": {i}, "delta": {{"content": {delta}}}, "logprobs": null, '
+                    f'"finish_reason": null}}{after}\n\n').encode()
 
         texts, gens = [""] * req.n, [None] * req.n
         status, error = 200, None
+
+        def encode(c: Chunk) -> bytes:
+            if c.generation is None:
+                texts[c.index] += c.text
+                return text_event(c.index, c.text)
+            gens[c.index] = c.generation
+            return event([{"index": c.index, "delta": {}, "logprobs": None,
+                           "finish_reason": c.generation.finish_reason or "stop"}])
+
+        # A task reads the backend's stream into a queue; each write sends every chunk that has arrived
+        # by then: one write per chunk at low load, fewer (and no added wait) when the server is busy.
+        q: asyncio.Queue = asyncio.Queue()
+        pump = asyncio.create_task(_pump(chunks, q))
         try:
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(req.n)])
-            pending: Chunk | None = first
-            while pending is not None:
-                c = pending
-                if c.generation is None:
-                    texts[c.index] += c.text
-                    yield event([{"index": c.index, "delta": {"content": c.text}, "logprobs": None,
-                                  "finish_reason": None}])
-                else:
-                    gens[c.index] = c.generation
-                    yield event([{"index": c.index, "delta": {}, "logprobs": None,
-                                  "finish_reason": c.generation.finish_reason or "stop"}])
-                pending = await anext(chunks, None)
+                          "finish_reason": None} for i in range(req.n)]) + encode(first)
+            finished = False
+            while not finished:
+                batch = [await q.get()]
+                while not q.empty():
+                    batch.append(q.get_nowait())
+                out = []
+                for item in batch:
+                    if item is _END:
+                        finished = True
+                        break
+                    if isinstance(item, Exception):
+                        raise item
+                    out.append(encode(item))
+                if out:
+                    yield b"".join(out)
             done = [g for g in gens if g is not None]
             self._count_tokens(plan.model, done)
             if req.include_usage:
@@ -408,6 +436,9 @@ class FusionServer:
             status, error = "client_closed", "the client closed the stream"
             raise
         finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
             await _aclose(chunks)
             self._log(rid, req, plan, gens if error is None else [], texts, time.perf_counter() - start, error)
             self._done("chat", status, True, start)
@@ -443,6 +474,19 @@ class FusionServer:
             return e.response()
 
 
+_END = object()
+
+
+async def _pump(stream: AsyncIterator[Chunk], q: asyncio.Queue) -> None:
+    """Every chunk of `stream` into `q`, then `_END` (or the exception that ended it)."""
+    try:
+        async for c in stream:
+            q.put_nowait(c)
+        q.put_nowait(_END)
+    except Exception as e:  # noqa: BLE001 - handed to the reader
+        q.put_nowait(e)
+
+
 async def _aclose(stream: AsyncIterator[Chunk]) -> None:
     close = getattr(stream, "aclose", None)
     if close is not None:
@@ -455,35 +499,23 @@ def _usage(gens: Sequence[Generation]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def build_app(pipeline: Any, **kwargs: Any) -> FastAPI:
+def build_app(pipeline: Any, **kwargs: Any) -> Starlette:
     """The ASGI app for `pipeline` (a FusedPipeline); `kwargs` go to FusionServer. `app.state.fusion` is it."""
     server = FusionServer(pipeline, **kwargs)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: Starlette):
         yield
         await server.close()
 
-    app = FastAPI(title="fusion_lightning", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.fusion = server
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", kind).response()
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await server.chat(request)
-
-    @app.post("/v1/feedback")
-    async def feedback(request: Request) -> Response:
-        return await server.feedback(request)
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        kind = "not_found_error" if status == 404 else "invalid_request_error"
+        return APIError(status, f"{getattr(exc, 'detail', exc)}: {request.method} {request.url.path}", kind).response()
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "fusion_lightning"}
 
-    @app.get("/v1/models")
     async def models(request: Request) -> Response:
         try:
             server.check_key(request)
@@ -491,8 +523,8 @@ def build_app(pipeline: Any, **kwargs: Any) -> FastAPI:
             return e.response()
         return JSONResponse({"object": "list", "data": [model_card(m) for m in server.models]})
 
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str, request: Request) -> Response:
+    async def model(request: Request) -> Response:
+        name = request.path_params["name"]
         try:
             server.check_key(request)
             if name not in server.models:
@@ -501,13 +533,20 @@ def build_app(pipeline: Any, **kwargs: Any) -> FastAPI:
             return e.response()
         return JSONResponse(model_card(name))
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": MODEL_NAME, "backends": list(pipeline.backends), "stages": pipeline.stages}
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": MODEL_NAME, "backends": list(pipeline.backends),
+                             "stages": pipeline.stages})
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         data, content_type = server.metrics.render()
         return Response(data, media_type=content_type)
 
+    routes = [Route("/v1/chat/completions", server.chat, methods=["POST"]),
+              Route("/v1/feedback", server.feedback, methods=["POST"]),
+              Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/models/{name:path}", model, methods=["GET"]),
+              Route("/health", health, methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.state.fusion = server
     return app
