@@ -5,8 +5,11 @@
 item, collects more for at most `wait_ms` or until `max_batch`, calls `fn(items) -> results` once and
 resolves each item's future with its result (a result that is an exception fails that item alone;
 `fn` raising fails the whole batch). While `fn` runs, new items queue up, so under load each batch
-is as large as the load makes it and the per-item cost of `fn` falls; at low load an item waits at
-most `wait_ms`. Items whose caller gave up (a cancelled future) are left out of the batch.
+is as large as the load makes it and the per-item cost of `fn` falls. The worker waits for more only
+when the batch's first item came less than `wait_ms` after the one before it: a lone request at low
+load is not held back for company that will not come, while a burst is collected (its first item
+goes at once, the rest, queued meanwhile or within `wait_ms`, go together). Items whose caller gave
+up (a cancelled future) are left out of the batch.
 
 The server batches routing (embed and score many queries at once) and in-process models (one
 `generate` call for many prompts) with it; `fn` runs off the event loop, so a batch never stalls it.
@@ -42,6 +45,7 @@ class MicroBatcher(Generic[T, R]):
         self.on_batch = on_batch  # called with (batch size, seconds in fn) after each batch
         self.batches = self.items = self.largest = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._last = float("-inf")  # when the last item arrived
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -52,7 +56,9 @@ class MicroBatcher(Generic[T, R]):
         fut: Future = Future()
         if not self._thread.is_alive():
             raise RuntimeError(f"batcher {self.name!r} is closed")
-        self._queue.put((item, fut))
+        now = time.monotonic()
+        self._queue.put((item, fut, now - self._last < self.wait_s))  # did it come in a burst?
+        self._last = now
         return fut
 
     async def run(self, item: T) -> R:
@@ -64,9 +70,9 @@ class MicroBatcher(Generic[T, R]):
             self._queue.put(_STOP)
             self._thread.join(timeout)
 
-    def _collect(self, first: tuple[T, Future]) -> tuple[list[tuple[T, Future]], bool]:
+    def _collect(self, first: tuple[T, Future, bool]) -> tuple[list[tuple[T, Future, bool]], bool]:
         batch, stopping = [first], False
-        deadline = time.monotonic() + self.wait_s
+        deadline = time.monotonic() + (self.wait_s if first[2] else 0.0)  # a lone item: what is queued now
         while len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
             try:
@@ -85,7 +91,7 @@ class MicroBatcher(Generic[T, R]):
             if first is _STOP:
                 return
             batch, stopping = self._collect(first)
-            live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
+            live = [(item, fut) for item, fut, _ in batch if fut.set_running_or_notify_cancel()]
             if live:
                 self._run(live)
             if stopping:
