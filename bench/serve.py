@@ -62,14 +62,9 @@ def upstreams_main(ports: list[int], delay_s: float, token_s: float, words: int)
 
 def train_router(work: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
-    from planted import planted_overrides
+    from planted import fit_planted_router
 
-    from fusion_lightning.config import compose_recipe
-    from fusion_lightning.fit import fit
-
-    summary = fit(compose_recipe("router_mlp", planted_overrides(work, "trainer.max_epochs=5", "logger=none",
-                                                                 "callbacks=none")))
-    return work / "run" / summary["artifacts"]["best_checkpoint"]
+    return fit_planted_router(work, epochs=5)
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:

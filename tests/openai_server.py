@@ -41,6 +41,12 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def loopback_without_proxy(monkeypatch) -> None:
+    """Requests to 127.0.0.1 never go through a proxy the environment may name."""
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+
+
 def echo_answer(messages: list[dict]) -> str:
     return f"echo: {last_user(messages)}"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from openai_server import FakeOpenAIServer
-from planted import planted_overrides
+from openai_server import FakeOpenAIServer, loopback_without_proxy
+from planted import fit_planted_router
 from tiny_lm import build_tiny_lm
 
 from fusion_lightning.config import compose_recipe
@@ -34,16 +34,12 @@ LONG = "and then some more words follow here so that the stream has many pieces"
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    loopback_without_proxy(monkeypatch)
 
 
 @pytest.fixture(scope="module")
 def router_ckpt(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("serve_router")
-    summary = fit(compose_recipe("router_mlp", planted_overrides(tmp, "trainer.max_epochs=5", "logger=none",
-                                                                 "callbacks=none")))
-    return tmp / "run" / summary["artifacts"]["best_checkpoint"]
+    return fit_planted_router(tmp_path_factory.mktemp("serve_router"), epochs=5)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from openai_server import FakeOpenAIServer, echo_answer, last_user
+from openai_server import FakeOpenAIServer, echo_answer, last_user, loopback_without_proxy
 from tiny_lm import build_tiny_lm
 
 from fusion_lightning.serving import (
@@ -27,8 +27,7 @@ KEY = "sk-DISTINCTIVE-k3y-9f8e7d6c5b4a"
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    loopback_without_proxy(monkeypatch)
 
 
 @pytest.fixture
