@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -177,6 +178,22 @@ def test_backend_failures_answer_with_errors_and_the_server_stays_up(served, ups
     metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
     assert 'fusion_errors_total{kind="stream"}' in metrics and 'fusion_errors_total{kind="upstream"}' in metrics
     assert 'fusion_routed_total{model="alpha"}' in metrics and "fusion_request_latency_seconds_bucket" in metrics
+
+
+def test_a_client_that_leaves_mid_stream_is_counted_and_the_server_goes_on(served, upstreams, monkeypatch):
+    server, url = served
+    monkeypatch.setattr(upstreams["alpha"], "token_delay_s", 0.05)  # a slow stream, left after its first event
+    body = {"model": "alpha", "stream": True, "messages": user("one two three four five six seven eight")}
+    with httpx.stream("POST", f"{url}/chat/completions", json=body) as r:
+        assert next(line for line in r.iter_lines() if line).startswith("data: {")
+    monkeypatch.setattr(upstreams["alpha"], "token_delay_s", 0.001)
+    assert client(url).chat.completions.create(model="alpha", messages=user("x"), max_tokens=2).choices
+    for _ in range(100):  # the server notices at its next write
+        metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
+        if 'status="client_closed"' in metrics:
+            break
+        time.sleep(0.05)
+    assert 'fusion_requests_total{endpoint="chat",status="client_closed"} 1.0' in metrics
 
 
 def test_64_concurrent_streaming_clients_all_succeed_and_are_routed_in_batches(served):
