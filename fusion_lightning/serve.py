@@ -1,7 +1,7 @@
 """`python -m fusion_lightning.serve config=pipeline.yaml [host=127.0.0.1] [port=8000] [key=value ...]`
 
 The fused pipeline (see fusion_lightning/serving/pipeline.py) as an OpenAI-compatible server
-(FastAPI on uvicorn; the routes are in fusion_lightning/serving/server.py), so existing clients use
+(Starlette on uvicorn; the routes are in fusion_lightning/serving/server.py), so existing clients use
 fusion by changing only `base_url` and `model`:
 
     POST /v1/chat/completions  {"model": "fusion-router", "messages": [...], "max_tokens": 256,

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server under real clients: the official `openai` SDK against FastAPI/uvicorn on
+"""The OpenAI-compatible server under real clients: the official `openai` SDK against Starlette/uvicorn on
 127.0.0.1, routing with a real router checkpoint over two HTTP upstreams (tests/openai_server.py) and
 a tiny local model. Plain, streamed, n > 1, auth, failures before and during a stream, 64 concurrent
 streaming clients, local dynamic batching, and the request log read back and trained on with `fit`."""
