@@ -134,11 +134,22 @@ async def load(targets: list[tuple[str, str]], clients: int, total: int, stream:
             "p99_ms": float(np.percentile(lat, 99)), "failures": failures, "n": total}
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def table(rows: list[dict], levels: list[int], note: str) -> str:
-    out = ["| clients | mode | path | req/s | p50 ms | p99 ms | failures |", "|---:|---|---|---:|---:|---:|---:|"]
+    out = ["| clients | mode | path | req/s | p50 ms | p99 ms | failures | router CPU ms/req |",
+           "|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        cpu = f"{r['router_cpu_ms']:.1f}" if r.get("router_cpu_ms") is not None else ""
         out.append(f"| {r['clients']} | {r['mode']} | {r['path']} | {r['req_s']:.0f} | {r['p50_ms']:.1f} | "
-                   f"{r['p99_ms']:.1f} | {r['failures']}/{r['n']} |")
+                   f"{r['p99_ms']:.1f} | {r['failures']}/{r['n']} | {cpu} |")
     out += ["", "| clients | mode | router req/s ÷ direct | router p50 − direct p50 (ms) |", "|---:|---|---:|---:|"]
     for c in levels:
         for mode in ("plain", "stream"):
@@ -189,7 +200,11 @@ def main() -> int:
             total = max(64, clients * args.requests)
             for mode in ("plain", "stream"):
                 for path, targets in (("direct", direct), ("router", routed)):
+                    before = cpu_seconds(router.pid)
                     r = asyncio.run(load(targets, clients, total, mode == "stream"))
+                    after = cpu_seconds(router.pid)
+                    if path == "router" and before is not None and after is not None:
+                        r["router_cpu_ms"] = 1000 * (after - before) / total  # warm-up requests included
                     rows.append({"clients": clients, "mode": mode, "path": path, **r})
                     print(f"{clients:>4} {mode:<6} {path:<6} {r['req_s']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
                           f"p99 {r['p99_ms']:7.1f} ms  failures {r['failures']}/{r['n']}", flush=True)
