@@ -25,7 +25,6 @@ that has begun. With `api_key_env` every /v1 route needs `Authorization: Bearer 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -401,33 +400,14 @@ class FusionServer:
             return event([{"index": c.index, "delta": {}, "logprobs": None,
                            "finish_reason": c.generation.finish_reason or "stop"}])
 
-        # A task reads the backend's stream into a queue; each write sends every chunk that has arrived
-        # by then: one write per chunk at low load, fewer (and no added wait) when the server is busy.
-        q: asyncio.Queue = asyncio.Queue()
-        pump = asyncio.create_task(_pump(chunks, q))
         try:
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(req.n)]) + encode(first)
-            finished = False
-            while not finished:
-                batch = [await q.get()]
-                while not q.empty():
-                    batch.append(q.get_nowait())
-                out = []
-                for item in batch:
-                    if item is _END:
-                        finished = True
-                        break
-                    if isinstance(item, Exception):
-                        raise item
-                    out.append(encode(item))
-                if out:
-                    yield b"".join(out)
+            async for c in chunks:  # a piece per upstream read: several events when the server is behind
+                yield encode(c)
             done = [g for g in gens if g is not None]
             self._count_tokens(plan.model, done)
-            if req.include_usage:
-                yield event([], _usage(done))
-            yield _sse("[DONE]")
+            yield (event([], _usage(done)) if req.include_usage else b"") + _sse("[DONE]")
         except Exception as e:  # noqa: BLE001 - mid-stream: the client gets an error event, the server goes on
             status, error = "stream_error", str(e)
             self.metrics.errors.labels("stream").inc()
@@ -436,9 +416,6 @@ class FusionServer:
             status, error = "client_closed", "the client closed the stream"
             raise
         finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
             await _aclose(chunks)
             self._log(rid, req, plan, gens if error is None else [], texts, time.perf_counter() - start, error)
             self._done("chat", status, True, start)
@@ -472,19 +449,6 @@ class FusionServer:
             self.metrics.errors.labels("request").inc()
             self._done("feedback", e.status, False, start)
             return e.response()
-
-
-_END = object()
-
-
-async def _pump(stream: AsyncIterator[Chunk], q: asyncio.Queue) -> None:
-    """Every chunk of `stream` into `q`, then `_END` (or the exception that ended it)."""
-    try:
-        async for c in stream:
-            q.put_nowait(c)
-        q.put_nowait(_END)
-    except Exception as e:  # noqa: BLE001 - handed to the reader
-        q.put_nowait(e)
 
 
 async def _aclose(stream: AsyncIterator[Chunk]) -> None:

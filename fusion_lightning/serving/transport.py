@@ -121,16 +121,25 @@ class _Body(httpx.AsyncByteStream):
         self.done = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        """What has arrived, as one piece per wake-up: a busy server that falls behind reads (and
+        passes on) several of the upstream's chunks at once instead of one by one."""
         conn = self.conn
         while True:
+            parts, end = [], False
             while conn.chunks:
                 chunk = conn.chunks.popleft()
                 if chunk is _EOF:
-                    self.done = True
-                    self.transport._release(conn)
-                    return
-                yield chunk
-            await conn.wait(self.timeout, "response data")
+                    end = True
+                    break
+                parts.append(chunk)
+            if parts:
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
+            if end:
+                self.done = True
+                self.transport._release(conn)
+                return
+            if not conn.chunks:
+                await conn.wait(self.timeout, "response data")
 
     async def aclose(self) -> None:
         if not self.done:  # the answer was not read to its end: the connection cannot be reused
