@@ -16,6 +16,14 @@ Answers are rule-based: `answer(messages) -> str` (default: "echo: <last user me
     "malformed"   200 with a body that is not JSON
     "400"         400 with {"error": {"message": "bad request: ...", "type": "invalid_request_error"}}
     "disconnect"  close the connection without a response
+    "cut"         (stream=true) send the first two pieces of the answer, then close the connection
+
+`stream=true` answers as OpenAI does: server-sent events, one `chat.completion.chunk` per word (the
+first with the role), one with the finish reason, a usage chunk when
+`stream_options.include_usage`, then `data: [DONE]`. `token_delay_s` paces the answer like a model's
+decoding: a stream sends each word that long after the last, a plain answer waits for all of them. HTTP/1.1 with
+keep-alive (streams are chunked), one thread per connection, a listen backlog of 1024: it holds
+hundreds of concurrent clients.
 
 `fail_after=K` makes every request after the first K successful answers fail with 503 (a server
 that goes down mid-batch). Requests without `Authorization: Bearer <api_key>` get 401 (whose message
@@ -31,6 +39,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def loopback_without_proxy(monkeypatch) -> None:
+    """Requests to 127.0.0.1 never go through a proxy the environment may name."""
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
 
 
 def echo_answer(messages: list[dict]) -> str:
@@ -49,8 +63,10 @@ class FakeOpenAIServer:
         delay_s: float = 0.0,
         retry_after: str | None = "0",
         slow_s: float = 1.0,
+        token_delay_s: float = 0.0,
+        port: int = 0,
     ):
-        self.api_key, self.answer, self.delay_s = api_key, answer, delay_s
+        self.api_key, self.answer, self.delay_s, self.token_delay_s = api_key, answer, delay_s, token_delay_s
         self.retry_after, self.slow_s = retry_after, slow_s
         self.faults: dict[str, list[str]] = {}
         self.fail_after: int | None = None
@@ -59,7 +75,7 @@ class FakeOpenAIServer:
         self.bodies: list[dict] = []
         self.in_flight = self.max_in_flight = 0
         self._lock, self._closing = threading.Lock(), threading.Event()
-        self._httpd = _QuietServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd = _QuietServer(("127.0.0.1", port), self._handler_class())
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
@@ -127,6 +143,11 @@ class FakeOpenAIServer:
         if body.get("max_tokens") and len(words) > body["max_tokens"]:
             text, finish = " ".join(words[: body["max_tokens"]]), "length"
         n_in = sum(len(str(m["content"]).split()) for m in body["messages"])
+        usage = {"prompt_tokens": n_in, "completion_tokens": len(text.split()), "total_tokens": n_in + len(text.split())}
+        if body.get("stream"):
+            return self._stream(h, body, text, finish, usage, cut=fault == "cut")
+        if self.token_delay_s:
+            self._closing.wait(self.token_delay_s * len(text.split(" ")))
         with self._lock:
             self.successes += 1
         _send(h, 200, {
@@ -135,14 +156,43 @@ class FakeOpenAIServer:
             "created": int(time.time()),
             "model": body.get("model"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": n_in, "completion_tokens": len(text.split()),
-                      "total_tokens": n_in + len(text.split())},
+            "usage": usage,
         })
+
+    def _stream(self, h: BaseHTTPRequestHandler, body: dict, text: str, finish: str, usage: dict, cut: bool) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        head = {"id": "chatcmpl-stream", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": body.get("model")}
+        words = text.split(" ")
+        pieces = [{"role": "assistant", "content": ""}] + [{"content": w if i == 0 else f" {w}"}
+                                                           for i, w in enumerate(words)]
+        for i, delta in enumerate(pieces):
+            if cut and i == 3:
+                h.close_connection = True
+                return h.connection.shutdown(2)
+            if i and self.token_delay_s:
+                self._closing.wait(self.token_delay_s)
+            _event(h, {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+        _event(h, {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            _event(h, {**head, "choices": [], "usage": usage})
+        _event(h, "[DONE]")
+        h.wfile.write(b"0\r\n\r\n")
+        with self._lock:
+            self.successes += 1
 
     def _handler_class(self):
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: no new connection (and TIME_WAIT port) per request
+            timeout = 60  # an idle keep-alive connection is closed after a minute
+            disable_nagle_algorithm = True  # TCP_NODELAY: no 40 ms wait for a delayed ACK between writes
+            wbufsize = -1  # buffered: headers and body leave in one write (flushed after each request)
+
             def do_POST(self):  # noqa: N802 (http.server's naming)
                 with server._lock:
                     server.in_flight += 1
@@ -164,8 +214,17 @@ class FakeOpenAIServer:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    request_queue_size = 1024  # the listen backlog (socketserver's default of 5 resets clients under load)
+
     def handle_error(self, request, client_address):  # a client that hung up is not a test failure
         pass
+
+
+def _event(h: BaseHTTPRequestHandler, payload) -> None:
+    """One server-sent event as one HTTP chunk."""
+    data = f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+    h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+    h.wfile.flush()
 
 
 def _send(h: BaseHTTPRequestHandler, status: int, payload, headers: dict | None = None) -> None:

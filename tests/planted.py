@@ -54,6 +54,16 @@ def planted_overrides(tmp_path: Path, *extra: str) -> list[str]:
             f"datamodule.embedding_cache={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", *extra]
 
 
+def fit_planted_router(tmp_path: Path, epochs: int = 20) -> Path:
+    """A `router_mlp` trained on the planted log (hashing encoder, no logger or callbacks): its best checkpoint."""
+    from fusion_lightning.config import compose_recipe
+    from fusion_lightning.fit import fit
+
+    summary = fit(compose_recipe("router_mlp", planted_overrides(tmp_path, f"trainer.max_epochs={epochs}",
+                                                                 "logger=none", "callbacks=none")))
+    return tmp_path / "run" / summary["artifacts"]["best_checkpoint"]
+
+
 # a rule *inside* each task: the per-task lookup cannot see it, a router that reads the query can
 SUBTOPICS = {  # task -> {sub-topic: its words}
     "math": {"arithmetic": ["sum", "add", "plus", "total"], "geometry": ["triangle", "angle", "circle", "radius"]},

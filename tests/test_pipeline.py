@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 from openai_server import FakeOpenAIServer, last_user
-from planted import planted_overrides
+from planted import fit_planted_router
 from tiny_lm import build_tiny_lm
 
-from fusion_lightning.config import compose_recipe
-from fusion_lightning.fit import fit
 from fusion_lightning.query.router import Router
 from fusion_lightning.scoring.formats import answer_instruction
 from fusion_lightning.serve import MODEL_NAME, serve_in_thread
@@ -25,10 +23,7 @@ GEO = "which river crosses the capital city of this country"
 
 @pytest.fixture(scope="module")
 def router_ckpt(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("pipe_router")
-    summary = fit(compose_recipe("router_mlp", planted_overrides(tmp, "trainer.max_epochs=20", "logger=none",
-                                                                 "callbacks=none")))
-    return tmp / "run" / summary["artifacts"]["best_checkpoint"]
+    return fit_planted_router(tmp_path_factory.mktemp("pipe_router"), epochs=20)
 
 
 @pytest.fixture(scope="module")

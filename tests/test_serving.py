@@ -9,7 +9,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from openai_server import FakeOpenAIServer, echo_answer, last_user
+from openai_server import FakeOpenAIServer, echo_answer, last_user, loopback_without_proxy
 from tiny_lm import build_tiny_lm
 
 from fusion_lightning.serving import (
@@ -27,8 +27,7 @@ KEY = "sk-DISTINCTIVE-k3y-9f8e7d6c5b4a"
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    loopback_without_proxy(monkeypatch)
 
 
 @pytest.fixture
@@ -68,6 +67,37 @@ def test_http_retries_transient_faults_and_answers_each_prompt_once(server, tmp_
     assert [g.text for g in gens] == [f"echo: {p}" for p in prompts]
     assert {p: server.requests[p] for p in prompts} == {p: 1 + len(faults.get(p, [])) for p in prompts}
     assert server.successes == len(prompts)  # exactly one answer per prompt
+
+
+def test_async_side_retries_the_same_faults_and_streams(server, tmp_path):
+    """acomplete/astream (what the server uses; the lean transport) keep the sync side's retries."""
+    import asyncio
+
+    server.slow_s = 1.0
+    faults = {"q1": ["429", "500"], "q2": ["timeout"], "q3": ["malformed"], "q4": ["disconnect", "503"],
+              "s1": ["500", "disconnect"], "s2": ["429"]}
+    server.faults = {k: list(v) for k, v in faults.items()}
+    b = http_backend(server, tmp_path, timeout_s=0.4, cache_dir=None)
+
+    async def run():
+        plain = await asyncio.gather(*(b.acomplete(f"q{i}") for i in range(1, 6)))
+        streamed = []
+        for p in ("s1", "s2", "s3 has more words"):
+            streamed.append([c async for c in b.astream(p, max_new_tokens=3)])
+        server.faults = {"bad": ["400"]}
+        with pytest.raises(BackendError, match="HTTP 400"):
+            await b.acomplete("bad")
+        await b.aclose()
+        return plain, streamed
+
+    plain, streamed = asyncio.run(run())
+    assert [g.text for g in plain] == [f"echo: q{i}" for i in range(1, 6)]
+    assert {p: server.requests[p] for p in faults} == {p: 1 + len(v) for p, v in faults.items()}
+    for chunks in streamed:
+        assert chunks[-1].generation is not None and chunks[-1].text == ""
+        assert "".join(c.text for c in chunks) == chunks[-1].generation.text
+    assert streamed[2][-1].generation.text == "echo: s3 has" and streamed[2][-1].generation.finish_reason == "length"
+    assert streamed[2][-1].generation.output_tokens == 3
 
 
 def test_retry_after_is_honoured_and_backoff_is_seeded(server, tmp_path):

@@ -30,6 +30,8 @@ class RouteResult:
     perf: np.ndarray  # [N, M] predicted performance
     cost: np.ndarray  # [N, M] predicted normalised cost
     candidates: list[str]  # column names of the arrays
+    tasks: list[str | None] | None = None  # route(): the task each query was routed under (given, else the
+    # most probable inferred one; None where it stays unknown)
 
 
 def load_router_module(path: str | Path) -> RouterModule:
@@ -136,4 +138,7 @@ class Router:
             feats = self.encoder.encode(list(queries), batch_size=batch_size)
         feats = torch.as_tensor(feats)
         idx, w = self.task_weights(queries, feats, tasks)
-        return self.route_embeddings(feats, idx, lam=lam, task_weights=w)
+        result = self.route_embeddings(feats, idx, lam=lam, task_weights=w)
+        names = list(self.module.hparams.tasks)
+        result.tasks = [names[i] if i else None for i in idx[:, 0].tolist()]  # task 0: the unknown task
+        return result

@@ -22,6 +22,17 @@ class Generation:
     latency_s: float
     cached: bool = False
     error: str | None = None
+    finish_reason: str | None = None  # OpenAI's: "stop" (an end token or a stop string), "length"
+
+
+@dataclass
+class Chunk:
+    """One event of a streamed answer: `text` appended to choice `index`; the choice's last event
+    carries its whole `generation` (token counts, finish reason, latency; `text` is then "")."""
+
+    index: int = 0
+    text: str = ""
+    generation: Generation | None = None
 
 
 @runtime_checkable
@@ -88,3 +99,31 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     """Cut `text` at the earliest stop string (exclusive), as OpenAI-style servers do."""
     cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
     return text if cut < 0 else text[:cut]
+
+
+class StopTrim:
+    """Streamed text cut at the earliest stop string, exactly as `truncate_at_stop` cuts a whole answer:
+    it holds back the last `len(longest stop) - 1` characters until they cannot begin a stop string."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.buf, self.done = "", False
+
+    def feed(self, text: str) -> str:
+        """The part of `text` (after what was held back) that is safe to send now."""
+        if self.done or not self.stop:
+            return "" if self.done else text
+        self.buf += text
+        cut = truncate_at_stop(self.buf, self.stop)
+        if len(cut) < len(self.buf):
+            self.buf, self.done = "", True
+            return cut
+        out = self.buf[: len(self.buf) - self.hold]
+        self.buf = self.buf[len(out):]
+        return out
+
+    def flush(self) -> str:
+        """What is still held back, at the end of the stream."""
+        out, self.buf = ("" if self.done else self.buf), ""
+        return out

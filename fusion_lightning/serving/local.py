@@ -1,15 +1,18 @@
 """Generation with any Hugging Face causal LM, local directory or Hub name alike (same code path):
 chat template when the tokenizer has one, batched with left padding, greedy or seeded sampling,
-CPU or GPU, optional LoRA adapter."""
+CPU or GPU, optional LoRA adapter. `generate(..., streams=[...])` also hands each prompt's text, as
+it is decoded, to a callback: transformers' `TextIteratorStreamer` per row of the batch."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import Generation, Prompt, Sampling, resolve_sampling, to_messages, truncate_at_stop
+from .base import Generation, Prompt, Sampling, StopTrim, resolve_sampling, to_messages, truncate_at_stop
+
+Stream = Callable[[str], None]  # receives each piece of one answer's text as it is decoded
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -113,9 +116,15 @@ class LocalBackend:
             texts, return_tensors="pt", padding=True, add_special_tokens=not self.has_chat_template
         )
 
-    def generate(self, prompts: Sequence[Prompt], **sampling: Any) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], *, streams: Sequence[Stream | None] | None = None,
+                 **sampling: Any) -> list[Generation]:
+        """One `Generation` per prompt. `streams[i]`, when given, receives prompt i's answer piece by
+        piece while the batch generates (cut at stop strings like the answer: the pieces add up to
+        `text`)."""
         from tqdm.auto import tqdm
 
+        if streams is not None and len(streams) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(streams)} streams")
         s = resolve_sampling(self.default_sampling, sampling)
         texts = [self.render(p) for p in prompts]
         lengths = [len(ids) for ids in self._encode_lengths(texts)]
@@ -125,7 +134,8 @@ class LocalBackend:
         results: list[Generation | None] = [None] * len(texts)
         bar = tqdm(batches, desc=f"generate {self.name}", unit="batch", disable=not self.progress or not batches)
         for b, idx in enumerate(bar):
-            for i, gen in zip(idx, self._generate_batch([texts[i] for i in idx], s, b), strict=True):
+            rows = None if streams is None else [streams[i] for i in idx]
+            for i, gen in zip(idx, self._generate_batch([texts[i] for i in idx], s, b, rows), strict=True):
                 results[i] = gen
         return results  # type: ignore[return-value]
 
@@ -134,7 +144,8 @@ class LocalBackend:
             return []
         return self.tokenizer(texts, add_special_tokens=not self.has_chat_template)["input_ids"]
 
-    def _generate_batch(self, texts: list[str], s: Sampling, batch_index: int) -> list[Generation]:
+    def _generate_batch(self, texts: list[str], s: Sampling, batch_index: int,
+                        streams: list[Stream | None] | None = None) -> list[Generation]:
         import torch
 
         enc = self._encode(texts).to(self.device)
@@ -149,6 +160,9 @@ class LocalBackend:
             kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
         if s.stop:
             kwargs.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
+        ends = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, *self._extra_eos()}
+        if streams is not None and any(streams):
+            kwargs["streamer"] = _row_streamer(self.tokenizer, streams, ends, s.stop)
         start = time.perf_counter()
         devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
         with torch.inference_mode(), torch.random.fork_rng(devices=devices):
@@ -158,14 +172,66 @@ class LocalBackend:
         latency = time.perf_counter() - start
         new = out[:, enc["input_ids"].shape[1] :].tolist()
         n_in = enc["attention_mask"].sum(dim=1).tolist()
-        ends = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, *self._extra_eos()}
         gens = []
         for ids, n in zip(new, n_in, strict=True):
             k = next((j for j, t in enumerate(ids) if t in ends), len(ids))
             text = self.tokenizer.decode(ids[:k], skip_special_tokens=True)
-            gens.append(Generation(truncate_at_stop(text, s.stop), int(n), k, latency))
+            cut = truncate_at_stop(text, s.stop)
+            finish = "stop" if k < len(ids) or len(cut) < len(text) else "length"
+            gens.append(Generation(cut, int(n), k, latency, finish_reason=finish))
         return gens
 
     def _extra_eos(self) -> list[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+class _StreamSink:
+    """Stands in for a TextIteratorStreamer's queue: text goes to the row's callback (cut at stop strings)."""
+
+    def __init__(self, stream: Stream, stop: Sequence[str]):
+        self.stream, self.trim = stream, StopTrim(stop)
+
+    def put(self, item: str | None, timeout: float | None = None) -> None:
+        piece = self.trim.flush() if item is None else self.trim.feed(item)  # None: the streamer's stop signal
+        if piece:
+            self.stream(piece)
+
+
+def _row_streamer(tokenizer, streams: Sequence[Stream | None], ends: set[int], stop: Sequence[str]):
+    """A `generate` streamer for a batch: one `TextIteratorStreamer` per streamed row (it decodes one
+    sequence), fed that row's tokens up to its first end token, as the answer is cut."""
+    from transformers import TextIteratorStreamer
+    from transformers.generation.streamers import BaseStreamer
+
+    class RowStreamer(BaseStreamer):
+        def __init__(self) -> None:
+            self.rows: list[TextIteratorStreamer | None] = []
+            for stream in streams:
+                row = None
+                if stream is not None:
+                    row = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
+                    row.text_queue = _StreamSink(stream, stop)
+                self.rows.append(row)
+            self.prompt = True
+
+        def put(self, value) -> None:
+            if self.prompt:  # generate's first call hands over the prompt ids
+                self.prompt = False
+                return
+            for i, row in enumerate(self.rows):
+                if row is None:
+                    continue
+                if int(value[i]) in ends:
+                    row.end()
+                    self.rows[i] = None
+                else:
+                    row.put(value[i : i + 1])
+
+        def end(self) -> None:
+            for row in self.rows:
+                if row is not None:
+                    row.end()
+            self.rows = [None] * len(self.rows)
+
+    return RowStreamer()

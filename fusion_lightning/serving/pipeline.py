@@ -54,6 +54,17 @@ class PipelineOutput:
     error: str | None = None
 
 
+@dataclass
+class Plan:
+    """What the pipeline decided for one query before generation."""
+
+    query: str
+    task: str | None  # as given, else the task the router inferred (None: unknown)
+    task_source: str | None  # "request", "router" (inferred) or None
+    model: str  # the backend that will answer
+    prompt: str | list[dict]
+
+
 def _last_user(messages: Sequence[Mapping[str, Any]]) -> str:
     for m in reversed(messages):
         if m.get("role") == "user":
@@ -124,11 +135,23 @@ class FusedPipeline:
 
     def route(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None) -> list[str]:
         """The backend per query: the router's best model among those with a backend, else the default."""
-        if self.router is None:
-            return [self.default] * len(queries)
-        result = self.router.route(list(queries), tasks=list(tasks) if tasks else None, lam=self.lam)
+        return self._route(queries, tasks)[0]
+
+    def _route(self, queries: Sequence[str],
+               tasks: Sequence[str | None] | None) -> tuple[list[str], list[str | None]]:
+        """(backend per query, the task the router routed it under: given or inferred, None if unknown)."""
+        given = list(tasks) if tasks is not None else [None] * len(queries)
+        if self.router is None or not queries:
+            return [self.default] * len(queries), given
+        result = self.router.route(list(queries), tasks=given if tasks else None, lam=self.lam)
         scores = np.where(self._available[None, :], result.scores, -np.inf)
-        return [result.candidates[i] for i in scores.argmax(axis=1).tolist()]
+        return [result.candidates[i] for i in scores.argmax(axis=1).tolist()], list(result.tasks or given)
+
+    def call_cost(self, model: str, input_tokens: int | None, output_tokens: int | None) -> float | None:
+        """USD for one call, when the catalog has this model's prices."""
+        if self.catalog is None or model not in self.catalog:
+            return None
+        return self.catalog[model].call_cost(input_tokens, output_tokens)
 
     def prompts(self, queries: Sequence[str], tasks: Sequence[str | None], metrics: Sequence[str | None]) -> list[str]:
         """The thought stage's template-augmented prompts, else the zero-shot prompt."""
@@ -136,13 +159,14 @@ class FusedPipeline:
             return list(self.augmenter.prompts(list(queries), list(tasks), list(metrics)))
         return [zero_shot_prompt(q, m) for q, m in zip(queries, metrics, strict=True)]
 
-    def run(self, queries: Sequence[str] | None = None, tasks: Sequence[str | None] | None = None,
-            metrics: Sequence[str | None] | None = None, ground_truths: Sequence[str | None] | None = None, *,
-            conversations: Sequence[Sequence[Mapping[str, Any]]] | None = None, model: str | None = None,
-            **sampling: Any) -> list[PipelineOutput]:
-        """Answer a batch. `conversations` (chat message lists, as a server receives them) replace
-        `queries`: the last user message is the query; it is rewritten only by the thought stage or
-        when a metric asks for an answer format. `model` forces one backend (no routing)."""
+    def plan(self, queries: Sequence[str] | None = None, tasks: Sequence[str | None] | None = None,
+             metrics: Sequence[str | None] | None = None, *,
+             conversations: Sequence[Sequence[Mapping[str, Any]]] | None = None,
+             models: Sequence[str | None] | None = None) -> list[Plan]:
+        """Everything before generation, for a batch: the backend (routed together in one call, or
+        `models[i]` when given) and the prompt. `conversations` (chat message lists, as a server
+        receives them) replace `queries`: the last user message is the query; it is rewritten only by
+        the thought stage or when a metric asks for an answer format."""
         if conversations is not None:
             queries = [_last_user(c) for c in conversations]
         if queries is None:
@@ -150,12 +174,17 @@ class FusedPipeline:
         n = len(queries)
         tasks = list(tasks) if tasks is not None else [None] * n
         metrics = list(metrics) if metrics is not None else [None] * n
-        golds = list(ground_truths) if ground_truths is not None else [None] * n
-        if not (len(tasks) == len(metrics) == len(golds) == n):
-            raise ValueError(f"{n} queries but {len(tasks)} tasks, {len(metrics)} metrics, {len(golds)} ground truths")
-        if model is not None and model not in self.backends:
-            raise ValueError(f"unknown model {model!r}; backends: {list(self.backends)}")
-        chosen = [model] * n if model else self.route(queries, tasks)
+        models = list(models) if models is not None else [None] * n
+        if not (len(tasks) == len(metrics) == len(models) == n):
+            raise ValueError(f"{n} queries but {len(tasks)} tasks, {len(metrics)} metrics, {len(models)} models")
+        for m in models:
+            if m is not None and m not in self.backends:
+                raise ValueError(f"unknown model {m!r}; backends: {list(self.backends)}")
+        chosen, known = list(models), list(tasks)
+        todo = [i for i in range(n) if models[i] is None]
+        routed, inferred = self._route([queries[i] for i in todo], [tasks[i] for i in todo])
+        for j, i in enumerate(todo):
+            chosen[i], known[i] = routed[j], inferred[j]
         texts = self.prompts(queries, tasks, metrics)
         prompts: list[str | list[dict]] = list(texts)
         if conversations is not None:
@@ -166,6 +195,23 @@ class FusedPipeline:
                     j = max(k for k, m in enumerate(msgs) if m.get("role") == "user")
                     msgs[j]["content"] = texts[i]
                 prompts[i] = msgs
+        source = ["request" if t else "router" if k else None for t, k in zip(tasks, known, strict=True)]
+        return [Plan(queries[i], known[i], source[i], chosen[i], prompts[i]) for i in range(n)]
+
+    def run(self, queries: Sequence[str] | None = None, tasks: Sequence[str | None] | None = None,
+            metrics: Sequence[str | None] | None = None, ground_truths: Sequence[str | None] | None = None, *,
+            conversations: Sequence[Sequence[Mapping[str, Any]]] | None = None, model: str | None = None,
+            **sampling: Any) -> list[PipelineOutput]:
+        """Answer a batch (see `plan`); `model` forces one backend (no routing)."""
+        n = len(conversations if conversations is not None else queries or [])
+        plans = self.plan(queries, tasks, metrics, conversations=conversations, models=[model] * n)
+        queries = [p.query for p in plans]
+        tasks = list(tasks) if tasks is not None else [None] * n
+        metrics = list(metrics) if metrics is not None else [None] * n
+        golds = list(ground_truths) if ground_truths is not None else [None] * n
+        if len(golds) != n:
+            raise ValueError(f"{n} queries but {len(golds)} ground truths")
+        chosen, prompts = [p.model for p in plans], [p.prompt for p in plans]
         merged = {**self.sampling, **sampling}
         outputs: list[PipelineOutput | None] = [None] * n
         for name in dict.fromkeys(chosen):
@@ -177,9 +223,7 @@ class FusedPipeline:
             else:
                 gens = self.backends[name].generate([prompts[i] for i in idx], **merged)
             for i, g in zip(idx, gens, strict=True):
-                cost = None
-                if self.catalog is not None and name in self.catalog:
-                    cost = self.catalog[name].call_cost(g.input_tokens, g.output_tokens)
+                cost = self.call_cost(name, g.input_tokens, g.output_tokens)
                 sc = score(g.text, golds[i], metrics[i]) if golds[i] is not None and metrics[i] and not g.error else None
                 outputs[i] = PipelineOutput(queries[i], tasks[i], name, prompts[i], g.text, g.input_tokens,
                                             g.output_tokens, g.latency_s, cost, sc, g.error)

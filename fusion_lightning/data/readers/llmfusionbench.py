@@ -8,6 +8,12 @@ Quirks handled here, vectorised with pyarrow so a 100M-token log reads fast:
 - `query_embedding`/`task_description_embedding` are strings "tensor([...])" present only on the
   first row of a query's block: `source_query_embeddings` parses and forward-fills them. The
   canonical record does not carry them; recipes re-embed with the configured encoder.
+
+Served traffic (the server's request log, fusion_lightning/serving/request_log.py) is this format
+with a `request_id` and `choice` per answer: feedback appends a scored copy of a record, so the last
+record of each (request_id, choice) is kept, and served answers with no score yet are skipped,
+counted and noted in the data report. A row without a score that is not served traffic is still
+an error ("missing score").
 """
 
 from __future__ import annotations
@@ -212,9 +218,10 @@ def read_llmfusionbench(path: Path, options: ReaderOptions) -> SourceData:
 def from_tables(named_tables: list[tuple[str, pa.Table]], options: ReaderOptions | None = None) -> SourceData:
     """Canonical rows from in-memory LLMFusionBench tables (named for error messages)."""
     options = options or ReaderOptions()
-    parts, issues, catalogs, descs = [], {}, [], {}
+    parts, issues, catalogs, descs, served = [], {}, [], {}, []
     offset = 0
     for name, t in named_tables:
+        served.append(_served_keys(t))
         if not options.responses and "response" in t.column_names:
             t = t.drop_columns(["response"])  # canonical `response` is then null
         canon, iss = _to_canonical(name, t, offset)
@@ -239,5 +246,45 @@ def from_tables(named_tables: list[tuple[str, pa.Table]], options: ReaderOptions
         for c in catalogs[1:]:
             for m in c.models.values():
                 catalog.models.setdefault(m.name, m)
-    notes = ["cost converted from micro-dollars to USD"]
-    return SourceData(table, catalog, notes, {}, issues, descs)
+    src = SourceData(table, catalog, ["cost converted from micro-dollars to USD"], {}, issues, descs)
+    if any(k is not None for k in served):
+        _settle_served(src, pa.concat_arrays([k if k is not None else pa.nulls(len(p), pa.string())
+                                              for k, p in zip(served, parts, strict=True)]))
+    return src
+
+
+def _served_keys(t: pa.Table) -> pa.Array | None:
+    """'<request_id>#<choice>' per row of a served-traffic table (null on other rows); None for other logs."""
+    if "request_id" not in t.column_names:
+        return None
+    rid = pc.cast(t["request_id"], pa.string())
+    choice = pc.cast(t["choice"], pa.string()) if "choice" in t.column_names else pa.repeat("0", t.num_rows)
+    keys = pc.binary_join_element_wise(rid, pc.fill_null(choice, "0"), "#")
+    return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+
+
+def _settle_served(src: SourceData, keys: pa.Array) -> None:
+    """Served traffic: keep the last record of each answer (feedback supersedes), skip answers with no
+    score yet; both counted and noted, never silent."""
+    n = len(keys)
+    idx, values = code_values(keys)
+    served = pc.is_valid(keys).to_numpy(zero_copy_only=False)
+    codes_ = np.where(served, idx, 0)
+    last = np.full(max(len(values), 1), -1)
+    np.maximum.at(last, codes_[served], np.flatnonzero(served))
+    superseded = served & (last[codes_] != np.arange(n))
+    unscored = served & ~superseded & pc.is_null(src.table["performance"]).to_numpy(zero_copy_only=False)
+    drop = superseded | unscored
+    if not drop.any():
+        return
+    if superseded.any():
+        src.counts["served_records_superseded"] = int(superseded.sum())
+        src.notes.append(f"{int(superseded.sum())} served-traffic records superseded by a later record of the "
+                         "same answer (feedback): the last one kept")
+    if unscored.any():
+        src.counts["served_answers_unscored"] = int(unscored.sum())
+        src.notes.append(f"{int(unscored.sum())} served answers have no score yet (no feedback): skipped")
+    keep = ~drop
+    new_index = np.cumsum(keep) - 1
+    src.issues = {int(new_index[i]): v for i, v in src.issues.items() if keep[i]}
+    src.table = src.table.filter(pa.array(keep))
