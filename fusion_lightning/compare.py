@@ -187,29 +187,36 @@ def compare(runs: list[dict[str, Any]], metrics: list[str] | None, out: Path) ->
 class SweepSummary(Callback):
     """What a Hydra multirun (`python -m fusion_lightning.fit -m recipe=... seed=1,2`) leaves in its sweep
     dir (a Hydra callback, configured in recipes/fit.yaml): each job's overrides and outcome in
-    `sweep.json`, and this command's table over the jobs' run dirs in `comparison/`."""
+    `sweep.json`, and this command's table over the jobs' run dirs in `comparison/`.
 
-    def __init__(self) -> None:
-        self.jobs: list[dict[str, Any]] = []
+    Each job records itself in its own run dir (`hydra_job.json`) and the summary reads those back:
+    a remote launcher (`hydra/launcher=submitit_slurm`) runs `on_job_end` inside the SLURM job, not in
+    the process that ends the sweep."""
+
+    JOB_FILE = "hydra_job.json"
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hc = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else None
-        self.jobs.append({
-            "overrides": list(job_return.overrides or []),
-            "run_dir": str(hc.runtime.output_dir) if hc is not None else None,
-            "status": "completed" if job_return.status == JobStatus.COMPLETED else "failed",
-        })
+        if hc is None:
+            return
+        run_dir = Path(str(hc.runtime.output_dir))
+        job = {"num": int(hc.job.num), "overrides": list(job_return.overrides or []), "run_dir": str(run_dir),
+               "status": "completed" if job_return.status == JobStatus.COMPLETED else "failed"}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / self.JOB_FILE, json.dumps(job, indent=2))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
             return
+        jobs = sorted((json.loads(p.read_text()) for p in sweep_dir.glob(f"*/{self.JOB_FILE}")),
+                      key=lambda j: j["num"])
         runs, _ = find_runs(sweep_dir)
-        record = {"sweep_dir": str(sweep_dir), "jobs": self.jobs, "finished_runs": [str(r) for r in runs]}
+        record = {"sweep_dir": str(sweep_dir), "jobs": jobs, "finished_runs": [str(r) for r in runs]}
         if runs:
             paths = compare([load_run(r) for r in runs], None, sweep_dir / "comparison")
             record["comparison"] = {k: str(v) for k, v in paths.items()}
-        (sweep_dir / "sweep.json").write_text(json.dumps(record, indent=2))
+        atomic_write(sweep_dir / "sweep.json", json.dumps(record, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,6 +188,26 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted_run(
     assert got == pytest.approx(ref, rel=1e-6, abs=1e-9)
 
 
+def test_multirun_through_hydra_submitit_launcher(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """`fit -m ... hydra/launcher=submitit_slurm`: Hydra's own SLURM launcher runs one job per combination,
+    each writes its run dir under the sweep dir, and the sweep summary covers both."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "fusion_lightning.fit", "-m", "recipe=router_mlp", *TINY, "trainer.max_epochs=2",
+           "seed=1,2", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10",
+           "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=_job_env(slurm_cluster, tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert [p.parent.name for p in summaries] == ["0", "1"], out.stderr[-3000:]
+    assert [json.loads(p.read_text())["seed"] for p in summaries] == [1, 2]
+    record = json.loads((sweep / "sweep.json").read_text())  # the jobs' callbacks ran inside the SLURM jobs
+    assert [(j["num"], j["status"]) for j in record["jobs"]] == [(0, "completed"), (1, "completed")]
+    assert len(record["finished_runs"]) == 2 and (sweep / "comparison" / "comparison.md").is_file()
+    logs = list((sweep / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 2  # one SLURM job each (submitit's own logs)
+
+
 def test_slurm_tests_do_not_leave_jobs(slurm_cluster: SlurmCluster) -> None:
     assert os.environ.get("SLURM_CONF") is None  # the cluster's config never leaks into the test process
     assert slurm_cluster.run("squeue", "-h").stdout.strip() == ""
