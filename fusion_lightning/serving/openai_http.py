@@ -18,8 +18,6 @@ of text has been passed on; after that a failure is a `BackendError` ("stream br
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import email.utils
 import json
 import logging
 import os
@@ -44,49 +42,21 @@ from .base import (
 )
 from .cache import GenerationCache, request_key
 from .transport import LeanAsyncTransport, lean_transport_applies
+from .upstream import (
+    AsyncPools,
+    BackendError,
+    Cancelled,
+    Retryable,
+    StreamState,
+    parse_retry_after,
+    server_message,
+    to_generation,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = ".cache/fusion_lightning/generations"
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
-
-
-class BackendError(RuntimeError):
-    """A request that failed for good: a non-retryable status, or retries exhausted."""
-
-
-class _Cancelled(BackendError):
-    """A request not sent (or not retried) because the batch is failing or was interrupted."""
-
-
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Retry-After is delay-seconds or an HTTP date; None when absent or unparseable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-def _server_message(raw: bytes) -> str:
-    """The `error.message` of an OpenAI-style error body, else the body itself (shortened)."""
-    text = raw.decode("utf-8", errors="replace").strip()
-    try:
-        err = json.loads(text).get("error", text)
-        text = str(err.get("message", err) if isinstance(err, dict) else err)
-    except (ValueError, AttributeError):
-        pass
-    return text[:500] or "(empty body)"
+__all__ = ["BackendError", "OpenAICompatibleBackend"]
 
 
 class OpenAICompatibleBackend:
@@ -134,7 +104,7 @@ class OpenAICompatibleBackend:
         self._rng, self._rng_lock = random.Random(retry_seed), threading.Lock()
         self._sleep = time.sleep  # tests replace it to record the backoff delays
         self._client: httpx.Client | None = None  # made on first use; thread-safe, pooled
-        self._aclients: dict[Any, _AsyncPools] = {}  # per event loop
+        self._aclients: dict[Any, AsyncPools] = {}  # per event loop
         self._client_lock = threading.Lock()
         self._pending: set[asyncio.Future] = set()  # cache writes the async side started
 
@@ -183,7 +153,7 @@ class OpenAICompatibleBackend:
                 self._client = httpx.Client(**self._limits())
             return self._client
 
-    def _pools(self) -> _AsyncPools:
+    def _pools(self) -> AsyncPools:
         """This event loop's clients (an httpx.AsyncClient belongs to one loop)."""
         loop = asyncio.get_running_loop()
         with self._client_lock:
@@ -191,10 +161,10 @@ class OpenAICompatibleBackend:
             if pools is None:
                 if lean_transport_applies():  # no proxy to honour: the lean transport, one pool
                     timeout = httpx.Timeout(self.timeout_s, pool=None)
-                    pools = _AsyncPools(self.max_concurrency, lambda n: httpx.AsyncClient(
+                    pools = AsyncPools(self.max_concurrency, lambda n: httpx.AsyncClient(
                         transport=LeanAsyncTransport(), timeout=timeout), per_pool=self.max_concurrency)
                 else:
-                    pools = _AsyncPools(self.max_concurrency, lambda n: httpx.AsyncClient(**self._limits(n)))
+                    pools = AsyncPools(self.max_concurrency, lambda n: httpx.AsyncClient(**self._limits(n)))
                 self._aclients[loop] = pools
             return pools
 
@@ -211,18 +181,18 @@ class OpenAICompatibleBackend:
         if pools is not None:
             await pools.aclose()
 
-    def _transport_error(self, e: httpx.HTTPError) -> _Retryable:
+    def _transport_error(self, e: httpx.HTTPError) -> Retryable:
         if isinstance(e, httpx.TimeoutException):
-            return _Retryable(f"timed out after {self.timeout_s:g} s")
-        return _Retryable(f"connection error: {type(e).__name__}: {self._redact(str(e))}")
+            return Retryable(f"timed out after {self.timeout_s:g} s")
+        return Retryable(f"connection error: {type(e).__name__}: {self._redact(str(e))}")
 
     def _check_status(self, status: int, headers: httpx.Headers, raw: bytes) -> None:
-        """Raise `_Retryable` (429, 5xx, ...) or `BackendError` (other 4xx) for an error status."""
+        """Raise `Retryable` (429, 5xx, ...) or `BackendError` (other 4xx) for an error status."""
         if status < 400:
             return
-        msg = self._redact(_server_message(raw))
+        msg = self._redact(server_message(raw))
         if status in RETRYABLE_STATUS or status >= 500:
-            raise _Retryable(f"HTTP {status}: {msg}", _parse_retry_after(headers.get("Retry-After")))
+            raise Retryable(f"HTTP {status}: {msg}", parse_retry_after(headers.get("Retry-After")))
         hint = f" (check the key in ${self.api_key_env})" if status in (401, 403) and self.api_key_env else ""
         raise BackendError(f"{self.name}: HTTP {status} from POST {self.url}: {msg}{hint}")
 
@@ -234,7 +204,7 @@ class OpenAICompatibleBackend:
             finish = data["choices"][0].get("finish_reason")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             snippet = self._redact(raw[:200].decode("utf-8", errors="replace"))
-            raise _Retryable(f"malformed response: {snippet!r}") from None
+            raise Retryable(f"malformed response: {snippet!r}") from None
         return {
             "text": truncate_at_stop(str(text), body.get("stop") or ()),
             "input_tokens": usage.get("prompt_tokens"),
@@ -244,7 +214,7 @@ class OpenAICompatibleBackend:
         }
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """One attempt. Returns the parsed answer; raises `_Retryable` or `BackendError`."""
+        """One attempt. Returns the parsed answer; raises `Retryable` or `BackendError`."""
         start = time.perf_counter()
         try:
             resp = self._sync_client().post(self.url, json=body, headers=self._headers())
@@ -270,7 +240,7 @@ class OpenAICompatibleBackend:
             jitter = 0.5 + self._rng.random()  # x0.5 .. x1.5
         return min(self.backoff_base * 2**attempt, self.max_backoff) * jitter
 
-    def _retry_delay(self, e: _Retryable, attempt: int) -> float:
+    def _retry_delay(self, e: Retryable, attempt: int) -> float:
         """The wait before retry `attempt + 1`; BackendError once `max_retries` retries are spent."""
         if attempt >= self.max_retries:
             raise BackendError(f"{self.name}: gave up after {attempt + 1} attempts at POST {self.url}; last error: {e}") from None
@@ -283,20 +253,20 @@ class OpenAICompatibleBackend:
         once `stop` is set (the batch is failing or interrupted)."""
         for attempt in range(self.max_retries + 1):
             if attempt and stop is not None and stop.is_set():
-                raise _Cancelled(f"{self.name}: cancelled before retry {attempt}")
+                raise Cancelled(f"{self.name}: cancelled before retry {attempt}")
             try:
                 return self._post(body)
-            except _Retryable as e:
+            except Retryable as e:
                 self._sleep(self._retry_delay(e, attempt))
         raise AssertionError("unreachable")
 
     def _complete(self, body: dict[str, Any], key: str, stop: threading.Event) -> dict[str, Any]:
         if stop.is_set():
-            raise _Cancelled(f"{self.name}: cancelled")
+            raise Cancelled(f"{self.name}: cancelled")
         try:
             response = self._call(body, stop)
         except BackendError as e:
-            if self.errors == "raise" and not isinstance(e, _Cancelled):
+            if self.errors == "raise" and not isinstance(e, Cancelled):
                 stop.set()  # at once, before this worker picks up the next request
             raise
         if self.cache is not None:  # as it arrives: an interruption loses nothing already paid for
@@ -315,7 +285,7 @@ class OpenAICompatibleBackend:
         for i, key in enumerate(keys):
             record = self.cache.get(key) if self.cache is not None else None
             if record is not None:
-                results[i] = _generation(record["response"], cached=True)
+                results[i] = to_generation(record["response"], cached=True)
             else:
                 groups.setdefault(key if self.cache is not None else i, []).append(i)
         n_cached = len(bodies) - sum(len(g) for g in groups.values())
@@ -335,14 +305,14 @@ class OpenAICompatibleBackend:
                 try:
                     response = fut.result()
                 except BackendError as e:
-                    if self.errors == "return" or not isinstance(e, _Cancelled):
+                    if self.errors == "return" or not isinstance(e, Cancelled):
                         failures.append((idx[0], e))  # with "raise", a failure has set `stop`: nothing
                         # new is sent; requests in flight finish (and are cached) but are not retried
                     for i in idx:
                         results[i] = Generation("", None, None, 0.0, error=str(e))
                     continue
                 for i in idx:
-                    results[i] = _generation(response, cached=False)
+                    results[i] = to_generation(response, cached=False)
         finally:
             stop.set()  # on an interruption too: in-flight requests finish, nothing new starts
             pool.shutdown(wait=True, cancel_futures=True)
@@ -370,7 +340,7 @@ class OpenAICompatibleBackend:
             return body, None, None
         key = request_key({"base_url": self.base_url, "body": body})
         record = self.cache.get(key)
-        return body, key, None if record is None else _generation(record["response"], cached=True)
+        return body, key, None if record is None else to_generation(record["response"], cached=True)
 
     async def acomplete(self, prompt: Prompt, *, cache: bool = True, **sampling: Any) -> Generation:
         """One answer (retries; the cache unless `cache=False`); raises BackendError when it fails for good."""
@@ -381,10 +351,10 @@ class OpenAICompatibleBackend:
             try:
                 response = await self._apost(body)
                 break
-            except _Retryable as e:
+            except Retryable as e:
                 await asyncio.sleep(self._retry_delay(e, attempt))
         self._cache_soon(key, body, response)
-        return _generation(response, cached=False)
+        return to_generation(response, cached=False)
 
     async def astream(self, prompt: Prompt, *, cache: bool = True, **sampling: Any) -> AsyncIterator[Chunk]:
         """The answer as it arrives: `Chunk(0, text)` pieces, then `Chunk(0, "", generation)`. A cached
@@ -398,7 +368,7 @@ class OpenAICompatibleBackend:
         pools = self._pools()
         sent = False
         for attempt in range(self.max_retries + 1):
-            trim, state = StopTrim(body.get("stop") or ()), _StreamState()
+            trim, state = StopTrim(body.get("stop") or ()), StreamState()
             start = time.perf_counter()
             try:
                 async with pools.client() as client, client.stream("POST", self.url, json=request,
@@ -414,10 +384,10 @@ class OpenAICompatibleBackend:
                         if trim.done:
                             break  # cut at a stop string; after [DONE] it reads on, so the connection is reused
                 if not (state.done or trim.done):
-                    raise _Retryable("the stream ended without [DONE]")
+                    raise Retryable("the stream ended without [DONE]")
             except httpx.HTTPError as e:
                 err = None if state.done else self._transport_error(e)  # after [DONE]: answered in full
-            except _Retryable as e:
+            except Retryable as e:
                 err = e
             else:
                 err = None
@@ -431,90 +401,8 @@ class OpenAICompatibleBackend:
                             "latency_s": time.perf_counter() - start,
                             "finish_reason": "stop" if trim.done else state.finish}
                 self._cache_soon(key, body, response)
-                yield Chunk(0, "", _generation(response, cached=False))
+                yield Chunk(0, "", to_generation(response, cached=False))
                 return
             if sent:
                 raise BackendError(f"{self.name}: the stream broke after output was sent: {err}")
             await asyncio.sleep(self._retry_delay(err, attempt))
-
-
-class _AsyncPools:
-    """At most `max_concurrency` requests in flight over clients of at most `per_pool` connections each.
-    httpx's own pool does work linear in its size on every request (measured: 6.6 ms CPU a request
-    with one pool of 32 busy connections, 2.7 ms with four of 8), so with httpx's transport requests
-    go to the least busy of pools of 8; the lean transport (transport.py) needs one."""
-
-    def __init__(self, max_concurrency: int, make: Any, per_pool: int = 8):
-        n = -(-max_concurrency // per_pool)
-        self.make, self.size = make, min(per_pool, max_concurrency)
-        self.clients: list[httpx.AsyncClient | None] = [None] * n  # made when first needed
-        self.busy = [0] * n
-        self.limit = asyncio.Semaphore(max_concurrency)
-
-    @contextlib.asynccontextmanager
-    async def client(self) -> AsyncIterator[httpx.AsyncClient]:
-        async with self.limit:  # at most max_concurrency in flight: the least busy pool has room
-            i = self.busy.index(min(self.busy))
-            if self.clients[i] is None:
-                self.clients[i] = self.make(self.size)
-            self.busy[i] += 1
-            try:
-                yield self.clients[i]
-            finally:
-                self.busy[i] -= 1
-
-    async def aclose(self) -> None:
-        for c in self.clients:
-            if c is not None:
-                await c.aclose()
-
-
-class _StreamState:
-    """What the server-sent events of one streamed answer have said so far."""
-
-    def __init__(self) -> None:
-        self.text: list[str] = []
-        self.usage: dict[str, Any] = {}
-        self.finish: str | None = None
-        self.done = False
-        self._rest = b""
-
-    def lines(self, data: bytes) -> list[str]:
-        """The complete lines in what has arrived so far (a line cut by a read waits for its end)."""
-        *complete, self._rest = (self._rest + data).split(b"\n")
-        return [line.decode("utf-8", errors="replace").rstrip("\r") for line in complete]
-
-    def read(self, line: str, redact) -> str:
-        """One SSE line -> the text it adds ("" for comments, keep-alives, usage, [DONE] and after it)."""
-        if self.done or not line.startswith("data:"):
-            return ""
-        data = line[5:].strip()
-        if data == "[DONE]":
-            self.done = True
-            return ""
-        try:
-            event = json.loads(data)
-        except ValueError:
-            raise _Retryable(f"malformed stream event: {redact(data[:200])!r}") from None
-        if not isinstance(event, dict):
-            raise _Retryable(f"malformed stream event: {redact(data[:200])!r}")
-        if event.get("error"):
-            err = event["error"]
-            raise _Retryable(f"error event: {redact(str(err.get('message', err) if isinstance(err, dict) else err))}")
-        self.usage = event.get("usage") or self.usage
-        out = []
-        for choice in event.get("choices") or []:
-            self.finish = choice.get("finish_reason") or self.finish
-            out.append((choice.get("delta") or {}).get("content") or "")
-        return "".join(out)
-
-
-def _generation(response: Mapping[str, Any], cached: bool) -> Generation:
-    return Generation(
-        text=response["text"],
-        input_tokens=response.get("input_tokens"),
-        output_tokens=response.get("output_tokens"),
-        latency_s=float(response.get("latency_s") or 0.0),
-        cached=cached,
-        finish_reason=response.get("finish_reason"),
-    )

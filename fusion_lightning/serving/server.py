@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -42,87 +42,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .base import Chunk, Generation, resolve_sampling, to_messages
+from .base import Chunk, Generation
 from .batching import GenerationRequest, MicroBatcher, generate_requests
+from .chat_api import MODEL_NAME, APIError, ChatRequest, parse_chat, sse_event, upstream_error, usage_of
 from .metrics import ServerMetrics
-from .openai_http import BackendError
 from .request_log import DEFAULT_TASK, RequestLog, served_record
 
 log = logging.getLogger(__name__)
-MODEL_NAME = "fusion-router"
-MAX_N = 16
-
-
-class APIError(Exception):
-    """An answer with an OpenAI error body."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.code, self.param = status, kind, code, param
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-def _upstream(e: BaseException) -> APIError:
-    msg = str(e) if isinstance(e, BackendError) else f"{type(e).__name__}: {e}"
-    return APIError(502, f"the backend failed: {msg}", "upstream_error", "upstream_error")
-
-
-@dataclass
-class ChatRequest:
-    messages: list[dict]
-    model: str
-    n: int = 1
-    stream: bool = False
-    include_usage: bool = False
-    sampling: dict[str, Any] = field(default_factory=dict)
-    task: str | None = None
-    metric: str | None = None
-
-
-def parse_chat(body: Any, models: Sequence[str], defaults: Mapping[str, Any]) -> ChatRequest:
-    """A chat-completions body -> ChatRequest; APIError(400/404) naming the bad field."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list", param="messages")
-    try:
-        messages = to_messages(messages)
-    except TypeError as e:
-        raise APIError(400, str(e), param="messages") from None
-    if not any(m.get("role") == "user" for m in messages):
-        raise APIError(400, "'messages' needs at least one message with role 'user'", param="messages")
-    model = body.get("model") or MODEL_NAME
-    if model not in models:
-        raise APIError(404, f"model {model!r} not found; available: {list(models)}",
-                       "invalid_request_error", "model_not_found", "model")
-    n = body.get("n") if body.get("n") is not None else 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise APIError(400, f"'n' must be an integer from 1 to {MAX_N}, got {n!r}", param="n")
-    sampling: dict[str, Any] = {}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        sampling["max_new_tokens"] = max_tokens
-    for k in ("temperature", "top_p", "seed", "stop"):
-        if body.get(k) is not None:
-            sampling[k] = body[k]
-    try:
-        resolve_sampling({**defaults, **sampling}, {})
-    except (TypeError, ValueError) as e:
-        raise APIError(400, str(e)) from None
-    options = body.get("stream_options") or {}
-    for k in ("task", "metric"):
-        if body.get(k) is not None and not isinstance(body[k], str):
-            raise APIError(400, f"'{k}' must be a string", param=k)
-    return ChatRequest(messages, model, n, bool(body.get("stream")),
-                       bool(isinstance(options, dict) and options.get("include_usage")),
-                       {**defaults, **sampling}, body.get("task"), body.get("metric"))
 
 
 def _nth(sampling: Mapping[str, Any], i: int) -> dict[str, Any]:
@@ -225,10 +151,6 @@ class _RouteItem:
     task: str | None
     metric: str | None
     model: str | None  # a backend asked for by name: not routed
-
-
-def _sse(payload: Any) -> bytes:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
 class FusionServer:
@@ -335,7 +257,7 @@ class FusionServer:
                     first = await chunks.__anext__()  # a failure before any output is still an HTTP error
                 except Exception as e:  # noqa: BLE001
                     self._log(rid, req, plan, [], [""] * req.n, time.perf_counter() - start, str(e))
-                    raise _upstream(e) from None
+                    raise upstream_error(e) from None
                 body = self._events(rid, req, plan, first, chunks, start)
                 return StreamingResponse(body, media_type="text/event-stream",
                                          headers={**headers, "Cache-Control": "no-cache"})
@@ -343,10 +265,10 @@ class FusionServer:
                 gens = await runner.complete(plan.prompt, req.n, req.sampling)
             except Exception as e:  # noqa: BLE001 - a backend failure must answer, not hang the client
                 self._log(rid, req, plan, [], [""] * req.n, time.perf_counter() - start, str(e))
-                raise _upstream(e) from None
+                raise upstream_error(e) from None
             self._log(rid, req, plan, gens, [], time.perf_counter() - start)
             self._count_tokens(plan.model, gens)
-            usage = _usage(gens)
+            usage = usage_of(gens)
             choices = [{"index": i, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
                         "finish_reason": g.finish_reason or "stop"} for i, g in enumerate(gens)]
             reply = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
@@ -381,7 +303,7 @@ class FusionServer:
 
         def event(choices: list[dict], usage: dict | None = None) -> bytes:
             if usage is not None:
-                return _sse({**head, "choices": choices, "fusion": fusion, "usage": usage})
+                return sse_event({**head, "choices": choices, "fusion": fusion, "usage": usage})
             return f"data: {before}{', '.join(json.dumps(c, ensure_ascii=False) for c in choices)}{after}\n\n".encode()
 
         def text_event(i: int, text: str) -> bytes:
@@ -407,11 +329,11 @@ class FusionServer:
                 yield encode(c)
             done = [g for g in gens if g is not None]
             self._count_tokens(plan.model, done)
-            yield (event([], _usage(done)) if req.include_usage else b"") + _sse("[DONE]")
+            yield (event([], usage_of(done)) if req.include_usage else b"") + sse_event("[DONE]")
         except Exception as e:  # noqa: BLE001 - mid-stream: the client gets an error event, the server goes on
             status, error = "stream_error", str(e)
             self.metrics.errors.labels("stream").inc()
-            yield _sse(_upstream(e).body())
+            yield sse_event(upstream_error(e).body())
         except BaseException:  # the client went away (cancelled): logged, then let it unwind
             status, error = "client_closed", "the client closed the stream"
             raise
@@ -455,12 +377,6 @@ async def _aclose(stream: AsyncIterator[Chunk]) -> None:
     close = getattr(stream, "aclose", None)
     if close is not None:
         await close()
-
-
-def _usage(gens: Sequence[Generation]) -> dict[str, int]:
-    prompt = gens[0].input_tokens or 0 if gens else 0  # the same prompt for every choice
-    completion = sum(g.output_tokens or 0 for g in gens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def build_app(pipeline: Any, **kwargs: Any) -> Starlette:
