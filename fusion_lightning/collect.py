@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from fusion_lightning.config import ConfigError, compose_command, recipes_dir
 from fusion_lightning.data.schema import ModelCatalog
 from fusion_lightning.serving.collect import collect, read_query_file
 
 FILE_KEYS = ("backends", "judge", "sampling")  # a .yaml/.json file name as their value: its content
+
+
+def compose(argv: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """recipes/collect.yaml with `key=value` arguments -> a plain dict; ConfigError (one line) on any problem."""
+    return compose_command("collect", argv, file_keys=FILE_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print((recipes_dir() / "collect.yaml").read_text(encoding="utf-8"))
         return 0 if argv else 2
     try:
-        cfg = compose_command("collect", argv, file_keys=FILE_KEYS)
+        cfg = compose(argv)
         for key in ("queries", "out"):
             if not cfg[key]:
                 raise ConfigError(f"{key}= is required")

@@ -36,9 +36,14 @@ from fusion_lightning.serving.pipeline import FusedPipeline
 from fusion_lightning.serving.request_log import DEFAULT_TASK, RequestLog
 from fusion_lightning.serving.server import MODEL_NAME, build_app
 
-__all__ = ["MODEL_NAME", "ServerThread", "build_app", "main", "serve_in_thread"]
+__all__ = ["MODEL_NAME", "ServerThread", "build_app", "compose", "main", "serve_in_thread"]
 SERVER_KEYS = ("host", "port", "api_key_env", "batch_wait_ms", "max_batch", "log_dir", "log_max_mb", "log_task")
 FILE_KEYS = ("backends", "router", "thought", "sampling")  # a .yaml/.json file name as their value: its content
+
+
+def compose(argv: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """recipes/serve.yaml with `key=value` arguments -> a plain dict; ConfigError (one line) on any problem."""
+    return compose_command("serve", argv, file_keys=FILE_KEYS)
 
 
 def _app_kwargs(api_key_env: str | None = None, batch_wait_ms: float = 5.0, max_batch: int = 64,
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print((recipes_dir() / "serve.yaml").read_text(encoding="utf-8"))
         return 0
     try:
-        cfg = compose_command("serve", argv, file_keys=FILE_KEYS)
+        cfg = compose(argv)
         pipeline = FusedPipeline.from_config({k: v for k, v in cfg.items() if k not in SERVER_KEYS and v is not None})
         app = build_app(pipeline, **_app_kwargs(**{k: cfg[k] for k in SERVER_KEYS if k not in ("host", "port")}))
         sock = _listen(str(cfg["host"]), int(cfg["port"]))
