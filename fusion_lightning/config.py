@@ -5,7 +5,9 @@ the recipes as the config group `recipe/` (package `_global_`: a recipe holds on
 from `fit.yaml`), and the groups `data/`, `datamodule/`, `selection/`, `model/`, `student/`,
 `trainer/`, `strategy/`, `logger/`, `callbacks/`, `cluster/`, `debug/` and `templates/`. The `fit`
 command is a `@hydra.main` application over `fit.yaml`; `compose_recipe` composes the same config
-for code and tests. Wheels carry a copy of `recipes/` inside the package (`_configs/`).
+for code and tests. The other `key=value` commands compose their own primary configs
+(`templates.yaml`, `collect.yaml`, `serve.yaml`, `evaluate.yaml`; `compose_command` adds `config=FILE`
+and file keys). Wheels carry a copy of `recipes/` inside the package (`_configs/`).
 """
 
 from __future__ import annotations
