@@ -7,31 +7,36 @@ Re-running the same command resumes: finished records are skipped, cached answer
 `backends` is a list of `build_backend` configs, inline or a YAML/JSON file:
   backends=[{type:openai_compatible,base_url:"http://localhost:8000/v1",model:qwen,api_key_env:KEY}]
   backends=backends.yaml        config=collect.yaml (any of these keys in one file)
+
+The keys and their defaults are recipes/collect.yaml (composed by Hydra, as `fit` is).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+from typing import Any
 
-from fusion_lightning.cli import parse_args
-from fusion_lightning.config import ConfigError
+from fusion_lightning.config import ConfigError, compose_command, recipes_dir
 from fusion_lightning.data.schema import ModelCatalog
 from fusion_lightning.serving.collect import collect, read_query_file
 
-DEFAULTS = {"queries": None, "backends": [], "out": None, "catalog": None, "think": False, "judge": None,
-            "sampling": {}, "chunk_size": 32, "limit": None, "progress": True}
+FILE_KEYS = ("backends", "judge", "sampling")  # a .yaml/.json file name as their value: its content
+
+
+def compose(argv: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """recipes/collect.yaml with `key=value` arguments -> a plain dict; ConfigError (one line) on any problem."""
+    return compose_command("collect", argv, file_keys=FILE_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        print(f"keys (defaults): {json.dumps(DEFAULTS)}")
+        print((recipes_dir() / "collect.yaml").read_text(encoding="utf-8"))
         return 0 if argv else 2
     try:
-        cfg = parse_args(argv, DEFAULTS, file_keys=("backends", "judge", "sampling"))
+        cfg = compose(argv)
         for key in ("queries", "out"):
             if not cfg[key]:
                 raise ConfigError(f"{key}= is required")
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             queries = queries[: int(cfg["limit"])]
         catalog = ModelCatalog.from_json_file(cfg["catalog"]) if cfg["catalog"] else None
         report = collect(queries, cfg["backends"], cfg["out"], catalog=catalog, think=bool(cfg["think"]),
-                         judge=cfg["judge"], sampling=cfg["sampling"], chunk_size=int(cfg["chunk_size"]),
+                         judge=cfg["judge"] or None, sampling=cfg["sampling"], chunk_size=int(cfg["chunk_size"]),
                          progress=bool(cfg["progress"]))
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("FUSION_LIGHTNING_DEBUG"):

@@ -5,11 +5,14 @@ the recipes as the config group `recipe/` (package `_global_`: a recipe holds on
 from `fit.yaml`), and the groups `data/`, `datamodule/`, `selection/`, `model/`, `student/`,
 `trainer/`, `strategy/`, `logger/`, `callbacks/`, `cluster/`, `debug/` and `templates/`. The `fit`
 command is a `@hydra.main` application over `fit.yaml`; `compose_recipe` composes the same config
-for code and tests. Wheels carry a copy of `recipes/` inside the package (`_configs/`).
+for code and tests. The other `key=value` commands compose their own primary configs
+(`templates.yaml`, `collect.yaml`, `serve.yaml`, `evaluate.yaml`; `compose_command` adds `config=FILE`
+and file keys). Wheels carry a copy of `recipes/` inside the package (`_configs/`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import datetime
@@ -103,6 +106,10 @@ def one_line(e: Exception, config_name: str = "fit", base: list[str] | None = No
         where = f"under {parent!r}" if parent else "at the top level"
         return (f"unknown config key {key!r} (use +{key}=... to add a new key)"
                 + (f"; valid keys {where}: {', '.join(keys)}" if keys else ""))
+    m = re.match(r"In '([^']+)': \w+ raised while composing config:\n(.+)", msg)
+    if m:  # a value in a config file (a recipe, a config= file) that its schema rejects
+        key = re.search(r"full_key: (\S+)", msg)
+        return f"{m.group(1)}: {key.group(1) + ': ' if key else ''}{m.group(2).strip()}"
     m = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", msg)
     if m and (recipes_dir() / m.group(1)).is_dir():
         group, name = m.group(1), m.group(2)
@@ -142,3 +149,124 @@ def compose_recipe(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> 
     with open_dict(cfg):
         cfg.recipe = recipe
     return cfg
+
+
+# --- the key=value commands (collect, serve, evaluate) ------------------------------------------------
+
+FILE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _is_file_name(v: object) -> bool:
+    return isinstance(v, str) and v.lower().endswith(FILE_SUFFIXES)
+
+
+def read_config_file(path: str, key: str) -> object:
+    """A .yaml/.yml/.json file's content; ConfigError naming `key=path` when it cannot be read."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+        return json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{key}={path}: cannot read {p}: {' '.join(str(e).split())}") from None
+
+
+def primary_config(config_name: str) -> dict:
+    """`recipes/<config_name>.yaml` as plain YAML (its defaults list and keys, not composed)."""
+    return yaml.safe_load((recipes_dir() / f"{config_name}.yaml").read_text(encoding="utf-8")) or {}
+
+
+def _check_file_keys(mapping: dict, ref: dict, where: str, prefix: str, free: set[str]) -> None:
+    """Every key of a config= file must be a key of the composed defaults (free-form sections aside)."""
+    for k, v in mapping.items():
+        key = f"{prefix}{k}"
+        if not isinstance(ref, dict) or k not in ref:
+            scope = f"under {prefix[:-1]!r}" if prefix else "at the top level"
+            valid = ", ".join(sorted(ref)) if isinstance(ref, dict) else ""
+            raise ConfigError(f"{where}: unknown config key {key!r}" + (f"; valid keys {scope}: {valid}" if valid else ""))
+        if isinstance(v, dict) and isinstance(ref[k], dict) and ref[k] and key not in free:
+            _check_file_keys(v, ref[k], where, f"{key}.", free)
+
+
+def compose_command(config_name: str, argv: list[str] | tuple[str, ...],
+                    file_keys: tuple[str, ...] = ()) -> dict:
+    """`recipes/<config_name>.yaml` composed with a command's `key=value` arguments -> a plain dict
+    (resolved); ConfigError (one line) on any problem. The composer of collect, serve and evaluate.
+
+    Everything is Hydra's composition and override grammar (group picks such as `data=NAME`, dotted
+    keys, `+key=` for new keys, the same one-line errors as `fit`), plus three things a command needs:
+
+    - `config=FILE` (.yaml/.json, repeatable): a base config under the command line. The file's mapping
+      is checked against the composed defaults (an unknown key is an error naming the file), then
+      stored in Hydra's ConfigStore and appended to the defaults list (`+_config_fileN@_global_=file`),
+      so Hydra merges it over the defaults and applies the command-line overrides after it: the
+      command line wins, and a group pick in the file (`data: llmrouter`) is a group pick. (Merging the
+      file into a composed config and re-applying the overrides by hand would re-implement Hydra's
+      override semantics; a searchpath would need a config group folder around the file.)
+    - `file_keys`: such a key given a .yaml/.yml/.json file name gets the file's content.
+    - free-form sections, the top-level keys whose default is `{}` (`sampling`, `routers`, a judge)
+      and the file keys: Hydra's struct mode would reject their new sub-keys, so their overrides are
+      parsed by Hydra's parser but applied after composition, in order, replacing the value
+      (`routers=[CKPT]`, `backends=backends.yaml`) or adding to it (`sampling.temperature=0.2`).
+    """
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    primary = primary_config(config_name)
+    groups = {k for d in primary.get("defaults") or [] if isinstance(d, dict) for k in d}
+    free = {k for k, v in primary.items() if v == {}}
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if a])
+    except HydraException as e:
+        raise ConfigError(str(e).strip().splitlines()[0]) from None
+    free |= set(file_keys)
+    files = [str(o.value()) for o in parsed if o.key_or_group == "config"]
+    late = [o for o in parsed if o.key_or_group.split(".")[0] in free]
+    cli = [o.input_line for o in parsed if o.key_or_group != "config" and o.key_or_group.split(".")[0] not in free]
+    picks = [o.input_line for o in parsed if o.key_or_group in groups and not o.is_delete()]
+
+    file_picks, file_nodes = [], []
+    for path in files:
+        mapping = read_config_file(path, "config")
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"config={path}: expected a mapping of keys at the top level")
+        file_picks += [f"{k}={v}" for k, v in mapping.items() if k in groups and isinstance(v, str)]
+        file_nodes.append((path, {k: v for k, v in mapping.items() if not (k in groups and isinstance(v, str))}))
+    if file_nodes:
+        ref = OmegaConf.to_container(compose_config(config_name, file_picks + picks), resolve=False)
+        for i, (path, node) in enumerate(file_nodes):
+            _check_file_keys(node, ref, f"config={path}", "", free)
+            ConfigStore.instance().store(group=f"_config_file{i}", name="file", node=node)
+    overrides = file_picks + [f"+_config_file{i}@_global_=file" for i in range(len(file_nodes))] + cli
+    try:
+        cfg = compose_config(config_name, overrides, base=file_picks + picks)
+    except ConfigError as e:
+        msg = str(e)
+        for i, (path, _) in enumerate(file_nodes):
+            msg = msg.replace(f"_config_file{i}/file", f"config={path}")
+        raise ConfigError(msg) from None
+
+    def value(key: str, v: object) -> object:
+        return read_config_file(v, key) if key in file_keys and _is_file_name(v) else v
+
+    with open_dict(cfg):
+        for key in file_keys:  # a file name a config= file gave
+            if key in cfg and _is_file_name(cfg[key]):
+                cfg[key] = read_config_file(cfg[key], key)
+        for o in late:
+            try:
+                if o.is_sweep_override():
+                    raise ConfigError(f"{o.input_line}: a sweep needs fit's -m; the other commands run once")
+                if o.is_delete():
+                    parent, _, leaf = o.key_or_group.rpartition(".")
+                    node = OmegaConf.select(cfg, parent) if parent else cfg
+                    if node is not None and leaf in node:
+                        del node[leaf]
+                else:
+                    OmegaConf.update(cfg, o.key_or_group, value(o.key_or_group, o.value()), merge=False,
+                                     force_add=True)
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"{o.input_line}: {str(e).strip().splitlines()[0]}") from None
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).strip().splitlines()[0]) from None

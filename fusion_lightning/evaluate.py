@@ -14,6 +14,8 @@ Keys: split=test, lam=0 (router cost weight), tasks=[...], max_per_task=N (seede
 columns), seed=0, sampling={max_new_tokens: 256}; live levels:
   thought={backend:{type:openai_compatible,base_url:...,model:...}, shots:3, library:DIR, retriever_ckpt:CKPT, k:3}
   student={model:STUDENT_DIR, name:student}
+The keys and their defaults are recipes/evaluate.yaml (composed by Hydra, as `fit` is; `data=NAME`
+picks a recipes/data/ entry).
 """
 
 from __future__ import annotations
@@ -26,14 +28,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fusion_lightning.cli import data_group, parse_args
-from fusion_lightning.config import ConfigError, run_dir_for
+from fusion_lightning.config import ConfigError, compose_command, recipes_dir, run_dir_for
 from fusion_lightning.evaluation import Evaluation, evaluate, table_rows
 from fusion_lightning.io import atomic_open, atomic_write
 
-DEFAULTS: dict[str, Any] = {"data": None, "routers": {}, "thought": None, "student": None, "split": "test",
-                            "lam": 0.0, "tasks": None, "max_per_task": None, "seed": 0, "sampling": {},
-                            "out": None, "runs_root": "checkpoints/runs"}
+FILE_KEYS = ("routers", "thought", "student", "sampling")  # a .yaml/.json file name as their value: its content
 COLORS = {"single": "#9aa5b1", "best_single": "#3e4c59", "query": "#2f80ed", "thought": "#27ae60",
           "model": "#f2994a", "oracle": "#bb6bd9"}
 
@@ -107,15 +106,20 @@ def write_report(ev: Evaluation, run_dir: Path, data_counts: dict[str, Any] | No
     return summary
 
 
+def compose(argv: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """recipes/evaluate.yaml with `key=value` arguments -> a plain dict; ConfigError (one line) on any problem."""
+    return compose_command("evaluate", argv, file_keys=FILE_KEYS)
+
+
 def run(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
-    """Load the log, evaluate, write the report; returns (summary, run dir)."""
+    """Load the log, evaluate, write the report (`cfg` as `compose` makes it); returns (summary, run dir)."""
     from fusion_lightning.data.datamodule import load_from_config
 
-    logs = load_from_config(cfg["data"] or data_group("synthetic"))
+    logs = load_from_config(cfg["data"])
     routers = cfg["routers"] or {}
     if isinstance(routers, list):  # routers=[CKPT, ...]: named by position
         routers = {f"r{i}" if len(routers) > 1 else "router": p for i, p in enumerate(routers)}
-    ev = evaluate(logs, routers=routers, thought=cfg["thought"], student=cfg["student"], split=cfg["split"],
+    ev = evaluate(logs, routers=routers, thought=cfg["thought"] or None, student=cfg["student"] or None, split=cfg["split"],
                   lam=float(cfg["lam"]), tasks=cfg["tasks"], max_per_task=cfg["max_per_task"], seed=int(cfg["seed"]),
                   sampling=cfg["sampling"])
     run_dir = Path(run_dir_for(cfg["out"], cfg["runs_root"], "evaluate")).expanduser().resolve()
@@ -128,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
+        print((recipes_dir() / "evaluate.yaml").read_text(encoding="utf-8"))
         return 0
     try:
-        cfg = parse_args(argv, {**DEFAULTS, "data": data_group("synthetic")}, file_keys=("routers", "thought", "student", "sampling"))
-        summary, run_dir = run(cfg)
+        summary, run_dir = run(compose(argv))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         if os.environ.get("FUSION_LIGHTNING_DEBUG"):
             raise

@@ -12,7 +12,7 @@ fusion by changing only `base_url` and `model`:
 
 The router picks the backend per request; the reply's `model` is `fusion-router` and
 `fusion.routed_to` (and the `X-Fusion-Model` header) name the backend that answered. Keys besides
-the pipeline's (backends, router, thought, default, catalog, sampling):
+the pipeline's (backends, router, thought, default, catalog, sampling; all in recipes/serve.yaml):
 
     host, port           where to listen (127.0.0.1:8000)
     api_key_env=NAME     require `Authorization: Bearer <$NAME>` on /v1 routes
@@ -31,16 +31,19 @@ import sys
 import threading
 from typing import Any
 
-from fusion_lightning.cli import parse_args
-from fusion_lightning.config import ConfigError
-from fusion_lightning.serving.pipeline import PIPELINE_KEYS, FusedPipeline
+from fusion_lightning.config import ConfigError, compose_command, recipes_dir
+from fusion_lightning.serving.pipeline import FusedPipeline
 from fusion_lightning.serving.request_log import DEFAULT_TASK, RequestLog
 from fusion_lightning.serving.server import MODEL_NAME, build_app
 
-__all__ = ["MODEL_NAME", "ServerThread", "build_app", "main", "serve_in_thread"]
-SERVER_KEYS: dict[str, Any] = {"host": "127.0.0.1", "port": 8000, "api_key_env": None, "batch_wait_ms": 5.0,
-                               "max_batch": 64, "log_dir": None, "log_max_mb": 64, "log_task": DEFAULT_TASK}
-DEFAULTS: dict[str, Any] = {**{k: None for k in PIPELINE_KEYS}, "backends": [], "sampling": {}, **SERVER_KEYS}
+__all__ = ["MODEL_NAME", "ServerThread", "build_app", "compose", "main", "serve_in_thread"]
+SERVER_KEYS = ("host", "port", "api_key_env", "batch_wait_ms", "max_batch", "log_dir", "log_max_mb", "log_task")
+FILE_KEYS = ("backends", "router", "thought", "sampling")  # a .yaml/.json file name as their value: its content
+
+
+def compose(argv: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """recipes/serve.yaml with `key=value` arguments -> a plain dict; ConfigError (one line) on any problem."""
+    return compose_command("serve", argv, file_keys=FILE_KEYS)
 
 
 def _app_kwargs(api_key_env: str | None = None, batch_wait_ms: float = 5.0, max_batch: int = 64,
@@ -110,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
+        print((recipes_dir() / "serve.yaml").read_text(encoding="utf-8"))
         return 0
     try:
-        cfg = parse_args(argv, DEFAULTS, file_keys=("backends", "router", "thought", "sampling"))
+        cfg = compose(argv)
         pipeline = FusedPipeline.from_config({k: v for k, v in cfg.items() if k not in SERVER_KEYS and v is not None})
         app = build_app(pipeline, **_app_kwargs(**{k: cfg[k] for k in SERVER_KEYS if k not in ("host", "port")}))
         sock = _listen(str(cfg["host"]), int(cfg["port"]))

@@ -132,7 +132,7 @@ def test_cli_with_inline_backends_and_catalog(servers, tmp_path: Path, capsys) -
     assert collect_main(args) == 0
     assert "wrote 0 record(s), skipped 4" in capsys.readouterr().out
     assert collect_main([*args, "bogus=1"]) == 1
-    assert "unknown key 'bogus'" in capsys.readouterr().err
+    assert "unknown config key 'bogus'" in capsys.readouterr().err
     bad = [a.replace("name:solver", "name:other") for a in args]
     assert collect_main(bad) == 1
     assert "not in the catalog" in capsys.readouterr().err

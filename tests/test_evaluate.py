@@ -70,7 +70,7 @@ def test_cli_writes_markdown_csv_png_and_summary(planted, tmp_path: Path, capsys
     assert csv_rows[0].startswith("row,kind,domain,queries,alpha_perf,alpha_cost") and len(csv_rows) == 7
     assert (out / "fusion_bars.png").read_bytes()[:4] == b"\x89PNG"
     assert evaluate_main(["data=llmrouter", f"data.path={folder}", "routrs=[x]"]) == 1
-    assert "unknown key 'routrs'" in capsys.readouterr().err
+    assert "unknown config key 'routrs'" in capsys.readouterr().err
 
 
 def _sum_answer(text: str) -> str:

@@ -10,7 +10,7 @@ A part may import itself, the package root and the parts `MAY_IMPORT` names, not
 - the three levels (`query/`, `thought/`, `model/`) build on data and scoring and never import each
   other; only the thought level asks an LLM (its LLM summariser is a serving client);
 - `callbacks/` and the compositions (`serving/pipeline.py`, `evaluation.py`) put levels together;
-- run support (config, checkpointing, tracking, cli helpers) imports only itself and data's config
+- run support (config, checkpointing, tracking) imports only itself and data's config
   schema, and serves the CLIs;
 - the CLIs (top-level modules run as `python -m fusion_lightning.NAME`) may import anything, and no
   module but a CLI imports a CLI (or a composition, a callback or run support).
@@ -26,8 +26,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "fusion_lightning"
 LEVELS = ("query", "thought", "model")
 COMPOSITIONS = {"fusion_lightning.serving.pipeline", "fusion_lightning.evaluation"}
-SUPPORT = {"fusion_lightning.config", "fusion_lightning.checkpointing", "fusion_lightning.tracking",
-           "fusion_lightning.cli"}
+SUPPORT = {"fusion_lightning.config", "fusion_lightning.checkpointing", "fusion_lightning.tracking"}
 UTIL = {"fusion_lightning.io"}  # atomic writes and file locks: below everything, imports nothing of ours
 PARTS = ("root", "util", "scoring", "data", "serving", *LEVELS, "callbacks", "composition", "support", "cli")
 BASE = {"util", "data", "scoring"}
@@ -156,7 +155,7 @@ SOURCES = {
     "thought/leak.py": "def f():\n    from ..query import router\n",
     "model/leak.py": "import fusion_lightning.serving.pipeline as p\n",
     "scoring/leak.py": "from fusion_lightning.data import arrow\n",
-    "data/leak.py": "from fusion_lightning import cli\n",
+    "data/leak.py": "from fusion_lightning import config\n",
     "serving/leak.py": "from fusion_lightning.thought.prompt import TemplateAugmenter\n",
     "query/fine.py": "from fusion_lightning.data.arrow import codes\nfrom . import leak\n",
 }
@@ -166,8 +165,8 @@ SOURCES = {
 def test_the_checker_sees_each_kind_of_import(tmp_path, name):
     """The checker itself: absolute, relative, lazy and `import a.b as c` imports are all caught."""
     package = tmp_path / "fusion_lightning"
-    for rel in ["__init__.py", "cli.py", *[f"{p}/__init__.py" for p in ("query", "thought", "model", "scoring",
-                                                                          "data", "serving")],
+    for rel in ["__init__.py", "config.py", *[f"{p}/__init__.py" for p in ("query", "thought", "model", "scoring",
+                                                                             "data", "serving")],
                 "model/sft.py", "query/router.py", "data/arrow.py", "serving/pipeline.py", "thought/prompt.py"]:
         (package / rel).parent.mkdir(parents=True, exist_ok=True)
         (package / rel).touch()

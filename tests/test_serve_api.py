@@ -289,4 +289,4 @@ def test_request_log_feedback_and_fit_on_served_traffic(pipeline, tmp_path):
 
 def test_cli_rejects_unknown_keys(capsys):
     assert main(["port=0", "batch_wait=3"]) == 1
-    assert "unknown key 'batch_wait'" in capsys.readouterr().err
+    assert "unknown config key 'batch_wait'" in capsys.readouterr().err
