@@ -15,6 +15,7 @@ prompt,model,score CSV.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -119,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for i, (rec, model, row) in enumerate(zip(records, result.models, result.scores, strict=True)):
             out = {**rec, "model": model, "scores": dict(zip(result.candidates, map(float, row), strict=True))}
-            if result.strong_score is not None:
-                out.update(strong_score=float(result.strong_score[i]), threshold=router.calibration["threshold"])
+            if result.strong_score is not None:  # JSON has no infinity: a threshold of +inf (no strong call) is null
+                t = router.calibration["threshold"]
+                out.update(strong_score=float(result.strong_score[i]), threshold=t if math.isfinite(t) else None)
             rows.append(out)
         write_jsonl(args.output, rows)
     how = f"strong/weak threshold {router.calibration['threshold']:.6g}" if mode == "threshold" else "argmax"
