@@ -27,20 +27,17 @@ from fusion_lightning.query.metrics import (
     baseline_choices,
     choose,
     cost_to_match,
+    costs_known,
     model_points,
     nondecreasing_hull,
     per_task_rows,
     sweep_choices,
     sweep_points,
 )
+from fusion_lightning.query.peer_metrics import strong_weak_pair
 
 MAIN_SETTING = "performance_first"
 TABLE_CHOICES = ("router", "router_task_blind", "best_single", "task_best", "oracle")
-
-
-def costs_known(*arrays) -> bool:
-    """Whether the log has costs: some logged call costs more than 0 (missing costs are read as 0)."""
-    return any(bool((a.cost[a.mask] > 0).any()) for a in arrays)
 
 
 class RoutingReport(Callback):
@@ -100,7 +97,9 @@ class RoutingReport(Callback):
         if "blind_scores" in out:
             choices["router_task_blind"] = choose(out["blind_scores"], ev.mask)
         choices.update({k: base[k] for k in TABLE_CHOICES[2:]})
+        pair = strong_weak_pair(train)
         return {"scalars": scalars, "points": points, "singles": singles, "models": [str(m) for m in models],
+                "pair": None if pair is None else tuple(str(models[i]) for i in pair),
                 "best": best, "oracle": (metrics["oracle/cost"], metrics["oracle/perf"]), "costs_known": known,
                 "rows": per_task_rows(choices, ev, tasks), "choices": list(choices), "metrics": metrics}
 
@@ -134,6 +133,7 @@ def _markdown(report: dict[str, Any], stage: str) -> str:
         lines.append(f"- task-blind (each query's task inferred from its text, {m['task_blind/task_accuracy']:.1%} "
                      f"correct): perf {m['task_blind/perf']:.4f}, gap closed {m['task_blind/gap_closed']:.4f} "
                      f"(the lookup keyed by the inferred task: {m['task_blind/task_best/gap_closed']:.4f})")
+    lines += _peer_lines(report)
     cols = [k for c in names for k in ("perf", "cost") if report["costs_known"] or k == "perf"]
     head = [f"{c} {k}" for c in names for k in ("perf", "cost") if report["costs_known"] or k == "perf"]
     lines += ["", "| task | queries | " + " | ".join(h.replace("_", " ") for h in head) + " |",
@@ -144,6 +144,24 @@ def _markdown(report: dict[str, Any], stage: str) -> str:
         task = f"**{r['task']}**" if r["task"] == "all" else str(r["task"])
         lines.append(f"| {task} | {r['queries']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _peer_lines(report: dict[str, Any]) -> list[str]:
+    """RouteLLM's strong/weak metrics and RouterArena's score (fusion_lightning/query/peer_metrics.py)."""
+    m, pair, out = report["metrics"], report.get("pair"), []
+    if pair and "strong_weak/strong_perf" in m:
+        head = (f"- strong/weak threshold sweep (RouteLLM; strong = {pair[0]}, perf "
+                f"{m['strong_weak/strong_perf']:.4f}; weak = {pair[1]}, perf {m['strong_weak/weak_perf']:.4f})")
+        if "apgr" in m:
+            out.append(f"{head}: APGR {m['apgr']:.4f}, CPT(50%) {m['cpt@50']:.1%}, CPT(80%) {m['cpt@80']:.1%} "
+                       "strong calls")
+        else:
+            out.append(f"{head}: no APGR or CPT, strong does not beat weak here")
+    if "arena_score" in m:
+        base = ", ".join(f"{n.replace('_', ' ')} {m[f'{n}/arena_score']:.4f}" for n in ("best_single", "cheapest", "oracle")
+                         if f"{n}/arena_score" in m)
+        out.append(f"- RouterArena score (β = 0.1): {m['arena_score']:.4f}" + (f" ({base})" if base else ""))
+    return out
 
 
 def _plot(report: dict[str, Any], path: Path, stage: str) -> None:

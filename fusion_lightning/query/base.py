@@ -17,6 +17,7 @@ from torchmetrics.aggregation import CatMetric
 from fusion_lightning.data.matrix import REWARD_SETTINGS
 from fusion_lightning.query.metrics import RoutingArrays, routing_metrics, task_blind_metrics
 from fusion_lightning.query.objectives import score_cost_loss
+from fusion_lightning.query.peer_metrics import peer_metrics
 from fusion_lightning.query.task_classifier import task_posterior
 
 TARGETS = ("perf", "perf_n", "cost", "cost_n", "mask", "task")
@@ -114,6 +115,7 @@ class RouterModule(L.LightningModule):
                                            torch.from_numpy(store["cost_hat"]), s).numpy()
                   for s in settings}
         metrics = routing_metrics(scores, train, ev, self.hparams.model_sizes)
+        metrics.update(peer_metrics(store["perf_hat"], train, ev, metrics))  # RouteLLM's and RouterArena's
         self.eval_outputs[stage] = {"train": train, "eval": ev, "scores": scores, "metrics": metrics,
                                     "perf_hat": store["perf_hat"], "cost_hat": store["cost_hat"]}
         if "task_hat" in store:

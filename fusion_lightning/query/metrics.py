@@ -63,6 +63,11 @@ def _masked_mean(v: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, v, 0).sum(0) / np.maximum(mask.sum(0), 1)
 
 
+def costs_known(*arrays: RoutingArrays) -> bool:
+    """Whether the log has costs: some logged call costs more than 0 (missing costs are read as 0)."""
+    return any(bool((a.cost[a.mask] > 0).any()) for a in arrays)
+
+
 def baseline_choices(train: RoutingArrays, ev: RoutingArrays, setting: str,
                      sizes: list[float | None]) -> dict[str, np.ndarray]:
     """Per-query model choices of the baselines on `ev` (random is handled as an expectation)."""

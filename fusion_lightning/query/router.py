@@ -6,7 +6,8 @@
     result.scores       # predicted reward per (query, model)
 
 The checkpoint holds everything routing needs: the router class, the model list, the encoder name,
-the task list and the normalisation constants.
+the task list and the normalisation constants; after `route --calibrate` also a strong/weak threshold
+(`router.calibration`, used by `route_strong_weak`; fusion_lightning/query/calibrate.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 from fusion_lightning.data.embeddings import Encoder, build_encoder
 from fusion_lightning.query.base import RouterModule
 
+CALIBRATION_KEY = "fusion_lightning_strong_weak"  # checkpoint entry written by `route --calibrate`
+
 
 @dataclass
 class RouteResult:
@@ -32,6 +35,7 @@ class RouteResult:
     candidates: list[str]  # column names of the arrays
     tasks: list[str | None] | None = None  # route(): the task each query was routed under (given, else the
     # most probable inferred one; None where it stays unknown)
+    strong_score: np.ndarray | None = None  # route_strong_weak(): [N] predicted perf of strong − weak
 
 
 def load_router_module(path: str | Path) -> RouterModule:
@@ -52,6 +56,7 @@ def load_router_module(path: str | Path) -> RouterModule:
     except (ImportError, AttributeError) as e:
         raise ValueError(f"{path}: router class {target!r} is not importable: {e}") from None
     router = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    router.calibration = ckpt.get(CALIBRATION_KEY)  # the strong/weak threshold, when calibrated
     return router.eval()
 
 
@@ -62,6 +67,7 @@ class Router:
         self.module = module
         self._encoder = encoder
         self.models: list[str] = list(module.hparams.models)
+        self.calibration: dict | None = getattr(module, "calibration", None)
         self._task_index = {t: i for i, t in enumerate(module.hparams.tasks)}
 
     @property
@@ -141,4 +147,18 @@ class Router:
         result = self.route_embeddings(feats, idx, lam=lam, task_weights=w)
         names = list(self.module.hparams.tasks)
         result.tasks = [names[i] if i else None for i in idx[:, 0].tolist()]  # task 0: the unknown task
+        return result
+
+    def route_strong_weak(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None,
+                          calibration: dict | None = None, batch_size: int = 256) -> RouteResult:
+        """RouteLLM-style routing: the strong model where predicted perf(strong) − perf(weak) ≥ the calibrated
+        threshold, else the weak one. `calibration` defaults to the checkpoint's (`route --calibrate`)."""
+        cal = calibration or self.calibration
+        if not cal:
+            raise ValueError("this checkpoint has no strong/weak threshold: calibrate it first "
+                             "(python -m fusion_lightning.route --ckpt CKPT --calibrate strong_fraction=0.3)")
+        result = self.route(queries, tasks, lam=0.0, batch_size=batch_size)
+        s, w = self.models.index(cal["strong"]), self.models.index(cal["weak"])
+        result.strong_score = result.perf[:, s] - result.perf[:, w]
+        result.models = [cal["strong"] if v >= cal["threshold"] else cal["weak"] for v in result.strong_score]
         return result
