@@ -30,6 +30,9 @@ def load_from_config(data: Mapping[str, Any] | DictConfig) -> LogTable:
 
         table = generate_llmfusionbench(**asdict(d.synthetic))
         return load_logs("synthetic", source=from_tables([("synthetic", table)], d.reader_options()), **split_args)
+    if d.format == "preferences":
+        raise ValueError("data.format=preferences holds pairwise battles, not task scores: train on them with "
+                         "recipe=router_bt (its DataModule reads them)")
     if d.path is None:
         raise ValueError(f"data.path is required for data.format={d.format}")
     return load_logs(d.format, d.path, options=d.reader_options(), **split_args)

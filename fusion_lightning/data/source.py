@@ -25,7 +25,7 @@ class SyntheticSource:
 
 @dataclass
 class DataSource:
-    format: str = "synthetic"  # llmfusionbench | llmrouter | routerbench | routellm | synthetic
+    format: str = "synthetic"  # llmfusionbench | llmrouter | llmrouter_long | routerbench | routellm | preferences | synthetic
     path: Optional[str] = None  # one file or a directory of files of that format  # noqa: UP045 (OmegaConf)
     catalog: Optional[str] = None  # model catalog JSON (sizes, prices, descriptions)  # noqa: UP045
     queries: Optional[str] = None  # query file(s) joined on the query text (LLMRouter)  # noqa: UP045

@@ -20,7 +20,7 @@ from fusion_lightning.data.readers.files import drop_cross_split_duplicates
 Reader = Callable[[Path, ReaderOptions], SourceData]
 READERS: dict[str, Reader] = {}
 
-_BUILTIN = ("llmfusionbench", "llmrouter", "routerbench", "routellm")
+_BUILTIN = ("llmfusionbench", "llmrouter", "llmrouter_long", "routerbench", "routellm")
 
 
 def register_reader(name: str) -> Callable[[Reader], Reader]:
