@@ -7,6 +7,7 @@ single model), `delta` is cheap and weak. A router that reads the query must bea
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -96,4 +97,37 @@ def write_subtopic_logs(folder: Path, n_per_subtopic: int = 120, seed: int = 0, 
                     queries.append({"task_name": task, "query": q, "ground_truth": "x", "metric": "em_mc"})
         (folder / f"scores_{split}.json").write_text(json.dumps(scores))
         (folder / f"queries_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in queries) + "\n")
+    return folder
+
+
+# a rule only the *answers* show: which of the cheap model's answers are right (the cascade's scorer)
+CASCADE_MODELS = {"cheap": (0.5, 0.1), "strong": (0.85, 10.0)}  # name -> P(correct), price per M tokens
+
+
+def write_cascade_logs(folder: Path, n: int = 400, seed: int = 0) -> Path:
+    """A RouteLLM-format CSV (prompt, <model>, <model>_response) and its catalog: `cheap` is right on
+    half the queries and its answer says so (a confident "verified" answer when right, a hedged one when
+    wrong); `strong` is right on 85% with answers that read the same either way. The queries carry no
+    signal, so a router that reads only the query stays at the best single model (strong); a cascade
+    that reads the cheap answer accepts its right ones and escalates the rest: ~0.92 at about half
+    strong's cost."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    catalog = {m: {"params_b": 7.0 * (i + 1), "input_price": price, "output_price": price}
+               for i, (m, (_, price)) in enumerate(CASCADE_MODELS.items())}
+    (folder / "catalog.json").write_text(json.dumps(catalog))
+    words = ["apples", "trains", "coins", "boxes", "pages", "miles", "cups", "seeds"]
+    rows = []
+    for i in range(n):
+        q = f"Question {i}: how many {' '.join(rng.choice(words, size=3))} are left? #{rng.integers(1_000_000)}"
+        ok = {m: bool(rng.random() < p) for m, (p, _) in CASCADE_MODELS.items()}
+        a = int(rng.integers(100))
+        cheap = (f"Counting step by step gives {a}, verified twice: the answer is {a}." if ok["cheap"]
+                 else f"Hmm, I am not sure, maybe around {a}? It could also be something else.")
+        strong = f"Working through it carefully, the answer is {a}."
+        rows.append([q, ok["cheap"], ok["strong"], cheap, strong])
+    with open(folder / "planted_responses.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "cheap", "strong", "cheap_response", "strong_response"])
+        w.writerows(rows)
     return folder

@@ -80,7 +80,8 @@ class RoutingReport(Callback):
         models = list(getattr(hparams, "models", None) or range(ev.perf.shape[1]))
         tasks = getattr(hparams, "tasks", None)
         sizes = getattr(hparams, "model_sizes", None) or [None] * len(models)
-        points = sweep_points(sweep_choices(out["perf_hat"], out["cost_hat"], ev.mask, self.lambdas), ev)
+        points = out["points"] if "points" in out else sweep_points(  # a router's own sweep (the cascade's
+            sweep_choices(out["perf_hat"], out["cost_hat"], ev.mask, self.lambdas), ev)  # thresholds), else λ
         singles = model_points(ev)
         best = (metrics["best_single/cost"], metrics["best_single/perf"])
         known = costs_known(train, ev)
@@ -101,7 +102,9 @@ class RoutingReport(Callback):
         return {"scalars": scalars, "points": points, "singles": singles, "models": [str(m) for m in models],
                 "pair": None if pair is None else tuple(str(models[i]) for i in pair),
                 "best": best, "oracle": (metrics["oracle/cost"], metrics["oracle/perf"]), "costs_known": known,
-                "rows": per_task_rows(choices, ev, tasks), "choices": list(choices), "metrics": metrics}
+                "rows": per_task_rows(choices, ev, tasks, out.get("choice_costs")), "choices": list(choices),
+                "metrics": metrics, "sweep_rows": out.get("sweep_rows"),
+                "sweep_label": out.get("sweep_label", "router (λ sweep)")}
 
     def write(self, report: dict[str, Any], run_dir: Path, stage: str) -> dict[str, str]:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +117,12 @@ class RoutingReport(Callback):
             w.writerows(rows)
         atomic_write(paths["routing_table_md"], _markdown(report, stage))
         _plot(report, paths["pareto"], stage)
+        if report.get("sweep_rows"):  # the router's own operating points (the cascade's threshold sweep)
+            paths["threshold_sweep"] = run_dir / "threshold_sweep.csv"
+            with atomic_open(paths["threshold_sweep"], "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(report["sweep_rows"][0]))
+                w.writeheader()
+                w.writerows(report["sweep_rows"])
         return {k: str(v) for k, v in paths.items()}
 
 
@@ -129,6 +138,10 @@ def _markdown(report: dict[str, Any], stage: str) -> str:
         lines += ["- costs unknown: the log has no costs (all zero or missing), so there is no cost–quality "
                   "sweep, AIQ or cost to match best single"]
     lines.append(f"- gap closed: {m['gap_closed']:.4f}")
+    if "cascade/threshold" in m:
+        lines.append(f"- cascade: accept threshold {m['cascade/threshold']:.2f} (1.01: always the last model), "
+                     f"{m['cascade/calls']:.2f} calls per query, {m['cascade/first_accepted']:.1%} answered by the "
+                     "cheapest; its cost counts every call, the rejected ones too")
     if "task_blind/perf" in m:
         lines.append(f"- task-blind (each query's task inferred from its text, {m['task_blind/task_accuracy']:.1%} "
                      f"correct): perf {m['task_blind/perf']:.4f}, gap closed {m['task_blind/gap_closed']:.4f} "
@@ -181,7 +194,8 @@ def _plot(report: dict[str, Any], path: Path, stage: str) -> None:
     ax.scatter(singles[:, 0], singles[:, 1], c="tab:gray", s=25, label="single models", zorder=2)
     for (c, p), name in zip(singles, report["models"], strict=True):
         ax.annotate(name, (c, p), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.plot(points[:, 0], points[:, 1], "o", c="tab:blue", ms=3, alpha=0.5, label="router (λ sweep)")
+    ax.plot(points[:, 0], points[:, 1], "o", c="tab:blue", ms=3, alpha=0.5, label=report.get("sweep_label",
+                                                                                           "router (λ sweep)"))
     ax.plot(hull[:, 0], hull[:, 1], "-", c="tab:blue", label=f"router hull (AIQ {report['scalars']['aiq']:.3f})")
     c_hi = float(singles[:, 0].max())
     if hull[-1, 0] < c_hi:  # AIQ extends the hull flat to the dearest single model

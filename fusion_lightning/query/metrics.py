@@ -213,10 +213,11 @@ def cost_to_match(points: np.ndarray, perf: float, cost: float, tol: float = 1e-
     return float(p[ok, 0].min() / cost)
 
 
-def per_task_rows(choices: dict[str, np.ndarray], ev: RoutingArrays, task_names: list[str] | None = None
-                  ) -> list[dict[str, float | int | str]]:
+def per_task_rows(choices: dict[str, np.ndarray], ev: RoutingArrays, task_names: list[str] | None = None,
+                  costs: dict[str, np.ndarray] | None = None) -> list[dict[str, float | int | str]]:
     """One row per task (sorted by name) and a final `all` row: query count, then perf and cost of each
-    named choice (e.g. router, best_single, task_best, oracle)."""
+    named choice (e.g. router, best_single, task_best, oracle). `costs[name]` [N]: that choice's actual
+    cost per query where it is not the chosen model's (a cascade pays every call it made)."""
     names = [str(task_names[int(t)]) if task_names is not None else str(t) for t in ev.tasks.tolist()]
     names_arr = np.array(names, dtype=object)
     groups = [(t, names_arr == t) for t in sorted(set(names))] + [("all", np.ones(len(names), bool))]
@@ -226,7 +227,8 @@ def per_task_rows(choices: dict[str, np.ndarray], ev: RoutingArrays, task_names:
         row: dict[str, float | int | str] = {"task": task, "queries": int(sel.sum())}
         for name, c in choices.items():
             row[f"{name}_perf"] = float(ev.perf[rows_idx[sel], c[sel]].mean())
-            row[f"{name}_cost"] = float(ev.cost[rows_idx[sel], c[sel]].mean())
+            cost = costs[name][sel] if costs and name in costs else ev.cost[rows_idx[sel], c[sel]]
+            row[f"{name}_cost"] = float(cost.mean())
         out.append(row)
     return out
 
