@@ -16,7 +16,7 @@ from fusion_lightning.data.embeddings import SentenceTransformerEncoder
 from fusion_lightning.query.router import Router
 
 BASELINES = ("best_single", "task_best", "oracle", "random")
-ROUTER_ORDER = ("auto", "residual", "mlp", "knn", "mf", "irt", "graph", "encoder", "ensemble")
+ROUTER_ORDER = ("auto", "residual", "mlp", "knn", "mf", "irt", "graph", "encoder", "bt", "dc", "cascade", "ensemble")
 NOTES = {
     "auto": "router_auto (selected per fold: {winners})",
     "residual": "per-task lookup + α·MLP residual, α on val",
@@ -26,7 +26,10 @@ NOTES = {
     "sk_mlp_reg": "MLPRegressor(128) multi-output, MiniLM",
     "sk_linear_svr": "LinearSVR per model, MiniLM",
     "sk_logreg_task": "LogisticRegression per model, MiniLM + task one-hot, score ≥ 0.5",
-    "random": "expectation over models",
+    "bt": "Bradley–Terry, similarity-weighted (RouteLLM sw_ranking), pairs derived from scores",
+    "dc": "RouterDC: dual contrastive, projection head over MiniLM",
+    "cascade": "cheapest first, escalate when the answer scorer rejects; cost counts every call",
+    "random": "expectation over models; APGR/CPT: mean of 50 random strong/weak scorings",
     "task_best (inferred task)": "the per-task lookup keyed by the task inferred from the text",
 }
 PEER_NOTE = "llmrouter-lib 0.4.0, its own {r} router and training code on our MiniLM embeddings"
@@ -89,8 +92,10 @@ def _order(rows: dict) -> list[str]:
 def log_table(name: str, result: dict, tp: dict, args: argparse.Namespace) -> tuple[str, list[dict]]:
     rows, known = result["rows"], result["costs_known"]
     winners = ", ".join(f"{w} ×{c}" for w, c in result["winners"].most_common()) or "—"
+    peer = any(r.get("apgr") is not None for rs in rows.values() for r in rs)  # RouteLLM's metrics measured
     head = ["router", "folds", "perf", "gap closed", "task-blind gap closed", "cost (µ$/query)",
-            "cost to match best single", "fit s", "decisions/s (cached)", "end to end / encoder", "notes"]
+            "cost to match best single", *(["APGR", "CPT(50%)", "CPT(80%)"] if peer else []), "fit s",
+            "decisions/s (cached)", "end to end / encoder", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     records = []
     for n in _order(rows):
@@ -110,6 +115,7 @@ def log_table(name: str, result: dict, tp: dict, args: argparse.Namespace) -> tu
                "perf": mean_std([r["perf"] for r in rs]), "gap_closed": mean_std([r["gap_closed"] for r in rs]),
                "task_blind": mean_std([r.get("task_blind_gap_closed") for r in rs]),
                "cost": mean_std(costs, "{:.1f}") if known else "—", "cost_to_match": ctm_s,
+               **({k: mean_std([r.get(k) for r in rs]) for k in ("apgr", "cpt@50", "cpt@80")} if peer else {}),
                "train_s": mean_std([r.get("train_s") for r in rs], "{:.1f}"),
                "dps": f"{tp[n]['dps']:,.0f}" if "dps" in tp.get(n, {}) else "—",
                "e2e": f"{tp[n]['e2e_ratio']:.2f}×" if "e2e_ratio" in tp.get(n, {}) else "—", "notes": note}
@@ -153,6 +159,7 @@ def verdicts(rows: dict, result: dict) -> list[str]:
 
 
 def write_tables(results: dict, tp: dict, args: argparse.Namespace, extra: dict, out: Path) -> str:
+    tag = f"_{args.tag}" if getattr(args, "tag", "") else ""
     parts = []
     for name, result in results.items():
         qm = result["qm"]
@@ -166,10 +173,10 @@ def write_tables(results: dict, tp: dict, args: argparse.Namespace, extra: dict,
                           f"{n['queries_differing']:.0%} of the queries. Routing each by its other copy's scores "
                           f"closes {n['copy_oracle_gap_closed']:.2f} of the gap on them.")
         out.mkdir(exist_ok=True)
-        with (out / f"routers_{name}.csv").open("w", newline="") as fh:
+        with (out / f"routers_{name}{tag}.csv").open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(records[0]))
             w.writeheader()
             w.writerows(records)
     md = "\n\n".join(parts) + "\n"
-    (out / "routers.md").write_text(md)
+    (out / f"routers{tag}.md").write_text(md)
     return md

@@ -52,11 +52,22 @@ from fusion_lightning.query.metrics import (  # noqa: E402
     sweep_choices,
     sweep_points,
 )
+from fusion_lightning.query.peer_metrics import strong_weak_metrics  # noqa: E402
 
-ROUTERS = ("mlp", "knn", "mf", "irt", "graph", "residual", "auto", "encoder")
+ROUTERS = ("mlp", "knn", "mf", "irt", "graph", "residual", "auto", "encoder", "bt", "dc", "cascade")
 DEFAULT_ROUTERS = ("mlp", "knn", "mf", "irt", "graph", "residual", "auto")
 ENSEMBLE = ("mlp", "knn", "mf", "irt", "graph")  # every embedding router; mean predicted score and cost
 OUT = Path(__file__).resolve().parent / "out"
+PEER_METRICS = ("apgr", "cpt@50", "cpt@80")  # RouteLLM's, from each router's own test metrics
+
+
+def random_strong_weak(train, ev, seed: int, draws: int = 50) -> dict:
+    """RouteLLM's metrics of a random strong/weak router (APGR 0.5 and CPT(x%) = x in expectation), as the
+    mean over `draws` uniform random scores."""
+    rng = np.random.default_rng(seed)
+    got = [strong_weak_metrics(np.zeros_like(ev.perf), train, ev, win_score=lambda s, w: rng.random(len(ev.perf)))
+           for _ in range(draws)]
+    return {k: float(np.mean([g[k] for g in got])) for k in PEER_METRICS if all(k in g for g in got)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-texts", type=int, default=2000)
     p.add_argument("--no-throughput", action="store_true", help="skip the decisions/s measurements")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CI machine has 2 shared cores)")
+    p.add_argument("--tag", default="", help="name the outputs routers_<tag>.md / .csv / fold cache (a second "
+                                                 "study beside the main table)")
     p.add_argument("--resume", action="store_true", help="reuse the finished folds of an interrupted run "
                                                          "with the same settings")
     a = p.parse_args(argv)
@@ -134,7 +147,8 @@ def choice_row(choice: np.ndarray, ev, m: dict) -> dict:
 def run_log(data: str, args: argparse.Namespace, saved: Path):
     """Every router, peer and baseline on one log's k folds."""
     cfg = recipe("mlp", data, "/tmp/unused", args)
-    logs = load_from_config({**cfg.data, "split": "query"})  # pooled; cross-split duplicates kept once
+    logs = load_from_config({**cfg.data, "split": "query",  # pooled; cross-split duplicates kept once
+                             "responses": "cascade" in args.routers})  # the cascade scores logged answers
     qm = logs.matrix()
     folds = query_folds(qm, args.folds, args.seed)
     print(f"[{data}] {len(qm):,} queries × {len(qm.models)} models, {len(set(qm.tasks))} tasks; "
@@ -180,8 +194,14 @@ def run_log(data: str, args: argparse.Namespace, saved: Path):
             module, sec = train(name, data, flogs, args)
             out = module.eval_outputs["test"]
             assert np.array_equal(out["eval"].perf, ev.perf), "test order differs"
-            preds[name] = (out["perf_hat"].astype(np.float64), out["cost_hat"].astype(np.float64))
-            row = evaluate(*preds[name], train_a, ev, sizes, known)
+            if name == "cascade":  # routes by answers, paying every call: its own outcome, not argmax of scores
+                row = {k: out["metrics"][k] for k in ("perf", "cost", "gap_closed")}
+                if known and "points" in out:
+                    row["cost_to_match"] = cost_to_match(out["points"], m["best_single/perf"], m["best_single/cost"])
+            else:
+                preds[name] = (out["perf_hat"].astype(np.float64), out["cost_hat"].astype(np.float64))
+                row = evaluate(*preds[name], train_a, ev, sizes, known)
+            row.update({k: out["metrics"].get(k) for k in PEER_METRICS})
             row["task_blind_gap_closed"] = out["metrics"].get("task_blind/gap_closed")
             m = out["metrics"]
             if name == "auto":
@@ -211,6 +231,7 @@ def run_log(data: str, args: argparse.Namespace, saved: Path):
         for b in BASELINES:
             rows[b].append({"perf": m[f"{b}/perf"], "cost": m[f"{b}/cost"],
                             "gap_closed": gap_closed(m[f"{b}/perf"], m["best_single/perf"], m["oracle/perf"])})
+        rows["random"][-1].update(random_strong_weak(train_a, ev, args.seed))
         if "task_blind/task_best/gap_closed" in m:
             rows["task_best (inferred task)"].append({"perf": m["task_blind/task_best/perf"], "cost": None,
                                                       "gap_closed": m["task_blind/task_best/gap_closed"]})
@@ -238,14 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for spec in args.data:
         name = spec.partition("=")[0]
-        results[name] = run_log(spec, args, OUT / f"routers_folds_{name}.json")
+        results[name] = run_log(spec, args, OUT / f"routers_folds_{name}{'_' + args.tag if args.tag else ''}.json")
     tp = {} if args.no_throughput else throughput(results[args.data[0].partition("=")[0]], args)
     extra = {}
     if "llmrouter" in results:
         extra["llmrouter"] = rescoring_noise(compose_recipe("router_mlp", ["data=llmrouter"]).data.path)
     md = write_tables(results, tp, args, extra, OUT)
     print("\n" + md)
-    print(f"wrote {OUT / 'routers.md'} ({time.perf_counter() - t0:.0f}s)")
+    print(f"wrote {OUT / ('routers' + ('_' + args.tag if args.tag else '') + '.md')} "
+          f"({time.perf_counter() - t0:.0f}s)")
     return 0
 
 

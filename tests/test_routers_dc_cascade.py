@@ -125,6 +125,10 @@ def test_cascade_learns_the_planted_rule_and_pays_for_every_call(tmp_path: Path)
     assert m["test/cost"] > m["test/cheapest/cost"] + (1 - m["test/cascade/first_accepted"]) * 0.5 * m[
         "test/best_single/cost"], m
     assert m["test/cascade/calls"] == pytest.approx(2 - m["test/cascade/first_accepted"])
+    # RouteLLM's view (strong = the escalation): the scorer knows which cheap answers are right, so the
+    # strong/weak gap is recovered well above a random router's 0.5, and half of it with few strong calls
+    assert m["test/apgr"] > 0.6 and m["test/cpt@50"] < 0.5, m
+    assert "test/arena_score" in m
     run = tmp_path / "run"
     with open(run / "routing_table.csv", newline="") as f:
         all_row = [r for r in csv.DictReader(f) if r["task"] == "all"][0]

@@ -29,6 +29,7 @@ from torchmetrics.aggregation import CatMetric
 from fusion_lightning.data.matrix import REWARD_SETTINGS
 from fusion_lightning.query.base import MAIN_SETTING, TARGETS, RouterModule, mlp_body, split_arrays
 from fusion_lightning.query.metrics import RoutingArrays, gap_closed, routing_metrics
+from fusion_lightning.query.peer_metrics import arena_metrics, strong_weak_metrics
 
 GRID = np.concatenate([np.linspace(0.0, 1.0, 101), [np.inf]])  # inf: escalate to the end of the chain
 
@@ -188,6 +189,9 @@ class CascadeRouter(RouterModule):
         metrics["cascade/threshold"] = float(min(GRID[main], 1.01))  # 1.01: never accept before the last
         metrics["cascade/calls"] = outcomes[main][MAIN_SETTING]["calls"]
         metrics["cascade/first_accepted"] = float((accepted == chain[0]).mean()) if chain else 0.0
+        # RouteLLM's strong/weak view: a query "goes to strong" when the weak model's answer is rejected
+        metrics.update(strong_weak_metrics(quality, train, ev, win_score=lambda s, w: -quality[:, w]))
+        metrics.update(arena_metrics(metrics, train, ev))
         rows = [{"threshold": float(min(t, 1.01)), "perf": o[MAIN_SETTING]["perf"], "cost": o[MAIN_SETTING]["cost"],
                  "calls": o[MAIN_SETTING]["calls"], **{f"{s}/reward": o[s]["reward"] for s in settings}}
                 for t, o in zip(GRID, outcomes, strict=True)]

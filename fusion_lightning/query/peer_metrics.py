@@ -22,6 +22,8 @@ to [c_min, c_max] = [0.0044, 200] (the constants published in that file).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from fusion_lightning.query.metrics import RoutingArrays, _masked_mean, costs_known
@@ -104,10 +106,13 @@ def arena_score(accuracy: float, cost_per_1k: float, beta: float = ARENA_BETA, c
     return float((1 + beta) * accuracy * norm / den) if den > 0 else 0.0
 
 
-def strong_weak_metrics(perf_hat: np.ndarray, train: RoutingArrays, ev: RoutingArrays) -> dict[str, float]:
+def strong_weak_metrics(perf_hat: np.ndarray, train: RoutingArrays, ev: RoutingArrays,
+                        win_score: Callable[[int, int], np.ndarray] | None = None) -> dict[str, float]:
     """`apgr`, `cpt@50`, `cpt@80` (shares in [0, 1], RouteLLM prints percent) of the router's strong/weak
     threshold sweep, and `strong_weak/strong_perf|weak_perf|queries`. Empty when there is no pair or no
-    query has both; APGR and CPT are left out when strong does not beat weak on these queries (no gap)."""
+    query has both; APGR and CPT are left out when strong does not beat weak on these queries (no gap).
+    `win_score(strong, weak)` -> [N] replaces the predicted-performance difference (the cascade's is how
+    unlikely the weak model's logged answer is to be good)."""
     pair = strong_weak_pair(train)
     if pair is None:
         return {}
@@ -120,7 +125,8 @@ def strong_weak_metrics(perf_hat: np.ndarray, train: RoutingArrays, ev: RoutingA
            "strong_weak/queries": float(rows.sum())}
     if out["strong_weak/strong_perf"] - out["strong_weak/weak_perf"] <= 1e-12:
         return out
-    curve = threshold_curve(strong_win_score(perf_hat[rows], s, w), sp, wp)
+    score = strong_win_score(perf_hat, s, w) if win_score is None else np.asarray(win_score(s, w), float)
+    curve = threshold_curve(score[rows], sp, wp)
     a, b = out["strong_weak/strong_perf"], out["strong_weak/weak_perf"]
     out.update({"apgr": apgr(curve, a, b), "cpt@50": cpt(curve, a, b, 0.5), "cpt@80": cpt(curve, a, b, 0.8)})
     return out
