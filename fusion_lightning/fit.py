@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -218,10 +220,10 @@ def _task(cfg: DictConfig) -> None:
         print(f"stopped: {e}", file=sys.stderr)
         _EXIT.append(EXIT_INTERRUPTED)
         return
-    except (ValueError, FileNotFoundError) as e:  # bad data or settings: one clear line, no traceback
+    except (ValueError, FileNotFoundError, InstantiationException) as e:  # bad data or settings: one line
         if os.environ.get("FUSION_LIGHTNING_DEBUG"):
             raise
-        print(f"error: {e}  (FUSION_LIGHTNING_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"error: {_one_line(e)}  (FUSION_LIGHTNING_DEBUG=1 shows the traceback)", file=sys.stderr)
         _EXIT.append(1)
         return
     if rank_zero_only.rank == 0:
@@ -230,6 +232,16 @@ def _task(cfg: DictConfig) -> None:
 
 
 _EXIT: list[int] = []  # exit codes of the runs in this process
+
+
+def _one_line(e: BaseException) -> str:
+    """A run's error as one line; a bad model/data setting that Hydra's instantiate wrapped is named by
+    its target and the original message (e.g. "fusion_lightning.query.knn.KNNRouter: k must be ≥ 1")."""
+    if isinstance(e, InstantiationException) and e.__cause__ is not None:
+        m = re.search(r"target '([^']+)'", str(e))
+        cause = " ".join(str(e.__cause__).split())
+        return f"{m.group(1)}: {cause}" if m else cause
+    return " ".join(str(e).split()) if isinstance(e, InstantiationException) else str(e)
 
 
 def main(argv: list[str] | None = None) -> int:

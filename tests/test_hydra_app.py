@@ -83,6 +83,16 @@ def test_bad_commands_are_one_line_errors(argv: list[str], message: str, tmp_pat
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_a_bad_model_setting_is_one_line_naming_the_class(tmp_path: Path) -> None:
+    """A value the model's constructor refuses (Hydra's instantiate wraps its ValueError) is one line."""
+    r = _fit(["recipe=router_knn", "debug=fast", "logger=none", "model.k=0", f"runs_root={tmp_path}"], cwd=tmp_path,
+             timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "fusion_lightning.query.knn.KNNRouter: k must be >= 1, got 0" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
 def test_two_process_deepspeed_zero2_run_leaves_one_run_dir(tmp_path: Path) -> None:
     """The same launch path under ZeRO-2, through the test-only CPU DeepSpeed strategy."""
     r = _fit(["recipe=distill_top_k", "debug=fast", "strategy=deepspeed_zero2", "model=student_full",
