@@ -102,14 +102,21 @@ class RouterModule(L.LightningModule):
             self._eval_store["task_hat"].update(batch["task_hat"].float())
             self._eval_store["task_hat_p"].update(batch["task_hat_p"].float())
 
-    def _routing_epoch_end(self, stage: str) -> None:
+    def _gathered_eval(self) -> tuple[dict[str, np.ndarray], RoutingArrays, RoutingArrays] | None:
+        """The epoch's gathered predictions and targets (the store reset for the next epoch), with the
+        train and evaluated splits as arrays; None when nothing was evaluated."""
         store = {k: m.compute().cpu().numpy() for k, m in self._eval_store.items() if m.update_called}
         for m in self._eval_store.values():
             m.reset()
         if "perf" not in store or store["perf"].ndim != 2:
+            return None
+        return store, split_arrays(self.trainer.datamodule.splits["train"].tensors), split_arrays(store)
+
+    def _routing_epoch_end(self, stage: str) -> None:
+        gathered = self._gathered_eval()
+        if gathered is None:
             return
-        train = split_arrays(self.trainer.datamodule.splits["train"].tensors)
-        ev = split_arrays(store)
+        store, train, ev = gathered
         settings = [*REWARD_SETTINGS, *(["judge"] if ev.judge is not None and train.judge is not None else [])]
         scores = {s: self.predicted_reward(torch.from_numpy(store["perf_hat"]),
                                            torch.from_numpy(store["cost_hat"]), s).numpy()

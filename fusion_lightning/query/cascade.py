@@ -152,13 +152,10 @@ class CascadeRouter(RouterModule):
             self._eval_store[k].update(batch[k].float())
 
     def _routing_epoch_end(self, stage: str) -> None:
-        store = {k: m.compute().cpu().numpy() for k, m in self._eval_store.items() if m.update_called}
-        for m in self._eval_store.values():
-            m.reset()
-        if "perf" not in store or store["perf"].ndim != 2:
+        gathered = self._gathered_eval()
+        if gathered is None:
             return
-        train = split_arrays(self.trainer.datamodule.splits["train"].tensors)
-        ev = split_arrays(store)
+        store, train, ev = gathered
         quality, scored = store["perf_hat"], store["resp_mask"].astype(bool) & ev.mask
         chain = self.chain_idx.tolist()
         runs = [run_cascade(quality, scored, ev.mask, chain, t) for t in GRID]
