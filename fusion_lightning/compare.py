@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fusion_lightning.io import atomic_open, atomic_write
@@ -197,7 +198,7 @@ class SweepSummary(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hc = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else None
-        if hc is None:
+        if hc is None or hc.mode != RunMode.MULTIRUN:  # a single run has no sweep to record itself in
             return
         run_dir = Path(str(hc.runtime.output_dir))
         job = {"num": int(hc.job.num), "overrides": list(job_return.overrides or []), "run_dir": str(run_dir),
