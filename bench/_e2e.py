@@ -88,6 +88,13 @@ def choose_tasks(probe_log: Path, min_tasks: int) -> tuple[list[str], dict[str, 
     return sorted(kept), means
 
 
+def solved_train_queries(logs) -> int:
+    """Train questions some model answered with a score above zero (what distillation can learn from)."""
+    qm = logs.matrix().split("train")
+    perf = np.where(qm.mask, qm.performance, 0.0)
+    return int((perf > 0).any(axis=1).sum()) if len(qm) else 0
+
+
 class ReferenceBackend:
     """--quick only: answers each question with its gold answer, so that a log of tiny random models
     still has solved questions for templates and distillation. Not an LLM; its scores mean nothing."""

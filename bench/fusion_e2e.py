@@ -215,9 +215,14 @@ class Pipeline:
         cfg = compose_build(["data=llmfusionbench", f"data.path={self.log_dir}", f"out={lib}", "split=train",
                              f"encoder={self.a.encoder}", *backend])
         result = run_build(cfg, progress=False)
-        return {"library": str(lib), "report": result["report"].lines(), "summariser": result["summariser"]}
+        from fusion_lightning.thought.library import TemplateLibrary
+
+        n = len(TemplateLibrary.load(lib)) if (lib / "templates.jsonl").exists() else 0
+        return {"library": str(lib), "templates": n, "report": result["report"].lines(), "summariser": result["summariser"]}
 
     def stage_retriever(self) -> dict[str, Any]:
+        if not self.done("library")["templates"]:
+            return {"skipped": "the template library is empty: no train question has a correct response"}
         extra = [f"datamodule.library_dir={self.done('library')['library']}", f"model.mode={self.a.retriever_mode}"]
         run_dir = self.out / "retriever" / "run"
         ckpt = self.fit("template_retriever", run_dir, extra)
@@ -225,25 +230,28 @@ class Pipeline:
         return {"checkpoint": str(ckpt), "metrics": {k: v for k, v in metrics.items() if k.startswith("test/")}}
 
     def stage_thought(self) -> dict[str, Any]:
-        lib, ckpt = self.done("library")["library"], self.done("retriever")["checkpoint"]
+        lib, ckpt = self.done("library")["library"], self.done("retriever").get("checkpoint")
         files = {}
         for m in self.a.models:
             start = time.perf_counter()
             cfg = {"backend": self.backend(m), "shots": self.a.shots, "library": lib, "k": self.a.k}
-            ev = self.evaluate(thought={**cfg, "retriever_ckpt": ckpt, "modes": ["zero_shot", "few_shot", "templates"]})
-            frozen = self.evaluate(thought={**cfg, "modes": ["templates"]})
-            ev.add("thought:templates_frozen", "thought", *frozen.columns["thought:templates"])
+            modes = ["zero_shot", "few_shot"] + (["templates"] if ckpt else [])  # no library: no template columns
+            ev = self.evaluate(thought={**cfg, "retriever_ckpt": ckpt, "modes": modes})
+            if ckpt:
+                frozen = self.evaluate(thought={**cfg, "modes": ["templates"]})
+                ev.add("thought:templates_frozen", "thought", *frozen.columns["thought:templates"])
+                modes.append("templates_frozen")
             name = ev.info["thought_backend"]
             f = self.out / "thought" / f"{name}.json"
-            _e2e.save_columns(f, ev, {f"thought:{x}": f"thought:{name}:{x}"
-                                      for x in ("zero_shot", "few_shot", "templates", "templates_frozen")},
-                              time.perf_counter() - start)
+            _e2e.save_columns(f, ev, {f"thought:{x}": f"thought:{name}:{x}" for x in modes}, time.perf_counter() - start)
             files[name] = str(f)
-        return {"columns": files}
+        return {"columns": files, "modes": modes}
 
     def stage_model(self) -> dict[str, Any]:
         from fusion_lightning.export import export_student
 
+        if not _e2e.solved_train_queries(self.logs()):
+            return {"columns": {}, "skipped": "no train question has a correct response to distil"}
         files = {}
         for variant in self.a.students:
             start = time.perf_counter()
@@ -266,6 +274,8 @@ class Pipeline:
         ev = self.evaluate(routers={r.removeprefix("router_"): c for r, c in self.done("query")["routers"].items()})
         for f in [*self.done("thought")["columns"].values(), *self.done("model")["columns"].values()]:
             _e2e.load_columns(Path(f), ev)
+        ev.notes += [f"{st} stage skipped: {r['skipped']}" for st in STAGES if "skipped" in (r := self.done(st) or {})]
+        ev.notes = list(dict.fromkeys(ev.notes))  # one line per note, not one per model
         table = self.out / "table"
         table.mkdir(parents=True, exist_ok=True)
         summary = write_report(ev, table, logs.summary(), n_boot=self.a.bootstrap, seed=self.a.seed)
@@ -279,6 +289,9 @@ class Pipeline:
             for title, ref, cols in ((f"{name}: templates and few-shot vs zero-shot", f"{c}:zero_shot",
                                       [f"{c}:templates", f"{c}:templates_frozen", f"{c}:few_shot"]),
                                      (f"{name}: trained vs frozen retriever", f"{c}:templates_frozen", [f"{c}:templates"])):
+                cols = [x for x in cols if x in ev.columns]
+                if ref not in ev.columns or not cols:
+                    continue
                 rows = _e2e.gain_rows(ev, ref, cols, self.a.bootstrap, self.a.seed)
                 lines += _e2e.gain_markdown(title, ref, cols, rows)
                 gains[title] = [{k: v for k, v in r.items() if k in ("row", "queries") or k.endswith(("_diff", "_lo", "_hi"))}

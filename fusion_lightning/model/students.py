@@ -19,8 +19,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-TINY = "tiny-llama"
-SMOLLM2 = "smollm2-135m"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
