@@ -206,7 +206,7 @@ def main() -> None:
         args.data = args.data[0]
         return worker(args)
 
-    from fusion_lightning.model.students import build_tiny_llama
+    from fusion_lightning.zoo.builders import build_tiny_llama
 
     if args.max_length and len(args.data) > 1:
         sys.exit("--max-length applies to one --data setting at a time")

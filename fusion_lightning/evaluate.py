@@ -5,13 +5,15 @@ domain and overall averages; columns = every single model in the log, best singl
 train), each fusion level given, and oracle; performance and cost. Writes to the run dir
 (`out=DIR`, default checkpoints/runs/evaluate/<timestamp>):
 
-  fusion_table.md    performance table (best non-oracle value per row in bold) and cost table
-  fusion_table.csv   one row per table row: <column>_perf, <column>_cost
-  fusion_bars.png    overall (task-average) performance per column, coloured by level
+  fusion_table.md    performance table (best non-oracle value per row in bold), the difference from best
+                     single, each cell with its 95 % paired bootstrap interval, and the cost table
+  fusion_table.csv   one row per table row: <column>_perf, _cost, _perf_lo, _perf_hi, _n, _diff, _diff_lo, _diff_hi
+  fusion_bars.png    overall (task-average) performance per column with its interval, coloured by level
   summary.json       {"split", "data", "columns", "kinds", "overall", "gap_closed", "info", "notes", "artifacts"}
 
 Keys: split=test, lam=0 (router cost weight), tasks=[...], max_per_task=N (seeded sample, all
-columns), seed=0, sampling={max_new_tokens: 256}; live levels:
+columns), seed=0 (also the bootstrap's), bootstrap=1000 (resamples; 0: no intervals), ci_level=0.95,
+sampling={max_new_tokens: 256}; live levels:
   thought={backend:{type:openai_compatible,base_url:...,model:...}, shots:3, library:DIR, retriever_ckpt:CKPT, k:3}
   student={model:STUDENT_DIR, name:student}
 The keys and their defaults are recipes/evaluate.yaml (composed by Hydra, as `fit` is; `data=NAME`
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion_lightning.config import ConfigError, compose_command, recipes_dir, run_dir_for
-from fusion_lightning.evaluation import Evaluation, evaluate, table_rows
+from fusion_lightning.evaluation import Evaluation, add_confidence, evaluate, table_rows
 from fusion_lightning.io import atomic_open, atomic_write
 
 FILE_KEYS = ("routers", "thought", "student", "sampling")  # a .yaml/.json file name as their value: its content
@@ -43,29 +45,55 @@ def _fmt(v: float, cost: bool = False) -> str:
     return f"${v:.3g}" if cost else f"{v:.3f}"
 
 
-def write_report(ev: Evaluation, run_dir: Path, data_counts: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Markdown, CSV, bar plot and summary.json of an evaluation; returns the summary."""
+CSV_STATS = ("perf", "cost", "perf_lo", "perf_hi", "n", "diff", "diff_lo", "diff_hi")
+
+
+def _ci(r: dict[str, Any], c: str, s: str) -> str:
+    """A cell's interval, ` [lo, hi]`, and its question count when it differs from the row's."""
+    lo, hi = r.get(f"{c}_{s}_lo"), r.get(f"{c}_{s}_hi")
+    ci = "" if lo is None or math.isnan(lo) else f" [{lo:.3f}, {hi:.3f}]" if s == "perf" else f" [{lo:+.3f}, {hi:+.3f}]"
+    n = r.get(f"{c}_n")
+    return ci + (f" (n={n})" if n is not None and n != r["queries"] else "")
+
+
+def write_report(ev: Evaluation, run_dir: Path, data_counts: dict[str, Any] | None = None, *,
+                 n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Markdown, CSV, bar plot and summary.json of an evaluation, every performance cell with a paired
+    bootstrap CI (`add_confidence`; `n_boot=0`: none); returns the summary."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows, cols = table_rows(ev), list(ev.columns)
+    if n_boot:
+        add_confidence(ev, rows, n_boot=n_boot, level=level, seed=seed)
+    stats = CSV_STATS if n_boot else ("perf", "cost")
     with atomic_open(run_dir / "fusion_table.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["row", "kind", "domain", "queries"] + [f"{c}_{s}" for c in cols for s in ("perf", "cost")])
+        w = csv.DictWriter(fh, fieldnames=["row", "kind", "domain", "queries"] + [f"{c}_{s}" for c in cols for s in stats])
         w.writeheader()
         w.writerows(rows)
+    ci_note = (f" Brackets: {level:.0%} paired bootstrap interval ({n_boot} resamples of the questions within "
+               "each task, the same for every column); `n=` where a column scored fewer questions than the row has."
+               if n_boot else "")
     lines = [f"# Fusion table ({ev.split} split, {len(ev.tasks)} queries)", "",
              f"Best single (chosen on train): **{ev.info.get('best_single_model')}**. Averages are over tasks "
-             "(domain, overall) or over queries (`all queries`).", "", "## Performance", ""]
-    for title, s in (("perf", "perf"), ("cost", "cost")):
-        if title == "cost":
-            lines += ["", "## Cost (USD per query)", ""]
+             f"(domain, overall) or over queries (`all queries`).{ci_note}", "", "## Performance", ""]
+    sections = [("perf", ""), ("cost", "## Cost (USD per query)")]
+    if n_boot:
+        sections.insert(1, ("diff", "## Difference vs best single (paired)"))
+    for s, title in sections:
+        if title:
+            lines += ["", title, ""]
         lines.append("| task | domain | n | " + " | ".join(cols) + " |")
         lines.append("|---|---|---:|" + "---:|" * len(cols))
         for r in rows:
             vals = [r[f"{c}_{s}"] for c in cols]
             cells = [_fmt(v, s == "cost") for v in vals]
+            if s == "diff":
+                cells = [x if x == "n/a" else f"{v:+.3f}" for v, x in zip(vals, cells, strict=True)]
+            if s != "cost" and n_boot:
+                cells = [x + _ci(r, c, s) for c, x in zip(cols, cells, strict=True)]
             if s == "perf":
                 cand = [v for c, v in zip(cols, vals, strict=True) if ev.kinds[c] != "oracle" and not math.isnan(v)]
                 top = max(cand) if cand else None
@@ -80,7 +108,15 @@ def write_report(ev: Evaluation, run_dir: Path, data_counts: dict[str, Any] | No
     overall = next(r for r in rows if r["kind"] == "overall")
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(cols) + 2), 4.5))
     ys = [overall[f"{c}_perf"] for c in cols]
-    ax.bar(range(len(cols)), [0 if math.isnan(y) else y for y in ys], color=[COLORS[ev.kinds[c]] for c in cols])
+    err = None
+    if n_boot:  # asymmetric error bars: the bootstrap interval around the point estimate
+        lo = [0 if math.isnan(y) or math.isnan(overall[f"{c}_perf_lo"]) else y - overall[f"{c}_perf_lo"]
+              for c, y in zip(cols, ys, strict=True)]
+        hi = [0 if math.isnan(y) or math.isnan(overall[f"{c}_perf_hi"]) else overall[f"{c}_perf_hi"] - y
+              for c, y in zip(cols, ys, strict=True)]
+        err = [[max(v, 0) for v in lo], [max(v, 0) for v in hi]]
+    ax.bar(range(len(cols)), [0 if math.isnan(y) else y for y in ys], color=[COLORS[ev.kinds[c]] for c in cols],
+           yerr=err, capsize=3 if err else 0)
     ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("performance (task average)")
     ax.set_title(f"Fusion vs single models ({ev.split})")
@@ -96,9 +132,17 @@ def write_report(ev: Evaluation, run_dir: Path, data_counts: dict[str, Any] | No
     def clean(v: Any) -> Any:
         return None if isinstance(v, float) and math.isnan(v) else v
 
+    def cell(r: dict[str, Any], c: str) -> dict[str, Any]:
+        out = {"perf": clean(r[f"{c}_perf"]), "cost": clean(r[f"{c}_cost"])}
+        if n_boot:
+            out.update(n=r[f"{c}_n"], ci=[clean(r[f"{c}_perf_lo"]), clean(r[f"{c}_perf_hi"])],
+                       diff_vs_best_single=clean(r[f"{c}_diff"]),
+                       diff_ci=[clean(r[f"{c}_diff_lo"]), clean(r[f"{c}_diff_hi"])])
+        return out
+
     summary = {"split": ev.split, "data": data_counts or {}, "columns": cols, "kinds": ev.kinds,
-               "overall": {c: {"perf": clean(overall[f"{c}_perf"]), "cost": clean(overall[f"{c}_cost"])} for c in cols},
-               "all_queries": {c: {"perf": clean(rows[-1][f"{c}_perf"]), "cost": clean(rows[-1][f"{c}_cost"])} for c in cols},
+               "overall": {c: cell(overall, c) for c in cols},
+               "all_queries": {c: cell(rows[-1], c) for c in cols},
                "gap_closed": ev.info.get("gap_closed", {}), "info": ev.info, "notes": ev.notes,
                "rows": [{k: clean(v) for k, v in r.items()} for r in rows],
                "artifacts": {"table_md": "fusion_table.md", "table_csv": "fusion_table.csv", "bars": "fusion_bars.png"}}
@@ -125,7 +169,8 @@ def run(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     run_dir = Path(run_dir_for(cfg["out"], cfg["runs_root"], "evaluate")).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     ev.notes.extend(logs.report.notes)
-    return write_report(ev, run_dir, logs.summary()), run_dir
+    return write_report(ev, run_dir, logs.summary(), n_boot=int(cfg["bootstrap"]), level=float(cfg["ci_level"]),
+                        seed=int(cfg["seed"])), run_dir
 
 
 def main(argv: list[str] | None = None) -> int:

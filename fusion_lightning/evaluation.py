@@ -242,3 +242,73 @@ def table_rows(ev: Evaluation) -> list[dict[str, Any]]:
         row[f"{name}_perf"], row[f"{name}_cost"] = mean(p), mean(c)
     out.append(row)
     return out
+
+
+def _nanmean_rows(stack: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 ignoring NaN; NaN where a column has no value (no warning)."""
+    ok = ~np.isnan(stack)
+    n = ok.sum(0)
+    return np.divide(np.where(ok, stack, 0.0).sum(0), n, out=np.full(stack.shape[1:], np.nan), where=n > 0)
+
+
+def _percentiles(x: np.ndarray, level: float) -> tuple[float, float]:
+    x = x[~np.isnan(x)]
+    if not len(x):
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(x, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def add_confidence(ev: Evaluation, rows: list[dict[str, Any]], n_boot: int = 1000, level: float = 0.95,
+                   seed: int = 0, reference: str = "best_single") -> None:
+    """Paired bootstrap CIs for every performance cell of `table_rows(ev)` (in place).
+
+    One replicate resamples the evaluation questions with replacement within each task (a task keeps
+    its question count, so task, domain and overall rows stay defined); the same resampled indices
+    serve every column, so a column's difference from `reference` is paired. Replicate draws: for each
+    task in sorted order, `rng.integers(0, n_task, size=(n_boot, n_task))` with
+    `rng = np.random.default_rng(seed)`. Adds per column `<col>_perf_lo`/`_perf_hi` (percentile
+    interval at `level`), `<col>_n` (questions with a score), and `<col>_diff` (minus `reference`)
+    with `<col>_diff_lo`/`_diff_hi`.
+    """
+    if n_boot < 1:
+        raise ValueError(f"bootstrap needs n_boot >= 1, got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+    if reference not in ev.columns:
+        raise ValueError(f"reference column {reference!r} not in the table {list(ev.columns)}")
+    tasks = sorted(set(ev.tasks.tolist()))
+    rng = np.random.default_rng(seed)
+    draws = {}
+    for t in tasks:
+        pos = np.flatnonzero(ev.tasks == t)
+        draws[t] = pos[rng.integers(0, len(pos), size=(n_boot, len(pos)))]
+    row_tasks = {r["row"]: [t for t in tasks if (r["kind"] == "task" and r["row"] == t)
+                            or (r["kind"] == "domain" and ev.domains[ev.tasks == t][0] == r["domain"])
+                            or r["kind"] in ("overall", "all")] for r in rows}
+    reps: dict[str, dict[str, np.ndarray]] = {}  # column -> row label -> (n_boot,) replicate statistics
+    for col, (p, _) in ev.columns.items():
+        sums, counts = {}, {}
+        for t in tasks:
+            v = p[draws[t]]
+            ok = ~np.isnan(v)
+            sums[t], counts[t] = np.where(ok, v, 0.0).sum(1), ok.sum(1)
+        per = {t: np.divide(sums[t], counts[t], out=np.full(n_boot, np.nan), where=counts[t] > 0) for t in tasks}
+        reps[col] = {}
+        for r in rows:
+            ts = row_tasks[r["row"]]
+            if r["kind"] == "all":  # pooled over questions
+                n = sum(counts[t] for t in ts)
+                reps[col][r["row"]] = np.divide(sum(sums[t] for t in ts), n, out=np.full(n_boot, np.nan), where=n > 0)
+            else:  # a task, or a mean over tasks
+                reps[col][r["row"]] = _nanmean_rows(np.stack([per[t] for t in ts]))
+    for r in rows:
+        sel = np.isin(ev.tasks, row_tasks[r["row"]])
+        for col, (p, _) in ev.columns.items():
+            r[f"{col}_n"] = int((~np.isnan(p[sel])).sum())
+            r[f"{col}_perf_lo"], r[f"{col}_perf_hi"] = _percentiles(reps[col][r["row"]], level)
+            r[f"{col}_diff"] = r[f"{col}_perf"] - r[f"{reference}_perf"]
+            d = reps[col][r["row"]] - reps[reference][r["row"]]
+            r[f"{col}_diff_lo"], r[f"{col}_diff_hi"] = _percentiles(d, level)
+    ev.info["bootstrap"] = {"n_boot": n_boot, "level": level, "seed": seed, "reference": reference,
+                            "resampling": "questions with replacement within each task, the same draws for every column"}

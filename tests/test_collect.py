@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 from openai_server import FakeOpenAIServer, last_user
+from tiny_lm import build_tiny_lm
 
 from fusion_lightning.collect import main as collect_main
 from fusion_lightning.data.logtable import load_logs
-from fusion_lightning.data.schema import ModelCatalog, ModelInfo
-from fusion_lightning.serving import OpenAICompatibleBackend
+from fusion_lightning.data.schema import LOG_FIELDS, ModelCatalog, ModelInfo
+from fusion_lightning.serving import OpenAICompatibleBackend, build_backend
 from fusion_lightning.serving.collect import THINK_LINE, collect, read_query_file
 from fusion_lightning.serving.judge import parse_judgement
 
@@ -136,3 +137,27 @@ def test_cli_with_inline_backends_and_catalog(servers, tmp_path: Path, capsys) -
     bad = [a.replace("name:solver", "name:other") for a in args]
     assert collect_main(bad) == 1
     assert "not in the catalog" in capsys.readouterr().err
+
+
+def test_collect_with_a_local_model_writes_canonical_records(tmp_path: Path) -> None:
+    """A real in-process model (the tiny random Llama, as a zoo model is once cached) on 3 questions,
+    plain and `_think`: 6 records that the reader turns into valid canonical rows."""
+    model = build_tiny_lm(tmp_path / "tiny-local")
+    backend = build_backend({"type": "local", "model": str(model), "device": "cpu", "progress": False})
+    out = tmp_path / "log_train.jsonl"
+    report = collect(read_query_file(_queries(tmp_path, QUERIES[:3])), [backend], out, think=True, progress=False,
+                     sampling={"max_new_tokens": 6})
+    assert report.written == 6 and report.failed == 0 and report.per_model == {"tiny-local": 3, "tiny-local_think": 3}
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    for r in rows:
+        assert r["performance"] in (0.0, 1.0) and 0 < r["output_tokens_num"] <= 6 and r["input_tokens_num"] > 0
+        assert r["cost"] is None and r["llm_judge"] is None and r["latency_s"] >= 0
+    think = {r["query_id"]: r for r in rows if r["llm"].endswith("_think")}
+    plain = {r["query_id"]: r for r in rows if not r["llm"].endswith("_think")}
+    assert set(think) == set(plain) and all(think[q]["input_tokens_num"] > plain[q]["input_tokens_num"] for q in plain)
+    logs = load_logs("llmfusionbench", out)  # the reader validates every row
+    t = logs.table
+    assert set(LOG_FIELDS) <= set(t.column_names) and t.num_rows == 6
+    assert set(t.column("task").to_pylist()) == {"gsm8k"} and set(t.column("domain").to_pylist()) == {"math"}
+    assert set(t.column("split").to_pylist()) <= {"train", "val"} and logs.catalog["tiny-local_think"].base_model == "tiny-local"
+    assert t.column("ground_truth").to_pylist()[0] == "#### 5"

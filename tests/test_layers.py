@@ -6,6 +6,8 @@ A part may import itself, the package root and the parts `MAY_IMPORT` names, not
 - `io` (atomic writes, file locks) sits below everything and imports nothing of the package;
 - `scoring/` is pure functions of (response, ground truth): it imports nothing else of the package;
 - `data/` (readers, validation, LogTable, embeddings, re-scoring, response ranking) may use scoring only;
+- `zoo/` (the offline models: registry, fetch, builders; `python -m fusion_lightning.zoo` is its
+  `__main__`) may use data only; the loaders above it (serving's local backend, the students) resolve names through it;
 - `serving/`'s clients (backends, cache, judge, collect) may use data and scoring, never a level;
 - the three levels (`query/`, `thought/`, `model/`) build on data and scoring and never import each
   other; only the thought level asks an LLM (its LLM summariser is a serving client);
@@ -28,13 +30,14 @@ LEVELS = ("query", "thought", "model")
 COMPOSITIONS = {"fusion_lightning.serving.pipeline", "fusion_lightning.evaluation"}
 SUPPORT = {"fusion_lightning.config", "fusion_lightning.checkpointing", "fusion_lightning.tracking"}
 UTIL = {"fusion_lightning.io"}  # atomic writes and file locks: below everything, imports nothing of ours
-PARTS = ("root", "util", "scoring", "data", "serving", *LEVELS, "callbacks", "composition", "support", "cli")
-BASE = {"util", "data", "scoring"}
+PARTS = ("root", "util", "scoring", "data", "zoo", "serving", *LEVELS, "callbacks", "composition", "support", "cli")
+BASE = {"util", "data", "scoring", "zoo"}
 MAY_IMPORT: dict[str, set[str]] = {
     "root": set(),
     "util": set(),
     "scoring": set(),
     "data": {"util", "scoring"},
+    "zoo": {"util", "data"},  # the offline models; tiny-llama's tokenizer is trained on the synthetic log (data/)
     "serving": BASE,
     "query": BASE,
     "thought": BASE | {"serving"},  # thought/summarise.py: LLMSummariser over build_backend
@@ -68,7 +71,7 @@ def part_of(module: str, tree: ast.Module) -> str | None:
     if module in UTIL:
         return "util"
     top = module.split(".")[1]
-    if top in ("scoring", "data", "serving", "callbacks", *LEVELS):
+    if top in ("scoring", "data", "zoo", "serving", "callbacks", *LEVELS):
         return top
     return "cli" if module.count(".") == 1 and is_cli(tree) else None
 

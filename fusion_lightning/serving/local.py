@@ -32,8 +32,8 @@ def plain_chat_format(messages: Sequence[Mapping[str, Any]]) -> str:
 class LocalBackend:
     """Serve a Hugging Face causal LM in-process.
 
-    `model`: a local directory or a Hub name (`AutoModelForCausalLM.from_pretrained`); `tokenizer`
-    defaults to the same. `adapter`: a PEFT (LoRA) adapter directory applied on top. `device`:
+    `model`: a local directory, a Hub name (`AutoModelForCausalLM.from_pretrained`) or a zoo name
+    (`fusion_lightning.zoo`: its cached directory); `tokenizer` defaults to the same. `adapter`: a PEFT (LoRA) adapter directory applied on top. `device`:
     "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...; `dtype`: "auto" (bfloat16 on a GPU
     that supports it, else float32), "float32", "float16" or "bfloat16". `sampling`: default
     sampling parameters, overridden per `generate` call.
@@ -65,7 +65,11 @@ class LocalBackend:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        model, tokenizer, adapter = str(model), str(tokenizer or model), adapter and str(adapter)
+        from fusion_lightning.zoo import resolve
+
+        # a zoo name (python -m fusion_lightning.zoo list) is its cached directory, fetched on first use
+        model = resolve(str(model))
+        tokenizer, adapter = resolve(str(tokenizer)) if tokenizer else model, adapter and str(adapter)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":

@@ -1,0 +1,322 @@
+"""Fusion of real models, end to end (issue 16): a multi-LLM log from the offline zoo, then every
+fusion level on it against the best single model, as one resumable command.
+
+Stages (each writes `OUT/<stage>/stage.json` when done; a re-run skips finished stages and `collect`
+also resumes inside a stage, call by call):
+  questions  seeded per-task samples of the shared LLMRouter questions (+ RouteLLM's GSM8K): train, test
+  probe      `--probe N` train questions per task through every model; keep the tasks some model
+             scores above zero on (at least --min-tasks); those calls are reused by collect
+  collect    every kept question through every zoo model, plain and `_think` (fusion_lightning collect)
+  query      router recipe(s) fitted on the log (`--routers`)
+  library    a template library from the log's train split (rule summariser, or `--summariser MODEL`)
+  retriever  the template_retriever recipe on that library
+  thought    per zoo model, held-out questions zero-shot, few-shot, template-augmented (trained
+             retriever) and template-augmented (frozen encoder), via `evaluate`'s live columns
+  model      distill_top_k into `--student` (LoRA and/or full), exported, answering the held-out questions
+  table      the paper's table (`evaluate`: singles, best single, routers, thought, students, oracle,
+             95 % paired bootstrap CIs) + gains.md: template − zero-shot, trained − frozen retriever,
+             student − base, each paired with its CI
+
+    python bench/fusion_e2e.py                     # the zoo run (not yet made; see README)
+    python bench/fusion_e2e.py --quick             # tiny random model + a reference answerer, seconds
+    python bench/fusion_e2e.py --until collect     # stop after a stage; --redo thought redoes it and later ones
+
+`--quick`: the package's tiny random Llama (`tiny-llama`) stands in for the zoo, plus a `reference`
+pseudo-model that answers with the gold answer (so templates and distillation have solved questions);
+a handful of questions of two tasks, hashing encoder, one epoch per fit. It checks the pipeline, not fusion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _e2e  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", ROOT.parent / "shared" / "data"))
+STAGES = ("questions", "probe", "collect", "query", "library", "retriever", "thought", "model", "table")
+FULL = dict(models=["smollm2-135m-instruct", "gemma-3-270m"], tasks=None, train_per_task=40, test_per_task=20,
+            probe=6, min_tasks=4, max_new_tokens=192, routers=["router_knn", "router_mlp"], encoder="minilm",
+            retriever_mode="finetune", epochs=3, student="smollm2-135m-instruct", students=["lora", "full"],
+            shots=3, k=3, distill_max_length=512, out=ROOT / "bench" / "out" / "fusion_e2e")
+QUICK = dict(models=["tiny-llama"], tasks=["gsm8k", "mmlu"], train_per_task=8, test_per_task=4, probe=0,
+             min_tasks=2, max_new_tokens=8, routers=["router_knn"], encoder="hashing", retriever_mode="head",
+             epochs=1, student="tiny-llama", students=["lora", "full"], shots=2, k=2, distill_max_length=128,
+             out=ROOT / "bench" / "out" / "fusion_e2e_quick")
+SEMANTIC = ("quick", "models", "tasks", "train_per_task", "test_per_task", "probe", "min_tasks", "max_new_tokens",
+            "routers", "encoder", "retriever_mode", "epochs", "student", "students", "shots", "k",
+            "distill_max_length", "summariser", "seed", "think")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny random model, a handful of questions (seconds)")
+    ap.add_argument("--out", type=Path, help="output dir (default bench/out/fusion_e2e[_quick])")
+    ap.add_argument("--models", nargs="+", help="zoo names (or HF paths) collected; default the zoo's two")
+    ap.add_argument("--tasks", nargs="+", help="candidate tasks (default all 14; the probe keeps some)")
+    for name, kind in (("train-per-task", int), ("test-per-task", int), ("probe", int), ("min-tasks", int),
+                       ("max-new-tokens", int), ("epochs", int), ("shots", int), ("k", int), ("distill-max-length", int)):
+        ap.add_argument(f"--{name}", type=kind)
+    ap.add_argument("--routers", nargs="+", help="query-level recipes (default router_knn router_mlp)")
+    ap.add_argument("--encoder", help="query/template encoder of every fit (minilm | hashing)")
+    ap.add_argument("--retriever-mode", choices=["finetune", "head"])
+    ap.add_argument("--student", help="the distilled student (a zoo name or HF path)")
+    ap.add_argument("--students", nargs="+", choices=["lora", "full"])
+    ap.add_argument("--summariser", help="a zoo model that summarises templates (default: the rule summariser)")
+    ap.add_argument("--no-think", dest="think", action="store_false", help="no `_think` variants")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="local models' device (auto: CUDA when there is one)")
+    ap.add_argument("--trainer", default="cpu", help="trainer config of the fits (cpu | gpu | default)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the table's CIs")
+    ap.add_argument("--until", choices=STAGES, help="stop after this stage")
+    ap.add_argument("--redo", choices=STAGES, help="redo this stage and every later one")
+    ap.add_argument("--force", action="store_true", help="reuse OUT although its plan differs (stages are not redone)")
+    a = ap.parse_args(argv)
+    for key, value in (QUICK if a.quick else FULL).items():
+        if getattr(a, key, None) is None:
+            setattr(a, key, value)
+    return a
+
+
+class Pipeline:
+    def __init__(self, a: argparse.Namespace):
+        self.a, self.out = a, Path(a.out).resolve()
+        self.log_dir = self.out / "collect" / "log"
+        self.sampling = {"max_new_tokens": a.max_new_tokens, "temperature": 0, "stop": ["\nUser:"]}  # base models go on
+
+    # --- bookkeeping -------------------------------------------------------------------------------
+    def check_plan(self) -> None:
+        plan = {k: getattr(self.a, k) for k in SEMANTIC}
+        f = self.out / "plan.json"
+        if f.exists() and json.loads(f.read_text()) != json.loads(json.dumps(plan)) and not self.a.force:
+            raise SystemExit(f"error: {self.out} was made with another plan ({f}); use another --out, or --force")
+        self.out.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(plan, indent=1))
+        if self.a.redo:
+            for s in STAGES[STAGES.index(self.a.redo):]:
+                (self.out / s / "stage.json").unlink(missing_ok=True)
+
+    def done(self, stage: str) -> dict[str, Any] | None:
+        f = self.out / stage / "stage.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def run(self) -> None:
+        self.check_plan()
+        for stage in STAGES:
+            result = self.done(stage)
+            if result is None:
+                print(f"== {stage}", flush=True)
+                start = time.perf_counter()
+                result = getattr(self, f"stage_{stage}")()
+                result["seconds"] = round(time.perf_counter() - start, 1)
+                (self.out / stage).mkdir(parents=True, exist_ok=True)
+                (self.out / stage / "stage.json").write_text(json.dumps(result, indent=1, default=str))
+            else:
+                print(f"== {stage}: done ({result['seconds']} s), skipped", flush=True)
+            if stage == self.a.until:
+                break
+        times = {s: r["seconds"] for s in STAGES if (r := self.done(s))}
+        (self.out / "timings.json").write_text(json.dumps(times | {"total": round(sum(times.values()), 1)}, indent=1))
+
+    def data_overrides(self) -> list[str]:
+        return ["data=llmfusionbench", f"data.path={self.log_dir}", f"encoder={self.a.encoder}", f"seed={self.a.seed}",
+                f"trainer={self.a.trainer}", f"trainer.max_epochs={self.a.epochs}", "logger=none"]
+
+    def logs(self):
+        from fusion_lightning.data.datamodule import load_from_config
+
+        return load_from_config({"format": "llmfusionbench", "path": str(self.log_dir)})
+
+    def fit(self, recipe: str, run_dir: Path, extra: list[str]) -> Path:
+        """A recipe on the log; its best checkpoint."""
+        from fusion_lightning.config import compose_recipe
+        from fusion_lightning.fit import fit
+
+        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted fit starts over
+        summary = fit(compose_recipe(recipe, [*self.data_overrides(), f"run_dir={run_dir}", *extra]))
+        return run_dir / summary["artifacts"]["best_checkpoint"]
+
+    def backend(self, model: str) -> dict[str, Any]:
+        return {"type": "local", "model": model, "device": self.a.device, "progress": False}
+
+    def evaluate(self, **live):
+        from fusion_lightning.evaluation import evaluate
+
+        return evaluate(self.logs(), split="test", seed=self.a.seed, sampling=self.sampling, **live)
+
+    # --- stages ------------------------------------------------------------------------------------
+    def stage_questions(self) -> dict[str, Any]:
+        pools, notes = _e2e.question_pools(SHARED)
+        if not pools:
+            raise SystemExit(f"error: no shared questions under {SHARED} (set FUSION_LIGHTNING_SHARED_DATA)")
+        tasks = self.a.tasks or sorted({t for t, _ in pools})
+        missing = [t for t in tasks if (t, "train") not in pools or (t, "test") not in pools]
+        if missing:
+            raise SystemExit(f"error: task(s) {missing} have no shared train/test questions; have {sorted({t for t, _ in pools})}")
+        counts = {}
+        for split, n in (("train", self.a.train_per_task), ("test", self.a.test_per_task)):
+            rows = [r for t in tasks for r in _e2e.sample(pools[(t, split)], n, self.a.seed)]
+            _e2e.write_jsonl(self.out / "questions" / f"{split}.jsonl", rows)
+            counts[split] = len(rows)
+        return {"tasks": tasks, "counts": counts, "notes": notes}
+
+    def stage_probe(self) -> dict[str, Any]:
+        tasks = self.done("questions")["tasks"]
+        if not self.a.probe:
+            return {"tasks": tasks, "probe": "skipped (--probe 0): all candidate tasks kept"}
+        from fusion_lightning.serving.collect import collect, read_query_file
+
+        qs = read_query_file(self.out / "questions" / "train.jsonl")
+        per: dict[str, list] = {}
+        for q in qs:
+            per.setdefault(q.task, []).append(q)
+        probe = [q for t in sorted(per) for q in per[t][: self.a.probe]]
+        log = self.out / "probe" / "calls_train.jsonl"
+        collect(probe, [self.backend(m) for m in self.a.models], log, sampling=self.sampling)
+        kept, means = _e2e.choose_tasks(log, self.a.min_tasks)
+        return {"tasks": kept, "scores": means, "probe_questions": len(probe)}
+
+    def stage_collect(self) -> dict[str, Any]:
+        from fusion_lightning.serving.collect import collect, read_query_file
+
+        tasks = set(self.done("probe")["tasks"])
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        probe_log, train_log = self.out / "probe" / "calls_train.jsonl", self.log_dir / "calls_train.jsonl"
+        if probe_log.exists() and not train_log.exists():  # the probe's calls of kept tasks are not made twice
+            _e2e.write_jsonl(train_log, [r for r in _e2e.read_jsonl(probe_log) if r["task_name"] in tasks])
+        backends: list[Any] = [self.backend(m) for m in self.a.models]
+        reports = {}
+        for split in ("train", "test"):
+            qs = [q for q in read_query_file(self.out / "questions" / f"{split}.jsonl") if q.task in tasks]
+            if self.a.quick:
+                backends = [*backends[: len(self.a.models)], _e2e.ReferenceBackend([vars(q) for q in qs])]
+            r = collect(qs, backends, self.log_dir / f"calls_{split}.jsonl", think=self.a.think, sampling=self.sampling)
+            reports[split] = {"questions": len(qs), "written": r.written, "skipped": r.skipped, "failed": r.failed,
+                              "per_model": r.per_model, "notes": r.notes}
+        return reports
+
+    def stage_query(self) -> dict[str, Any]:
+        return {"routers": {r: str(self.fit(r, self.out / "query" / r, [])) for r in self.a.routers}}
+
+    def stage_library(self) -> dict[str, Any]:
+        from fusion_lightning.templates import compose_build, run_build
+
+        lib = self.out / "library" / "lib"
+        backend = ["backend=rule"] if not self.a.summariser else [
+            "backend=local", f"backend.model={self.a.summariser}", f"+backend.device={self.a.device}"]
+        cfg = compose_build(["data=llmfusionbench", f"data.path={self.log_dir}", f"out={lib}", "split=train",
+                             f"encoder={self.a.encoder}", *backend])
+        result = run_build(cfg, progress=False)
+        from fusion_lightning.thought.library import TemplateLibrary
+
+        n = len(TemplateLibrary.load(lib)) if (lib / "templates.jsonl").exists() else 0
+        return {"library": str(lib), "templates": n, "report": result["report"].lines(), "summariser": result["summariser"]}
+
+    def stage_retriever(self) -> dict[str, Any]:
+        if not self.done("library")["templates"]:
+            return {"skipped": "the template library is empty: no train question has a correct response"}
+        extra = [f"datamodule.library_dir={self.done('library')['library']}", f"model.mode={self.a.retriever_mode}"]
+        run_dir = self.out / "retriever" / "run"
+        ckpt = self.fit("template_retriever", run_dir, extra)
+        metrics = json.loads((run_dir / "summary.json").read_text())["metrics"]
+        return {"checkpoint": str(ckpt), "metrics": {k: v for k, v in metrics.items() if k.startswith("test/")}}
+
+    def stage_thought(self) -> dict[str, Any]:
+        lib, ckpt = self.done("library")["library"], self.done("retriever").get("checkpoint")
+        files = {}
+        for m in self.a.models:
+            start = time.perf_counter()
+            cfg = {"backend": self.backend(m), "shots": self.a.shots, "library": lib, "k": self.a.k}
+            modes = ["zero_shot", "few_shot"] + (["templates"] if ckpt else [])  # no library: no template columns
+            ev = self.evaluate(thought={**cfg, "retriever_ckpt": ckpt, "modes": modes})
+            if ckpt:
+                frozen = self.evaluate(thought={**cfg, "modes": ["templates"]})
+                ev.add("thought:templates_frozen", "thought", *frozen.columns["thought:templates"])
+                modes.append("templates_frozen")
+            name = ev.info["thought_backend"]
+            f = self.out / "thought" / f"{name}.json"
+            _e2e.save_columns(f, ev, {f"thought:{x}": f"thought:{name}:{x}" for x in modes}, time.perf_counter() - start)
+            files[name] = str(f)
+        return {"columns": files, "modes": modes}
+
+    def stage_model(self) -> dict[str, Any]:
+        from fusion_lightning.export import export_student
+
+        if not _e2e.solved_train_queries(self.logs()):
+            return {"columns": {}, "skipped": "no train question has a correct response to distil"}
+        files = {}
+        for variant in self.a.students:
+            start = time.perf_counter()
+            run_dir = self.out / "model" / variant
+            ckpt = self.fit("distill_top_k", run_dir / "run", [
+                "student=hf", f"student.name_or_path={self.a.student}", f"model=student_{variant}",
+                "callbacks.student_eval=null", f"datamodule.max_length={self.a.distill_max_length}"])
+            student = export_student(ckpt, run_dir / "student", merge=True)
+            ev = self.evaluate(student={"model": str(student), "name": f"student_{variant}", "device": self.a.device,
+                                        "progress": False})
+            f = run_dir / "columns.json"
+            _e2e.save_columns(f, ev, {f"student:student_{variant}": f"student:{variant}"}, time.perf_counter() - start)
+            files[variant] = str(f)
+        return {"columns": files, "student": self.a.student}
+
+    def stage_table(self) -> dict[str, Any]:
+        from fusion_lightning.evaluate import write_report
+
+        logs = self.logs()
+        ev = self.evaluate(routers={r.removeprefix("router_"): c for r, c in self.done("query")["routers"].items()})
+        for f in [*self.done("thought")["columns"].values(), *self.done("model")["columns"].values()]:
+            _e2e.load_columns(Path(f), ev)
+        ev.notes += [f"{st} stage skipped: {r['skipped']}" for st in STAGES if "skipped" in (r := self.done(st) or {})]
+        ev.notes = list(dict.fromkeys(ev.notes))  # one line per note, not one per model
+        table = self.out / "table"
+        table.mkdir(parents=True, exist_ok=True)
+        summary = write_report(ev, table, logs.summary(), n_boot=self.a.bootstrap, seed=self.a.seed)
+        lines, gains = [f"# Gains ({ev.split} split, {len(ev.tasks)} questions)", ""], {}
+        from fusion_lightning.zoo import lookup
+
+        zoo_model = lookup(self.a.student)  # the log names a zoo model by its canonical name, a directory by its last part
+        base = zoo_model.name if zoo_model else Path(self.a.student.rstrip("/")).name
+        for name in self.done("thought")["columns"]:
+            c = f"thought:{name}"
+            for title, ref, cols in ((f"{name}: templates and few-shot vs zero-shot", f"{c}:zero_shot",
+                                      [f"{c}:templates", f"{c}:templates_frozen", f"{c}:few_shot"]),
+                                     (f"{name}: trained vs frozen retriever", f"{c}:templates_frozen", [f"{c}:templates"])):
+                cols = [x for x in cols if x in ev.columns]
+                if ref not in ev.columns or not cols:
+                    continue
+                rows = _e2e.gain_rows(ev, ref, cols, self.a.bootstrap, self.a.seed)
+                lines += _e2e.gain_markdown(title, ref, cols, rows)
+                gains[title] = [{k: v for k, v in r.items() if k in ("row", "queries") or k.endswith(("_diff", "_lo", "_hi"))}
+                                for r in rows]
+        students = [f"student:{v}" for v in self.done("model")["columns"]]
+        if base in ev.columns and students:
+            rows = _e2e.gain_rows(ev, base, students, self.a.bootstrap, self.a.seed)
+            lines += _e2e.gain_markdown(f"students vs their base ({base}, zero-shot, from the log)", base, students, rows)
+            gains["students"] = [{k: v for k, v in r.items() if k in ("row", "queries") or k.endswith(("_diff", "_lo", "_hi"))}
+                                 for r in rows]
+        (table / "gains.md").write_text("\n".join(lines) + "\n")
+        (table / "gains.json").write_text(json.dumps(gains, indent=1, default=str))
+        print((table / "fusion_table.md").read_text())
+        print("\n".join(lines))
+        return {"table": str(table), "overall": summary["overall"], "best_single_model": ev.info["best_single_model"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    if not a.quick and not a.think:
+        print("note: --no-think: two LLMs per zoo model become one", file=sys.stderr)
+    Pipeline(a).run()
+    print(f"output: {Path(a.out).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

