@@ -69,9 +69,12 @@ class ShardBatches(IterableDataset):
         self.uniq, self.batch_size, self.out_dir = uniq, batch_size, out_dir
         self.mine = [s for i, s in enumerate(shards) if i % world == rank]
         self.texts = sum(len(s) for s in self.mine)
+        # fewer shards than ranks: Lightning refuses a rank whose loader has length 0 while others have
+        # batches, so such a rank reports one batch and yields none (its predict loop simply ends)
+        self.min_len = 1 if world > 1 and len(shards) > 0 else 0
 
     def __len__(self) -> int:
-        return sum(math.ceil(len(s) / self.batch_size) for s in self.mine)
+        return max(self.min_len, sum(math.ceil(len(s) / self.batch_size) for s in self.mine))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for shard in self.mine:
@@ -85,6 +88,28 @@ class ShardBatches(IterableDataset):
                        "last": s + self.batch_size >= len(texts)}
 
 
+def read_texts(path: str | Path) -> list[str]:
+    """`datamodule.texts_file`: any texts to embed, one per line (.txt) or JSONL rows with a "query" field."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"datamodule.texts_file: {p} not found")
+    lines = p.read_text(encoding="utf-8").splitlines()
+    if p.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out.append(row["query"] if isinstance(row["query"], str) else str(row["query"]))
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise ValueError(f"{p}: row {i}: field 'query': {type(e).__name__}: {e}") from None
+    return out
+
+
 def _as_is(batch: Any) -> Any:
     return batch
 
@@ -94,7 +119,7 @@ class EmbedDataModule(LogDataModule):
 
     def __init__(self, data: dict | None = None, encoder: str = "minilm", embedding_cache: str | None = None,
                  batch_size: int | str = "auto", shard_size: int = 1024, texts: Sequence[str] | None = None,
-                 logs: LogTable | None = None):
+                 texts_file: str | None = None, logs: LogTable | None = None):
         super().__init__(data, logs)
         if not embedding_cache:
             raise ValueError("the embed job needs an output folder: out=DIR (datamodule.embedding_cache)")
@@ -102,7 +127,7 @@ class EmbedDataModule(LogDataModule):
             raise ValueError(f"embed batch_size must be 'auto' or positive, got {batch_size}")
         self.encoder_name, self.cache_dir = encoder, embedding_cache
         self.batch_size, self.shard_size = batch_size, int(shard_size)
-        self._texts = list(texts) if texts is not None else None
+        self._texts = list(texts) if texts is not None else read_texts(texts_file) if texts_file else None
         self.dataset: ShardBatches | None = None
         self.report: dict[str, Any] = {}
 
@@ -206,13 +231,13 @@ def run_predict(trainer: L.Trainer, module: EncoderModule, dm: EmbedDataModule) 
     """`trainer.predict` without keeping predictions; the plan's report plus what all ranks wrote."""
     t0 = time.perf_counter()
     trainer.predict(module, datamodule=dm, return_predictions=False)
-    seconds = time.perf_counter() - t0
     writer = next((c for c in trainer.callbacks if isinstance(c, ShardWriter)), None)
     if writer is None:
         raise ValueError("the embed job needs the ShardWriter callback (callbacks.shard_writer)")
     done = torch.tensor([writer.texts_written, len(writer.written)], dtype=torch.float64)
     if trainer.world_size > 1:
         done = trainer.strategy.reduce(done.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+    seconds = time.perf_counter() - t0  # after the reduce: until the slowest rank is done
     report = dict(dm.report)
     report.update(embedded=int(done[0]), shards_written=int(done[1]), seconds=round(seconds, 2),
                   texts_per_s=round(float(done[0]) / seconds, 1) if seconds > 0 else None)
