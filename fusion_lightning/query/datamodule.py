@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,11 +11,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fusion_lightning.data.arrow import as_objects
 from fusion_lightning.data.datamodule import LogDataModule
+from fusion_lightning.data.embed_job import prepare_embeddings
 from fusion_lightning.data.embeddings import build_encoder, embed_texts
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
 from fusion_lightning.data.resumable import EpochRandomSampler
-from fusion_lightning.io import file_lock
 from fusion_lightning.query.task_classifier import fit_task_classifier, task_posterior
 
 UNKNOWN_TASK = "<unk>"
@@ -48,10 +47,9 @@ class RouterDataModule(LogDataModule):
     def prepare_data(self) -> None:
         """Embeds every query into the embedding cache once (Lightning runs this on each node's local rank
         0 only); `setup` then reads the vectors from the cache on every rank. Without a cache, setup embeds."""
-        if self.cache_dir:  # the lock: concurrent callers wait for the first, then read its vectors
-            with file_lock(Path(self.cache_dir) / ".prepare.lock"):
-                embed_texts(as_objects(self.logs.query_table()["query"]).tolist(), build_encoder(self.encoder_name),
-                            self.cache_dir)
+        if self.cache_dir:  # the embed job (a Lightning predict); concurrent callers wait for the first
+            prepare_embeddings(as_objects(self.logs.query_table()["query"]).tolist(), self.encoder_name,
+                               self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

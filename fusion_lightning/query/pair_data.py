@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from fusion_lightning.data.embeddings import build_encoder, embed_texts
+from fusion_lightning.data.embed_job import prepare_embeddings
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import TaskNormaliser
 from fusion_lightning.data.preferences import PreferenceTable, load_preferences_from_config
 from fusion_lightning.data.schema import SPLITS
-from fusion_lightning.io import atomic_write, file_lock
+from fusion_lightning.io import atomic_write
 from fusion_lightning.query.datamodule import UNKNOWN_TASK, RouterDataModule, RouterSplit
 
 
@@ -50,8 +50,7 @@ class PairwiseDataModule(RouterDataModule):
         if not self.preference_only:
             return super().prepare_data()
         if self.cache_dir:
-            with file_lock(Path(self.cache_dir) / ".prepare.lock"):
-                embed_texts(self.preferences.queries, build_encoder(self.encoder_name), self.cache_dir)
+            prepare_embeddings(self.preferences.queries, self.encoder_name, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.pairs:

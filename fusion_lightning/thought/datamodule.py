@@ -23,6 +23,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fusion_lightning.data.arrow import as_objects
 from fusion_lightning.data.datamodule import LogDataModule
+from fusion_lightning.data.embed_job import prepare_embeddings
 from fusion_lightning.data.embeddings import build_encoder, embed_texts
 from fusion_lightning.data.resumable import EpochRandomSampler
 from fusion_lightning.io import file_lock
@@ -84,7 +85,7 @@ class TemplateDataModule(LogDataModule):
         lib = self._library()
         if self.embedding_cache:
             texts = as_objects(self.logs.query_table()["query"]).tolist()
-            embed_texts(texts, build_encoder(lib.encoder), self.embedding_cache)
+            prepare_embeddings(texts, lib.encoder, self.embedding_cache)
 
     def _library(self) -> TemplateLibrary:
         d = self.library_dir

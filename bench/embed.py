@@ -1,0 +1,119 @@
+"""Embedding throughput on the shared LLMRouter queries, in one run (issue 17's benchmark).
+
+    python bench/embed.py [--limit 1000] [--data DIR] [--threads 2]
+
+Rows (texts/s, and the ratio to the baseline):
+- baseline: plain sentence-transformers fp32 `model.encode` (MiniLM, batch 64, max_seq_length 256);
+- job fp32: the embed job (Lightning predict + shard writer, `encoder=minilm`) in this process;
+- job onnx fp32 / job onnx int8: the same job with `encoder=minilm+onnx` / `minilm+onnx-int8`;
+- job DDP x2: `python -m fusion_lightning.embed ... trainer.devices=2 strategy=ddp` on CPU, one thread per
+  rank (its time is rank 0's predict, through the slowest rank, model loads included).
+Single-process rows use `--threads` torch/ORT threads; models are loaded and ONNX exports made before
+timing. Each row embeds into a fresh cache folder. Agreement with the baseline vectors (mean cosine) is
+printed beside each row. Prints the load average: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def sample_queries(data: Path, limit: int) -> list[str]:
+    from fusion_lightning.data.logtable import load_logs
+
+    texts = list(dict.fromkeys(load_logs("llmrouter", data).matrix().queries))
+    rng = np.random.default_rng(0)
+    keep = np.sort(rng.choice(len(texts), min(limit, len(texts)), replace=False))
+    return [texts[i] for i in keep]
+
+
+def baseline(texts: list[str]) -> tuple[float, np.ndarray]:
+    from fusion_lightning.data.embeddings import SentenceTransformerEncoder
+
+    model = SentenceTransformerEncoder("minilm")._load()
+    model.encode(texts[:8], batch_size=64)  # warm
+    t0 = time.perf_counter()
+    out = model.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True,
+                       show_progress_bar=False)
+    return time.perf_counter() - t0, np.asarray(out, np.float32)
+
+
+def job(texts: list[str], spec: str, out: Path) -> tuple[float, np.ndarray]:
+    import lightning as L
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    from fusion_lightning.data.embed_job import EmbedDataModule, EncoderModule, ShardWriter, run_predict
+    from fusion_lightning.data.embeddings import EmbeddingCache
+
+    module = EncoderModule(spec)
+    module.encoder.encode(texts[:8])  # load the model, make the ONNX export: not part of the timing
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, plugins=[LightningEnvironment()],
+                        callbacks=[ShardWriter()])
+    report = run_predict(trainer, module, EmbedDataModule(encoder=spec, embedding_cache=str(out), texts=texts))
+    assert report["embedded"] == len(texts), report
+    return report["seconds"], EmbeddingCache(out, module.encoder).embed(texts, show_progress=False)
+
+
+def ddp_job(texts: list[str], out: Path, work: Path) -> tuple[float, np.ndarray]:
+    from fusion_lightning.data.embeddings import EmbeddingCache, build_encoder
+
+    f = work / "texts.jsonl"
+    f.write_text("".join(json.dumps({"query": t}) + "\n" for t in texts), encoding="utf-8")
+    run_dir = work / "ddp_run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "fusion_lightning.embed", "encoder=minilm", f"out={out}",
+                        f"datamodule.texts_file={f}", f"run_dir={run_dir}", "trainer.devices=2",
+                        "trainer.accelerator=cpu", "strategy=ddp", "trainer.deterministic=false"],
+                       cwd=work, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"DDP run failed:\n{r.stderr[-3000:]}")
+    report = json.loads((run_dir / "summary.json").read_text())["embed"]
+    assert report["embedded"] == len(texts) and report["world_size"] == 2, report
+    return report["seconds"], EmbeddingCache(out, build_encoder("minilm")).embed(texts, show_progress=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=SHARED / "llmrouter")
+    ap.add_argument("--limit", type=int, default=1000, help="queries sampled (seed 0) from the log's unique ones")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    texts = sample_queries(args.data, args.limit)
+    print(f"{len(texts)} unique LLMRouter queries (of {args.data}); {args.threads} threads; "
+          f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        os.environ.setdefault("FUSION_LIGHTNING_CACHE", str(work / "cache"))  # the ONNX exports: made here
+        t_base, ref = baseline(texts)
+        rows.append(("sentence-transformers fp32 encode (baseline)", t_base, ref))
+        for name, spec in (("job fp32 (Lightning predict)", "minilm"), ("job ONNX fp32", "minilm+onnx"),
+                           ("job ONNX int8", "minilm+onnx-int8")):
+            rows.append((name, *job(texts, spec, work / spec)))
+        rows.append(("job fp32 DDP, 2 processes x 1 thread", *ddp_job(texts, work / "ddp", work)))
+    print(f"load average after: {os.getloadavg()[0]:.2f}\n")
+    print("| run | texts/s | vs baseline | mean cosine vs baseline |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, seconds, vecs in rows:
+        print(f"| {name} | {len(texts) / seconds:.1f} | {t_base / seconds:.2f}x | "
+              f"{float((vecs * ref).sum(1).mean()):.4f} |")
+
+
+if __name__ == "__main__":
+    main()
