@@ -262,7 +262,7 @@ _EXIT: list[int] = []  # exit codes of the runs in this process
 
 def _one_line(e: BaseException) -> str:
     """A run's error as one line; a bad model/data setting that Hydra's instantiate wrapped is named by
-    its target and the original message (e.g. "fusion_lightning.query.knn.KNNRouter: k must be ≥ 1")."""
+    its target and the original message (e.g. "fusion_lightning.query.knn.KNNRouter: k must be >= 1, got 0")."""
     if isinstance(e, InstantiationException) and e.__cause__ is not None:
         m = re.search(r"target '([^']+)'", str(e))
         cause = " ".join(str(e.__cause__).split())

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from hydra.errors import InstantiationException
 
-from fusion_lightning.callbacks.embed_progress import EmbedProgress, progress_line
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.data.embed_job import plan_shards, shard_name
+from fusion_lightning.data.embed_progress import EmbedProgress, progress_line
 from fusion_lightning.data.embeddings import EmbeddingCache, HashingEncoder, text_key
 from fusion_lightning.fit import build, fit, run
 

@@ -150,7 +150,7 @@ def test_the_rules_form_layers():
 def test_the_clis_are_the_documented_commands():
     modules = parse_package()
     clis = {m.split(".")[1] for m, (_, tree) in modules.items() if part_of(m, tree) == "cli"}
-    assert clis == {"fit", "route", "export", "templates", "collect", "serve", "evaluate", "compare", "submit"}
+    assert clis == {"fit", "route", "export", "templates", "collect", "serve", "evaluate", "compare", "submit", "embed"}
 
 
 SOURCES = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -251,7 +252,7 @@ def prepare_embeddings(texts: Sequence[str], encoder: str, cache_dir: str | Path
     from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from fusion_lightning.callbacks.embed_progress import EmbedProgress
+    from fusion_lightning.data.embed_progress import EmbedProgress
 
     with file_lock(Path(cache_dir) / ".prepare.lock"):
         enc = build_encoder(encoder)
@@ -260,13 +261,18 @@ def prepare_embeddings(texts: Sequence[str], encoder: str, cache_dir: str | Path
             return None
         # a plain single-device trainer, whatever cluster this process runs in: the fit's own trainer
         # (and its process group, if any) is not touched, nor is its rank (restored below)
-        rank = rank_zero_only.rank
-        trainer = L.Trainer(accelerator="auto", devices=1, num_nodes=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False,
-                            plugins=[LightningEnvironment()],
-                            callbacks=[ShardWriter(), EmbedProgress(interval=progress_interval)])
+        # this predict must not move the fit's random streams (its loader draws a seed from torch's RNG):
+        # a run that embeds and one that finds the cache full train the same (resume is checked against both)
+        rank, py_state, np_state = rank_zero_only.rank, random.getstate(), np.random.get_state()
         try:
-            return run_predict(trainer, EncoderModule(encoder), EmbedDataModule(encoder=encoder,
-                               embedding_cache=str(cache_dir), texts=texts))
+            with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+                trainer = L.Trainer(accelerator="auto", devices=1, num_nodes=1, logger=False,
+                                    enable_checkpointing=False, enable_progress_bar=False,
+                                    enable_model_summary=False, plugins=[LightningEnvironment()],
+                                    callbacks=[ShardWriter(), EmbedProgress(interval=progress_interval)])
+                return run_predict(trainer, EncoderModule(encoder), EmbedDataModule(encoder=encoder,
+                                   embedding_cache=str(cache_dir), texts=texts))
         finally:
             rank_zero_only.rank = rank
+            random.setstate(py_state)
+            np.random.set_state(np_state)
