@@ -112,6 +112,27 @@ def test_bad_query_lines_are_reported_with_line_numbers(tmp_path: Path) -> None:
     assert "line 3: field 'ground_truth' missing" in msg and "line 4: field 'metric': unknown metric 'bleu'" in msg
 
 
+def test_multiple_choice_options_are_written_below_the_question(tmp_path: Path) -> None:
+    # LLMRouter's query files keep the options in `choices`; a question sent without them is unanswerable
+    mc = {"task_name": "arc_challenge", "query": "Which is a gas?", "ground_truth": "B", "metric": "em_mc",
+          "choices": "{'text': ['ice', 'steam'], 'label': ['A', 'B']}"}
+    code = {"task_name": "mbpp", "query": "Write f.", "ground_truth": "assert f()", "metric": "code_eval",
+            "choices": "['assert f() == 1']"}  # MBPP stores its tests there: not options
+    p = tmp_path / "q.jsonl"
+    p.write_text(json.dumps(mc) + "\n" + json.dumps(code) + "\n" + json.dumps({**mc, "choices": "[oops"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 3: field 'choices': choices is not a list"):
+        read_query_file(p)
+    p.write_text(json.dumps(mc) + "\n" + json.dumps(code) + "\n")
+    a, b = read_query_file(p)
+    assert a.query == "Which is a gas?\n\n(A) ice\n(B) steam" and b.query == "Write f."
+    assert a.query_id != read_query_file(_write(tmp_path / "bare.jsonl", {**mc, "choices": None}))[0].query_id
+
+
+def _write(path: Path, rec: dict) -> Path:
+    path.write_text(json.dumps(rec) + "\n")
+    return path
+
+
 @pytest.mark.parametrize(("text", "want"), [
     ("Reasoning...\nScore: 0.6", 0.6), ("**Score:** 1.0", 1.0), ("Score = 0", 0.0), ("0.3", 0.3),
     ("Score: 0.5", None), ("Score: 0.8\nScore: 0.3", None), ("I give it a 0.8", None), ("", None),

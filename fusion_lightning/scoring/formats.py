@@ -8,13 +8,18 @@ for GSM8K and a code fence for code — the format the scorer parses, not a gene
 
 from __future__ import annotations
 
+import ast
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from fusion_lightning.scoring import resolve_metric
 
 INSTRUCTIONS: dict[str, str] = {
     "gsm8k": "Solve the problem step by step, then give the final number on the last line as '#### <number>'.",
     "math": "Solve the problem step by step, then give the final answer in \\boxed{}.",
-    "em_mc": "Think it through, then give the letter of the correct option on the last line as "
-             "'The answer is (X)'.",
+    # No literal letter in the example: a small model copies an example letter and scores by chance.
+    "em_mc": "Choose one of the options. End with the letter of the correct option in parentheses, "
+             "as in 'The answer is (letter)'.",
     "code_eval": "Write the complete Python solution in one ```python code block.",
     "f1": "Answer with the short answer phrase only, no explanation.",
     "cem": "Answer with the short answer only, no explanation.",
@@ -33,3 +38,33 @@ def answer_instruction(metric: str | None) -> str:
 def zero_shot_prompt(query: str, metric: str | None) -> str:
     """The plain prompt: the query, then its answer-format instruction."""
     return f"{query.strip()}\n\n{answer_instruction(metric)}"
+
+
+def format_choices(choices: Any) -> str:
+    """Multiple-choice options as "(A) text" lines, the letters `em_mc` reads back.
+
+    Takes a list of option texts (lettered A, B, ...), a {"text": [...], "label"/"labels": [...]} dict,
+    or either one as the Python-literal string LLMRouter's query files store. Raises ValueError on
+    anything else, so a question is never sent without its options."""
+    if isinstance(choices, str):
+        try:
+            choices = ast.literal_eval(choices)
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"choices is not a list or a {{'text', 'label'}} dict ({e.__class__.__name__})") from None
+    if isinstance(choices, Mapping):
+        texts, labels = choices.get("text"), choices.get("label", choices.get("labels"))
+    elif isinstance(choices, Sequence) and not isinstance(choices, str):
+        texts, labels = choices, None
+    else:
+        raise ValueError(f"choices must be a list or a {{'text', 'label'}} dict, got {type(choices).__name__}")
+    if not isinstance(texts, Sequence) or isinstance(texts, str) or not texts:
+        raise ValueError("choices has no option texts")
+    labels = list(labels) if labels is not None else [chr(ord("A") + i) for i in range(len(texts))]
+    if len(labels) != len(texts) or not all(isinstance(x, str) and len(x) == 1 and x.isupper() for x in labels):
+        raise ValueError(f"choices' labels {labels!r} are not one capital letter per option")
+    return "\n".join(f"({label}) {str(text).strip()}" for label, text in zip(labels, texts, strict=True))
+
+
+def with_choices(query: str, choices: Any) -> str:
+    """The query with its options below it (see `format_choices`)."""
+    return f"{query.rstrip()}\n\n{format_choices(choices)}"

@@ -17,7 +17,7 @@ from typing import Any
 from fusion_lightning.data.schema import ModelCatalog, make_query_id
 from fusion_lightning.data.text import read_input_lines
 from fusion_lightning.scoring import resolve_metric, score
-from fusion_lightning.scoring.formats import zero_shot_prompt
+from fusion_lightning.scoring.formats import with_choices, zero_shot_prompt
 from fusion_lightning.serving import Backend, build_backend
 from fusion_lightning.serving.judge import judge_responses
 
@@ -36,7 +36,9 @@ class QueryRecord:
 
 
 def read_query_file(path: str | Path) -> list[QueryRecord]:
-    """Queries of a JSONL file (`task_name`, `query`, `ground_truth`, `metric`; optional `query_id`).
+    """Queries of a JSONL file (`task_name`, `query`, `ground_truth`, `metric`; optional `query_id`,
+    and `choices`: a multiple-choice (`em_mc`) question's options, written below its text as "(A) ..."
+    lines, as LLMRouter's query files keep them apart from the question; other metrics ignore them).
 
     Raises ValueError naming every bad line and field; nothing is skipped silently.
     """
@@ -50,16 +52,27 @@ def read_query_file(path: str | Path) -> list[QueryRecord]:
                      ("metric", rec.get("metric"))) if not isinstance(v, str) or not v.strip()]
         if not problems and resolve_metric(rec["metric"]) is None:
             problems.append(f"field 'metric': unknown metric {rec['metric']!r}")
+        if not problems and _mc_choices(rec) is not None:
+            try:
+                with_choices(rec["query"], rec["choices"])
+            except ValueError as e:
+                problems.append(f"field 'choices': {e}")
         return problems
 
     out = []
     for i, rec in read_input_lines(path, check):
         task = rec.get("task_name", rec.get("task"))
-        qid = str(rec.get("query_id") or make_query_id(task, rec["query"]))
-        out.append(QueryRecord(qid, task, rec["query"], rec["ground_truth"], rec["metric"], i))
+        query = rec["query"] if _mc_choices(rec) is None else with_choices(rec["query"], rec["choices"])
+        qid = str(rec.get("query_id") or make_query_id(task, query))
+        out.append(QueryRecord(qid, task, query, rec["ground_truth"], rec["metric"], i))
     if not out:
         raise ValueError(f"{path}: no queries")
     return out
+
+
+def _mc_choices(rec: Mapping[str, Any]) -> Any:
+    """The options of a multiple-choice record, None for other metrics (MBPP keeps its tests there)."""
+    return rec.get("choices") if resolve_metric(rec["metric"]) == "em_mc" and rec.get("choices") else None
 
 
 def read_done(out: Path) -> set[tuple[str, str]]:

@@ -145,7 +145,7 @@ _NUM = re.compile(r"(?<![\w.])[-+]?\$?\d[\d,]*(?:\.\d+)?%?")
 _QUOTED = re.compile(r"'[^']{1,40}'|\"[^\"]{1,40}\"")
 _FINAL = (("####", "the final number on the last line as '#### <number>'"),
           ("\\boxed", "the final answer in \\boxed{}"),
-          ("The answer is (", "the letter of the correct option as 'The answer is (X)'"),
+          ("The answer is (", "the letter of the correct option in parentheses, as 'The answer is (letter)'"),
           ("```", "a complete solution in one code block"))
 
 
