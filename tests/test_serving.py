@@ -19,6 +19,7 @@ from fusion_lightning.serving import (
     OpenAICompatibleBackend,
     build_backend,
 )
+from fusion_lightning.serving.local import cut_completion
 
 KEY_ENV = "FL_TEST_API_KEY"
 KEY = "sk-DISTINCTIVE-k3y-9f8e7d6c5b4a"
@@ -245,6 +246,22 @@ def test_local_chat_template_and_plain_format(local, tmp_path):
     assert plain.render("hi") == "User: hi\nAssistant:"
     assert plain.render(PROMPTS[3]) == "System: Be brief.\nUser: capital of France?\nAssistant:"
     assert len(plain.generate(["hi"], max_new_tokens=3)) == 1
+    base = LocalBackend(str(tmp_path / "plain"), device="cpu", progress=False, prompt_format="completion")
+    assert base.render(PROMPTS[3]) == "Be brief.\n\ncapital of France?\n\nAnswer:"
+    assert local.prompt_format == "chat" and plain.prompt_format == "chat"  # "auto" outside the zoo
+    streamed: list[str] = []
+    gen = base.generate(["hi"], max_new_tokens=6, streams=[streamed.append])[0]
+    assert "".join(streamed) == gen.text  # a completion is streamed whole, once cut
+    with pytest.raises(ValueError, match="prompt_format"):
+        LocalBackend(str(tmp_path / "plain"), device="cpu", progress=False, prompt_format="qa")
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    (" (B)\n\nQuestion: next", " (B)"), ("\n\n (C) because\nit is\n\nmore", "\n\n (C) because\nit is"),
+    ("no blank line", "no blank line"), ("\n\n", "\n\n"),
+])
+def test_a_base_models_completion_ends_at_its_first_blank_line_after_text(text, want):
+    assert cut_completion(text) == want
 
 
 def test_local_batched_greedy_equals_unbatched_and_counts_tokens(local):

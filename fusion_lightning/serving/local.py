@@ -29,12 +29,33 @@ def plain_chat_format(messages: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
+PROMPT_FORMATS = ("auto", "chat", "completion")
+
+
+def cut_completion(text: str) -> str:
+    """A base model's answer ends at its first blank line after some text (it goes on writing new
+    questions); leading blank lines are part of the answer, so a stop string cannot do this."""
+    start = next((i for i, c in enumerate(text) if not c.isspace()), len(text))
+    end = text.find("\n\n", start)
+    return text if end < 0 else text[:end]
+
+
+def completion_format(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The prompt format of a base model (lm-eval-harness style): the text, then "Answer:" to complete.
+    Earlier assistant turns are written as "Answer: ..."; role names are not (a base model imitates
+    them and plays both sides of a dialogue)."""
+    parts = [f"Answer: {m['content']}" if m["role"] == "assistant" else str(m["content"]) for m in messages]
+    return "\n\n".join(parts) + "\n\nAnswer:"
+
+
 class LocalBackend:
     """Serve a Hugging Face causal LM in-process.
 
     `model`: a local directory, a Hub name (`AutoModelForCausalLM.from_pretrained`) or a zoo name
     (`fusion_lightning.zoo`: its cached directory); `tokenizer` defaults to the same. `adapter`: a PEFT (LoRA) adapter directory applied on top. `device`:
-    "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...; `dtype`: "auto" (bfloat16 on a GPU
+    "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...; `prompt_format`: "auto" (the chat
+    template when the tokenizer has one, else the zoo's format for the model, else "chat"), "chat" or
+    "completion" (see `render`; a base model completes "Answer:" and stops at a blank line); `dtype`: "auto" (bfloat16 on a GPU
     that supports it, else float32), "float32", "float16" or "bfloat16". `sampling`: default
     sampling parameters, overridden per `generate` call.
 
@@ -57,6 +78,7 @@ class LocalBackend:
         progress: bool = True,
         trust_remote_code: bool = False,
         model_kwargs: Mapping[str, Any] | None = None,
+        prompt_format: str = "auto",
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,7 +87,11 @@ class LocalBackend:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        from fusion_lightning.zoo import resolve
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+        from fusion_lightning.zoo import lookup, resolve
+
+        zoo_model = lookup(str(model)) if not Path(str(model)).exists() else None
 
         # a zoo name (python -m fusion_lightning.zoo list) is its cached directory, fetched on first use
         model = resolve(str(model))
@@ -95,21 +121,32 @@ class LocalBackend:
 
             self.model = PeftModel.from_pretrained(self.model, adapter)
         self.model.to(device).eval()
+        if prompt_format == "auto":  # a chat template wins; else what the zoo knows of the model
+            prompt_format = "chat" if self.has_chat_template else zoo_model.prompt_format if zoo_model else "chat"
+        self.prompt_format = prompt_format
 
     def __repr__(self) -> str:
         return (
             f"LocalBackend(name={self.name!r}, model={self.model_path!r}, adapter={self.adapter!r}, "
-            f"device={self.device!r}, dtype={self.dtype!r}, batch_size={self.batch_size})"
+            f"device={self.device!r}, dtype={self.dtype!r}, batch_size={self.batch_size}, "
+            f"prompt_format={self.prompt_format!r})"
         )
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
+    @property
+    def _template_adds_specials(self) -> bool:
+        return self.prompt_format == "chat" and self.has_chat_template
+
     def render(self, prompt: Prompt) -> str:
-        """The exact text the model sees: the chat template with a generation prompt, else
-        `plain_chat_format` ("User: ...\\nAssistant:")."""
+        """The exact text the model sees, by `prompt_format`: "chat" is the chat template with a
+        generation prompt, or `plain_chat_format` ("User: ...\\nAssistant:") without one; "completion"
+        is `completion_format` ("...\\n\\nAnswer:", for base models)."""
         messages = to_messages(prompt)
+        if self.prompt_format == "completion":
+            return completion_format(messages)
         if self.has_chat_template:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return plain_chat_format(messages)
@@ -117,7 +154,7 @@ class LocalBackend:
     def _encode(self, texts: list[str]):
         # A chat template writes its own special tokens (BOS included); don't add them twice.
         return self.tokenizer(
-            texts, return_tensors="pt", padding=True, add_special_tokens=not self.has_chat_template
+            texts, return_tensors="pt", padding=True, add_special_tokens=not self._template_adds_specials
         )
 
     def generate(self, prompts: Sequence[Prompt], *, streams: Sequence[Stream | None] | None = None,
@@ -139,14 +176,18 @@ class LocalBackend:
         bar = tqdm(batches, desc=f"generate {self.name}", unit="batch", disable=not self.progress or not batches)
         for b, idx in enumerate(bar):
             rows = None if streams is None else [streams[i] for i in idx]
-            for i, gen in zip(idx, self._generate_batch([texts[i] for i in idx], s, b, rows), strict=True):
+            whole = self.prompt_format == "completion"  # its answer is cut only once it is whole: sent in one piece
+            for i, gen in zip(idx, self._generate_batch([texts[i] for i in idx], s, b, None if whole else rows),
+                              strict=True):
                 results[i] = gen
+                if whole and streams is not None and streams[i] is not None and gen.text:
+                    streams[i](gen.text)
         return results  # type: ignore[return-value]
 
     def _encode_lengths(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        return self.tokenizer(texts, add_special_tokens=not self.has_chat_template)["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=not self._template_adds_specials)["input_ids"]
 
     def _generate_batch(self, texts: list[str], s: Sampling, batch_index: int,
                         streams: list[Stream | None] | None = None) -> list[Generation]:
@@ -180,7 +221,7 @@ class LocalBackend:
         for ids, n in zip(new, n_in, strict=True):
             k = next((j for j, t in enumerate(ids) if t in ends), len(ids))
             text = self.tokenizer.decode(ids[:k], skip_special_tokens=True)
-            cut = truncate_at_stop(text, s.stop)
+            cut = truncate_at_stop(cut_completion(text) if self.prompt_format == "completion" else text, s.stop)
             finish = "stop" if k < len(ids) or len(cut) < len(text) else "length"
             gens.append(Generation(cut, int(n), k, latency, finish_reason=finish))
         return gens

