@@ -56,15 +56,17 @@ def question_pools(shared: Path) -> tuple[dict[tuple[str, str], list[dict]], lis
             continue
         seen.add(text)
         rec = {"task_name": r["task_name"], "query": text, "ground_truth": gt, "metric": metric}
+        if r.get("choices"):
+            rec["choices"] = r["choices"]  # collect writes a multiple-choice question's options below it
         pools.setdefault((r["task_name"], split), []).append(rec)
     if dropped:
         notes.append(f"{dropped} shared questions dropped (repeated, in test as well as train, or unscorable)")
     return pools, notes
 
 
-def sample(pool: list[dict], n: int, seed: int) -> list[dict]:
-    """A seeded sample of n records, independent of the pool's order."""
-    pool = sorted(pool, key=lambda r: make_query_id(r["task_name"], r["query"]))
+def sample(pool: list[dict], n: int, seed: int, key=None) -> list[dict]:
+    """A seeded sample of n records, independent of the pool's order (sorted by `key`, default the question id)."""
+    pool = sorted(pool, key=key or (lambda r: make_query_id(r["task_name"], r["query"])))
     idx = np.random.default_rng(seed).permutation(len(pool))[:n]
     return [pool[i] for i in sorted(idx)]
 

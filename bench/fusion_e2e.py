@@ -7,6 +7,8 @@ also resumes inside a stage, call by call):
   probe      `--probe N` train questions per task through every model; keep the tasks some model
              scores above zero on (at least --min-tasks); those calls are reused by collect
   collect    every kept question through every zoo model, plain and `_think` (fusion_lightning collect)
+  judge      `--judge MODEL` grades a seeded sample of `--judge-sample` train calls with the FusionFactory
+             rubric: its parse rate, and how often a parsed grade agrees with the task score (right vs wrong)
   query      router recipe(s) fitted on the log (`--routers`)
   library    a template library from the log's train split (rule summariser, or `--summariser MODEL`)
   retriever  the template_retriever recipe on that library
@@ -39,21 +41,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _e2e  # noqa: E402
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", ROOT.parent / "shared" / "data"))
-STAGES = ("questions", "probe", "collect", "query", "library", "retriever", "thought", "model", "table")
-FULL = dict(models=["smollm2-135m-instruct", "gemma-3-270m"], tasks=None, train_per_task=40, test_per_task=20,
-            probe=6, min_tasks=4, max_new_tokens=192, routers=["router_knn", "router_mlp"], encoder="minilm",
+STAGES = ("questions", "probe", "collect", "judge", "query", "library", "retriever", "thought", "model", "table")
+FULL = dict(models=["smollm2-135m-instruct", "gemma-3-270m"], tasks=None, train_per_task=24, test_per_task=10,
+            probe=3, min_tasks=4, max_new_tokens=96, routers=["router_knn", "router_mlp"], encoder="minilm",
             retriever_mode="finetune", epochs=3, student="smollm2-135m-instruct", students=["lora", "full"],
-            shots=3, k=3, distill_max_length=512, out=ROOT / "bench" / "out" / "fusion_e2e")
+            shots=3, k=3, distill_max_length=512, judge="smollm2-135m-instruct", judge_sample=40,
+            out=ROOT / "bench" / "out" / "fusion_e2e")
 QUICK = dict(models=["tiny-llama"], tasks=["gsm8k", "mmlu"], train_per_task=8, test_per_task=4, probe=0,
              min_tasks=2, max_new_tokens=8, routers=["router_knn"], encoder="hashing", retriever_mode="head",
              epochs=1, student="tiny-llama", students=["lora", "full"], shots=2, k=2, distill_max_length=128,
-             out=ROOT / "bench" / "out" / "fusion_e2e_quick")
+             judge="tiny-llama", judge_sample=4, out=ROOT / "bench" / "out" / "fusion_e2e_quick")
 SEMANTIC = ("quick", "models", "tasks", "train_per_task", "test_per_task", "probe", "min_tasks", "max_new_tokens",
             "routers", "encoder", "retriever_mode", "epochs", "student", "students", "shots", "k",
-            "distill_max_length", "summariser", "seed", "think")
+            "distill_max_length", "summariser", "seed", "think", "judge", "judge_sample")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -70,6 +74,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--retriever-mode", choices=["finetune", "head"])
     ap.add_argument("--student", help="the distilled student (a zoo name or HF path)")
     ap.add_argument("--students", nargs="+", choices=["lora", "full"])
+    ap.add_argument("--judge", help="the zoo model of the LLM-judge check (none: skip it)")
+    ap.add_argument("--judge-sample", type=int, help="train calls the judge grades")
     ap.add_argument("--summariser", help="a zoo model that summarises templates (default: the rule summariser)")
     ap.add_argument("--no-think", dest="think", action="store_false", help="no `_think` variants")
     ap.add_argument("--seed", type=int, default=0)
@@ -203,6 +209,31 @@ class Pipeline:
                               "per_model": r.per_model, "notes": r.notes}
         return reports
 
+    def stage_judge(self) -> dict[str, Any]:
+        """Whether a zoo model can be the log's LLM judge: the share of its grades that parse (the issue's
+        bar is 80 %) and, of those, how often "correct" (grade > 0) agrees with the task score > 0."""
+        if not self.a.judge or self.a.judge == "none" or not self.a.judge_sample:
+            return {"skipped": "no --judge"}
+        from fusion_lightning.serving import build_backend
+        from fusion_lightning.serving.judge import judge_responses
+
+        calls = _e2e.sample(_e2e.read_jsonl(self.log_dir / "calls_train.jsonl"), self.a.judge_sample, self.a.seed,
+                            key=lambda r: (r["query_id"], r["llm"]))
+        result = judge_responses(build_backend(self.backend(self.a.judge)), [r["query"] for r in calls],
+                                 [r["ground_truth"] for r in calls], [r["response"] for r in calls], temperature=0)
+        parsed = [(g, float(r["performance"])) for g, r in zip(result.scores, calls, strict=True) if g is not None]
+        asked = len(calls) - sum(1 for r in calls if not (r["response"] or "").strip())  # empty answers: no call
+        unread = result.unparseable + result.failed
+        _e2e.write_jsonl(self.out / "judge" / "judgements.jsonl", [
+            {"query_id": r["query_id"], "llm": r["llm"], "performance": r["performance"], "judge": g, "raw": raw}
+            for r, g, raw in zip(calls, result.scores, result.raw, strict=True)])
+        rate = 1 - unread / asked if asked else float("nan")
+        return {"judge": self.a.judge, "calls": len(calls), "judge_calls": asked, "parse_rate": round(rate, 3),
+                "meets_80pct": bool(rate >= 0.8),
+                "agreement": round(float(np.mean([(g > 0) == (p > 0) for g, p in parsed])), 3) if parsed else None,
+                "note": "the log keeps the task scores only: the judge's grades are not written into it"
+                        + ("" if rate >= 0.8 else f" (its grades parse for {rate:.0%} of calls, under the 80 % bar)")}
+
     def stage_query(self) -> dict[str, Any]:
         return {"routers": {r: str(self.fit(r, self.out / "query" / r, [])) for r in self.a.routers}}
 
@@ -218,7 +249,26 @@ class Pipeline:
         from fusion_lightning.thought.library import TemplateLibrary
 
         n = len(TemplateLibrary.load(lib)) if (lib / "templates.jsonl").exists() else 0
-        return {"library": str(lib), "templates": n, "report": result["report"].lines(), "summariser": result["summariser"]}
+        return {"library": str(lib), "templates": n, "report": result["report"].lines(), "summariser": result["summariser"],
+                "llm_summariser_check": self.summariser_check()}
+
+    def summariser_check(self) -> dict[str, Any]:
+        """Whether the judge's zoo model can be the LLM summariser: the share of `--judge-sample // 4`
+        train questions whose template JSON it writes parseably (one retry, as `templates` allows)."""
+        n = (self.a.judge_sample or 0) // 4
+        if self.a.summariser or not self.a.judge or self.a.judge == "none" or not n:
+            return {"skipped": "--summariser given, or no --judge"}
+        from fusion_lightning.serving import build_backend
+        from fusion_lightning.thought.select import TemplateSelection, select_for_templates
+        from fusion_lightning.thought.summarise import LLMSummariser
+
+        groups, _ = select_for_templates(self.logs().select("train"), TemplateSelection())
+        picked = _e2e.sample([{"g": g, "q": q} for q, g in groups.items()], n, self.a.seed, key=lambda r: r["q"])
+        results = LLMSummariser(build_backend(self.backend(self.a.judge)), retries=1).summarise([r["g"] for r in picked])
+        ok = sum(r.parts is not None for r in results)
+        return {"model": self.a.judge, "questions": len(results), "parsed": ok,
+                "parse_rate": round(ok / len(results), 3) if results else None,
+                "errors": sorted({(r.error or "")[:80] for r in results if r.parts is None})[:5]}
 
     def stage_retriever(self) -> dict[str, Any]:
         if not self.done("library")["templates"]:

@@ -58,6 +58,13 @@ def test_quick_run_builds_every_level_and_resumes(e2e, tmp_path: Path, capsys) -
     assert (out / "table" / "fusion_bars.png").read_bytes()[:4] == b"\x89PNG"
     retriever = json.loads((out / "retriever" / "stage.json").read_text())["metrics"]
     assert "test/ndcg@3" in retriever and "test/frozen/ndcg@3" in retriever
+    # the judge check grades 4 sampled train calls; a random tiny model's grades do not parse
+    judge = json.loads((out / "judge" / "stage.json").read_text())
+    assert judge["calls"] == 4 and 0 <= judge["parse_rate"] <= 1 and judge["meets_80pct"] == (judge["parse_rate"] >= 0.8)
+    judged = [json.loads(x) for x in (out / "judge" / "judgements.jsonl").read_text().split("\n") if x]
+    assert len(judged) == 4 and all(j["judge"] is None or j["judge"] in (0.0, 0.3, 0.6, 0.8, 1.0) for j in judged)
+    check = json.loads((out / "library" / "stage.json").read_text())["llm_summariser_check"]
+    assert check["questions"] == 1 and check["parsed"] in (0, 1)
 
     log = (out / "collect" / "log" / "calls_test.jsonl").read_bytes()
     assert e2e.main(["--quick", "--out", str(out), "--redo", "table"]) == 0  # resumes: only the table again
