@@ -90,6 +90,17 @@ def choose_tasks(probe_log: Path, min_tasks: int) -> tuple[list[str], dict[str, 
     return sorted(kept), means
 
 
+def priced(records: list[dict], catalog) -> list[dict]:
+    """Records with their prices and cost (micro-dollars, as `collect` writes them) from `catalog`."""
+    out = []
+    for r in records:
+        info = catalog[r["llm"]]
+        cost = info.call_cost(r.get("input_tokens_num"), r.get("output_tokens_num"))
+        out.append({**r, "input_price": info.input_price, "output_price": info.output_price,
+                    "cost": None if cost is None else cost * 1e6})
+    return out
+
+
 def solved_train_queries(logs) -> int:
     """Train questions some model answered with a score above zero (what distillation can learn from)."""
     qm = logs.matrix().split("train")

@@ -150,6 +150,26 @@ class Pipeline:
         summary = fit(compose_recipe(recipe, [*self.data_overrides(), f"run_dir={run_dir}", *extra]))
         return run_dir / summary["artifacts"]["best_checkpoint"]
 
+    def catalog(self, models: list[str]):
+        """Prices of the collected models: zoo models by size (`python -m fusion_lightning.zoo catalog`), --quick's
+        reference answerer free. A log's costs are all known or all null, so with any other model (an HF path,
+        size unknown) nothing is priced."""
+        from fusion_lightning.data.schema import ModelCatalog, ModelInfo
+        from fusion_lightning.zoo import catalog, lookup
+
+        llms = [m for m in models if m != _e2e.ReferenceBackend.name]
+        if all(lookup(m) for m in llms):
+            cat = catalog(llms)
+            price = 0.0
+        else:
+            cat, price = ModelCatalog(source="unpriced: not every model is a zoo model"), None
+        for m in models:
+            if not (lookup(m) and price is not None):
+                name = Path(m.rstrip("/")).name
+                for variant, base in ((name, None), (name + "_think", name)):
+                    cat.add(ModelInfo(variant, input_price=price, output_price=price, base_model=base))
+        return cat
+
     def backend(self, model: str) -> dict[str, Any]:
         return {"type": "local", "model": model, "device": self.a.device, "progress": False}
 
@@ -186,7 +206,8 @@ class Pipeline:
             per.setdefault(q.task, []).append(q)
         probe = [q for t in sorted(per) for q in per[t][: self.a.probe]]
         log = self.out / "probe" / "calls_train.jsonl"
-        collect(probe, [self.backend(m) for m in self.a.models], log, sampling=self.sampling)
+        collect(probe, [self.backend(m) for m in self.a.models], log, sampling=self.sampling,
+                catalog=self.catalog(self.a.models))
         kept, means = _e2e.choose_tasks(log, self.a.min_tasks)
         return {"tasks": kept, "scores": means, "probe_questions": len(probe)}
 
@@ -197,14 +218,17 @@ class Pipeline:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         probe_log, train_log = self.out / "probe" / "calls_train.jsonl", self.log_dir / "calls_train.jsonl"
         if probe_log.exists() and not train_log.exists():  # the probe's calls of kept tasks are not made twice
-            _e2e.write_jsonl(train_log, [r for r in _e2e.read_jsonl(probe_log) if r["task_name"] in tasks])
+            _e2e.write_jsonl(train_log, _e2e.priced([r for r in _e2e.read_jsonl(probe_log) if r["task_name"] in tasks],
+                                                    self.catalog(self.a.models)))
         backends: list[Any] = [self.backend(m) for m in self.a.models]
         reports = {}
         for split in ("train", "test"):
             qs = [q for q in read_query_file(self.out / "questions" / f"{split}.jsonl") if q.task in tasks]
             if self.a.quick:
                 backends = [*backends[: len(self.a.models)], _e2e.ReferenceBackend([vars(q) for q in qs])]
-            r = collect(qs, backends, self.log_dir / f"calls_{split}.jsonl", think=self.a.think, sampling=self.sampling)
+            r = collect(qs, backends, self.log_dir / f"calls_{split}.jsonl", think=self.a.think, sampling=self.sampling,
+                        catalog=self.catalog([b if isinstance(b, str) else b.name for b in
+                                              [*self.a.models, *backends[len(self.a.models):]]]))
             reports[split] = {"questions": len(qs), "written": r.written, "skipped": r.skipped, "failed": r.failed,
                               "per_model": r.per_model, "notes": r.notes}
         return reports

@@ -90,3 +90,27 @@ def test_cli_list_and_fetch(cache: Path, capsys) -> None:
     assert capsys.readouterr().out.strip() == str(cache / "gemma-3-270m")
     assert zoo_main(["fetch", "nope"]) == 1 and "not a zoo model" in capsys.readouterr().err
     assert zoo_main([]) == 2
+
+
+def test_a_base_model_of_the_zoo_gets_the_completion_format(cache: Path, tmp_path: Path) -> None:
+    build_tiny_lm(cache / "gemma-3-270m", chat_template=False)  # gemma is a base model: no chat template
+    backend = build_backend({"type": "local", "model": "gemma-3-270m", "device": "cpu", "progress": False})
+    assert backend.prompt_format == "completion" and backend.render("2+2?") == "2+2?\n\nAnswer:"
+    other = build_backend({"type": "local", "model": str(build_tiny_lm(tmp_path / "x", chat_template=False)),
+                           "device": "cpu", "progress": False})
+    assert other.prompt_format == "chat"  # not a zoo model: the User/Assistant fallback
+
+
+def test_price_catalog_by_size_with_think_variants(capsys) -> None:
+    import json
+
+    cat = zoo.catalog(["smollm2-135m", "gemma-3-270m"])
+    assert cat.names == ["smollm2-135m-instruct", "smollm2-135m-instruct_think", "gemma-3-270m", "gemma-3-270m_think"]
+    small, big = cat["smollm2-135m-instruct"], cat["gemma-3-270m"]
+    assert small.input_price == small.output_price == pytest.approx(0.1345 * zoo.USD_PER_M_TOKENS_PER_B)
+    assert big.output_price / small.output_price == pytest.approx(268 / 134.5)
+    assert cat["gemma-3-270m_think"].base_model == "gemma-3-270m"
+    assert small.call_cost(1_000_000, 0) == pytest.approx(small.input_price)  # USD per million tokens
+    assert zoo_main(["catalog", "tiny-llama"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"tiny-llama", "tiny-llama_think"}
+    assert zoo_main(["catalog", "nope"]) == 1 and "not a zoo model" in capsys.readouterr().err

@@ -10,6 +10,7 @@ here (fetching it first, with a message, when it is not cached) and load it with
 
     python -m fusion_lightning.zoo list             # names, sizes, cached or not
     python -m fusion_lightning.zoo fetch gemma-3-270m   # prepare it; prints its directory
+    python -m fusion_lightning.zoo catalog > zoo.json   # a price catalog for `collect catalog=zoo.json`
 """
 
 from __future__ import annotations
@@ -113,3 +114,24 @@ def list_rows() -> list[dict[str, object]]:
                      "cached": cached, "cached_mb": round(_dir_mb(cache_dir(m.name)), 1) if cached else None,
                      "path": str(cache_dir(m.name)), "description": m.description, "source": m.source})
     return rows
+
+
+USD_PER_M_TOKENS_PER_B = 0.20  # hosted open-model prices grow about linearly with size (~$0.20/M tokens per 1B)
+
+
+def catalog(names: list[str] | None = None, think: bool = True, usd_per_b: float = USD_PER_M_TOKENS_PER_B):
+    """A price catalog of zoo models (and their `_think` variants) for `collect`: nobody sells these
+    tiny models, so each is priced by its size at `usd_per_b` USD per million tokens per billion
+    parameters, input and output alike, as hosted open models roughly are. Costs in a log collected
+    with it are relative: a 270M model costs twice a 135M one."""
+    from fusion_lightning.data.schema import ModelCatalog, ModelInfo
+
+    cat = ModelCatalog(source=f"zoo sizes x ${usd_per_b}/M tokens per 1B parameters")
+    for name in names or list(ZOO):
+        m = lookup(name)
+        if m is None:
+            raise ValueError(f"{name!r} is not a zoo model; the zoo has {sorted(ZOO)}")
+        price = round(m.params_m / 1000 * usd_per_b, 6)
+        for variant, base in [(m.name, None)] + ([(m.name + "_think", m.name)] if think else []):
+            cat.add(ModelInfo(variant, m.params_m / 1000, price, price, m.description, base))
+    return cat

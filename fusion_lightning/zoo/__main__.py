@@ -1,16 +1,17 @@
-"""`python -m fusion_lightning.zoo list | fetch NAME`: list the zoo, or prepare one model and print its directory."""
+"""`python -m fusion_lightning.zoo list | fetch NAME | catalog [NAME ...]`: list the zoo, prepare one model and
+print its directory, or print a price catalog (JSON) of zoo models for `collect catalog=`."""
 
 from __future__ import annotations
 
 import sys
 
 import fusion_lightning.zoo as zoo
-from fusion_lightning.zoo import ZOO, cache_root, fetch, list_rows, lookup
+from fusion_lightning.zoo import ZOO, cache_root, catalog, fetch, list_rows, lookup
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("list", "fetch"):
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("list", "fetch", "catalog"):
         print(zoo.__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "list":
@@ -20,6 +21,13 @@ def main(argv: list[str] | None = None) -> int:
             alias = f" (alias {', '.join(r['aliases'])})" if r["aliases"] else ""
             print(f"{r['name']:24} {r['params_m']:>7}M {r['download_mb']:>6.0f} MB {cached:>10}  {r['description']}{alias}")
         print(f"cache: {cache_root().absolute()}")
+        return 0
+    if argv[0] == "catalog":
+        try:
+            print(catalog(argv[1:] or None).to_json())
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
     if len(argv) != 2:
         print("usage: python -m fusion_lightning.zoo fetch NAME", file=sys.stderr)
