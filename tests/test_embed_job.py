@@ -22,6 +22,7 @@ from fusion_lightning.data.embed_job import plan_shards, shard_name
 from fusion_lightning.data.embed_progress import EmbedProgress, progress_line
 from fusion_lightning.data.embeddings import EmbeddingCache, HashingEncoder, text_key
 from fusion_lightning.fit import build, fit, run
+from fusion_lightning.query.datamodule import UNKNOWN_TASK
 
 N = 300  # synthetic queries: a few shards of 64
 PROGRESS = re.compile(r"\[embed\] (rank \d: )?[\d,]+/[\d,]+ texts \(\d+\.\d%\), \d+\.\d texts/s, ETA \S+")
@@ -86,7 +87,14 @@ def test_single_process_job_writes_cache_shards_the_datamodule_reads_without_enc
                                             f"datamodule.embedding_cache={tmp_path / 'single'}",
                                             f"run_dir={tmp_path / 'fit_run'}"]))
     assert r.datamodule.splits["train"].tensors["x"].shape[1] == 256
-    assert counted == []  # prepare_data and setup found every query in the job's shards
+    # prepare_data found every query in the job's shards; its own job embedded only the model and task
+    # descriptions the graph router reads, so reading them later encodes nothing
+    dm = r.datamodule
+    descriptions = set(dm.description_texts(dm.logs.models, [UNKNOWN_TASK, *dm.logs.tasks]))
+    assert set(counted) == descriptions and len(counted) == len(descriptions)
+    counted.clear()
+    dm.description_embeddings()
+    assert counted == []
 
 
 def test_killed_job_resumes_without_recomputing_finished_shards(tmp_path: Path, counted: list[str]) -> None:
@@ -137,6 +145,19 @@ def test_two_ddp_processes_cover_every_text_once_equal_to_one_process_and_log_pr
     lines = [m.group(0) for m in PROGRESS.finditer(text)]
     assert any("rank 0:" in x for x in lines) and any("rank 1:" in x for x in lines), text[-3000:]
     assert re.search(r"embedded in 5 shard\(s\)", text)  # the summary counts both ranks' shards
+
+
+def test_two_ddp_processes_with_one_shard_between_them_finish_and_write_it_once(tmp_path: Path) -> None:
+    """Fewer shards than ranks: rank 1 gets no shard, reports one empty batch and must not hang DDP."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = [a.replace(f"n_queries={N}", "n_queries=40") for a in _args(tmp_path, "few", "trainer.devices=2",
+                                                                      "trainer.accelerator=cpu", "strategy=ddp")]
+    r = subprocess.run([sys.executable, "-m", "fusion_lightning.embed", *args], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    shards = _shards(tmp_path / "few")
+    assert len(shards) == 1 and len(next(iter(shards.values()))) == 40
+    assert re.search(r"embedded in 1 shard\(s\)", r.stdout + r.stderr)
 
 
 def test_progress_callback_writes_plain_lines_when_not_a_terminal() -> None:

@@ -32,6 +32,10 @@ def response_matrix(logs: LogTable, models: list[str]) -> tuple[list, np.ndarray
 class CascadeDataModule(RouterDataModule):
     """RouterDataModule + the embedded logged responses (`resp`, `resp_mask`) in every split."""
 
+    def prepare_texts(self) -> list[str]:
+        """The queries and descriptions, then every logged response: the embed job encodes them all once."""
+        return super().prepare_texts() + [r for r in as_objects(self.logs.table["response"]) if r is not None]
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return

@@ -48,8 +48,18 @@ class RouterDataModule(LogDataModule):
         """Embeds every query into the embedding cache once (Lightning runs this on each node's local rank
         0 only); `setup` then reads the vectors from the cache on every rank. Without a cache, setup embeds."""
         if self.cache_dir:  # the embed job (a Lightning predict); concurrent callers wait for the first
-            prepare_embeddings(as_objects(self.logs.query_table()["query"]).tolist(), self.encoder_name,
-                               self.cache_dir)
+            prepare_embeddings(self.prepare_texts(), self.encoder_name, self.cache_dir)
+
+    def prepare_texts(self) -> list[str]:
+        """Every text `setup` and the model embed, for the embed job: the queries, then the model and task
+        descriptions the graph router reads (of every model and task in the log, a superset of train's)."""
+        queries = as_objects(self.logs.query_table()["query"]).tolist()
+        return queries + self.description_texts(self.logs.models, [UNKNOWN_TASK, *self.logs.tasks])
+
+    def description_texts(self, models: list[str], tasks: list[str]) -> list[str]:
+        """Catalog descriptions of `models` and descriptions of `tasks` (the name where one is empty)."""
+        cat, task_desc = self.logs.catalog, self.logs.task_descriptions
+        return [(cat[m].description if m in cat else "") or m for m in models] + [task_desc.get(t) or t for t in tasks]
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -121,11 +131,8 @@ class RouterDataModule(LogDataModule):
         description is empty), in model_kwargs' model/task order: the graph router's LLM and task node
         features."""
         self.setup()
-        cat, task_desc = self.logs.catalog, self.logs.task_descriptions
         models = list(self.matrices["train"].models)
-        texts = [(cat[m].description if m in cat else "") or m for m in models]
-        texts += [task_desc.get(t) or t for t in self.tasks]
-        emb = embed_texts(texts, build_encoder(self.encoder_name), self.cache_dir)
+        emb = embed_texts(self.description_texts(models, self.tasks), build_encoder(self.encoder_name), self.cache_dir)
         return {"models": emb[:len(models)], "tasks": emb[len(models):]}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
