@@ -9,8 +9,10 @@ Rows (texts/s, and the ratio to the baseline):
 - job DDP x2: `python -m fusion_lightning.embed ... trainer.devices=2 strategy=ddp` on CPU, one thread per
   rank (its time is rank 0's predict, through the slowest rank, model loads included).
 Single-process rows use `--threads` torch/ORT threads; models are loaded and ONNX exports made before
-timing. Each row embeds into a fresh cache folder. Agreement with the baseline vectors (mean cosine) is
-printed beside each row. Prints the load average: the machine may be shared.
+timing. Each row embeds into a fresh cache folder. Agreement with the baseline vectors is printed beside
+each row: mean cosine, and `routing_agreement` (the same picks of a ridge router fitted on the baseline's
+train vectors, the routed score difference, and how close the changed decisions were). Prints the load
+average: the machine may be shared.
 """
 
 from __future__ import annotations
@@ -30,13 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def sample_queries(data: Path, limit: int) -> list[str]:
+def sample_queries(data: Path, limit: int) -> tuple[list[str], np.ndarray, int]:
+    """`limit` LLMRouter queries (seed 0): 60 % from the train split, then 40 % from test, with their
+    [N, M] scores (the routing check's router is fitted on the train part)."""
     from fusion_lightning.data.logtable import load_logs
 
-    texts = list(dict.fromkeys(load_logs("llmrouter", data).matrix().queries))
+    m = load_logs("llmrouter", data).matrix()
     rng = np.random.default_rng(0)
-    keep = np.sort(rng.choice(len(texts), min(limit, len(texts)), replace=False))
-    return [texts[i] for i in keep]
+    n_train = int(limit * 0.6)
+    rows = np.concatenate([rng.choice(np.flatnonzero(m.splits == "train"), n_train, replace=False),
+                           rng.choice(np.flatnonzero(m.splits == "test"), limit - n_train, replace=False)])
+    return [m.queries[i] for i in rows], m.performance[rows], n_train
 
 
 def baseline(texts: list[str]) -> tuple[float, np.ndarray]:
@@ -94,8 +100,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    texts = sample_queries(args.data, args.limit)
-    print(f"{len(texts)} unique LLMRouter queries (of {args.data}); {args.threads} threads; "
+    texts, perf, n_train = sample_queries(args.data, args.limit)
+    print(f"{len(texts)} LLMRouter queries (of {args.data}); {args.threads} threads; "
           f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,11 +114,18 @@ def main() -> None:
             rows.append((name, *job(texts, spec, work / spec)))
         rows.append(("job fp32 DDP, 2 processes x 1 thread", *ddp_job(texts, work / "ddp", work)))
     print(f"load average after: {os.getloadavg()[0]:.2f}\n")
-    print("| run | texts/s | vs baseline | mean cosine vs baseline |")
-    print("| --- | ---: | ---: | ---: |")
+    from fusion_lightning.data.onnx_encoder import routing_agreement
+
+    print(f"routing: a ridge router fitted on the baseline vectors of {n_train} train queries picks a model for "
+          f"{len(texts) - n_train} test queries; 'same picks' compares each row's picks with the baseline's")
+    print("| run | texts/s | vs baseline | mean cosine vs baseline | same picks | routed score - baseline's "
+          "| median margin: changed picks (all) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, seconds, vecs in rows:
+        r = routing_agreement(ref, vecs, perf, n_train)
         print(f"| {name} | {len(texts) / seconds:.1f} | {t_base / seconds:.2f}x | "
-              f"{float((vecs * ref).sum(1).mean()):.4f} |")
+              f"{float((vecs * ref).sum(1).mean()):.4f} | {r['same_pick']:.1%} | {r['quality_diff']:+.3f} | "
+              f"{r['changed_median_margin']:.4f} ({r['median_margin']:.4f}) |")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 ONNX fp32 is the same model (cosine >= 0.999, the same routing decisions on >= 99 % of test queries).
 int8 keeps mean cosine >= 0.99, but a router trained on fp32 embeddings picks the same of the 9 models on
-only ~95-98 % of test queries (many queries are near-ties between models): below the issue's 99 %, so the
-test holds int8 to what it measurably does (>= 93 % on this sample) and the README says so."""
+only ~94-96 % of test queries: below the issue's 99 %. The decisions it changes are near-ties (their
+margin is a fraction of the typical one) and the routed score does not drop, so the test holds int8 to
+that (>= 93 % same picks, no quality lost) and the README reports it.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from fusion_lightning.data.embeddings import build_encoder, parse_encoder_spec
+from fusion_lightning.data.onnx_encoder import routing_agreement
 
 pytest.importorskip("onnxruntime", reason="the +onnx encoders need the onnx extra (onnxruntime, onnx)")
 
@@ -52,12 +55,13 @@ def test_onnx_int8_agrees_with_fp32_on_llmrouter_queries_and_routes_the_same(tmp
     cos = (int8 * fp32).sum(1)
     assert float(cos.mean()) >= 0.99, f"int8 mean cosine {cos.mean():.4f}"
 
-    # a small router trained on fp32 embeddings: ridge regression to each model's score, pick the argmax
-    perf = np.nan_to_num(m.performance, nan=0.0)
-    x, y = fp32[:300], perf[train]
-    w = np.linalg.solve(x.T @ x + 30.0 * np.eye(x.shape[1]), x.T @ y)
-    pick = {name: (v[300:] @ w).argmax(1) for name, v in (("fp32", fp32), ("onnx", onnx32), ("int8", int8))}
-    assert len(set(pick["fp32"].tolist())) > 1  # the router discriminates between models at all
-    assert float((pick["onnx"] == pick["fp32"]).mean()) >= 0.99
-    agree = float((pick["int8"] == pick["fp32"]).mean())
-    assert agree >= 0.93, f"int8 routes {agree:.1%} of test queries as fp32 does"
+    # a small router trained on fp32 embeddings (ridge regression to each model's score, argmax)
+    perf = m.performance[np.concatenate([train, test])]
+    onnx = routing_agreement(fp32, onnx32, perf, 300)
+    q8 = routing_agreement(fp32, int8, perf, 300)
+    assert onnx["distinct_picks"] > 1  # the router discriminates between models at all
+    assert onnx["same_pick"] >= 0.99
+    assert q8["same_pick"] >= 0.93, f"int8 routes {q8['same_pick']:.1%} of test queries as fp32 does"
+    # ...and the decisions it changes are near-ties, so the routed quality does not drop
+    assert q8["quality_diff"] >= -0.02, q8  # (12 changed picks of 200 here: +0.025 on this sample)
+    assert q8["changed_median_margin"] < q8["median_margin"] / 3, q8

@@ -179,3 +179,29 @@ class OnnxEncoder:
                     features = module(features)
             out[idx] = features["sentence_embedding"].float().numpy()
         return _l2_normalise(out)
+
+
+def routing_agreement(reference: np.ndarray, candidate: np.ndarray, perf: np.ndarray, n_train: int,
+                      ridge: float = 30.0) -> dict[str, float]:
+    """How another encoder's vectors change a router's decisions (the int8 check of issue 17).
+
+    A ridge-regression router is fitted on the reference vectors of the first `n_train` rows (to each
+    model's score, `perf` [N, M]) and picks the argmax model for the remaining rows, once from the
+    reference vectors and once from the candidate's. Returns the share of the same picks, the mean
+    score of each encoder's picks and their difference, and the median reference margin (best minus
+    second-best predicted score) of the decisions that changed against that of all decisions: changes
+    among near-ties cost no quality."""
+    x, y = reference[:n_train], np.nan_to_num(perf[:n_train], nan=0.0)
+    w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
+    test = np.nan_to_num(perf[n_train:], nan=0.0)
+    pred = reference[n_train:] @ w
+    ref_pick, cand_pick = pred.argmax(1), (candidate[n_train:] @ w).argmax(1)
+    top2 = np.sort(pred, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    changed = ref_pick != cand_pick
+    rows = np.arange(len(test))
+    ref_q, cand_q = float(test[rows, ref_pick].mean()), float(test[rows, cand_pick].mean())
+    return {"same_pick": float(1 - changed.mean()), "reference_quality": ref_q, "candidate_quality": cand_q,
+            "quality_diff": cand_q - ref_q, "distinct_picks": int(len(set(ref_pick.tolist()))),
+            "changed_median_margin": float(np.median(margin[changed])) if changed.any() else 0.0,
+            "median_margin": float(np.median(margin))}

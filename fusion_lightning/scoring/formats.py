@@ -2,7 +2,7 @@
 
 One place for "how should the model write its final answer so that our scorer reads it": the
 zero-shot, few-shot and template-augmented prompts of the thought level and the fused pipeline all
-end with `answer_instruction(metric)`, so `(X)` for multiple choice, `\\boxed{}` for MATH, `####`
+end with `answer_instruction(metric)`, so `(letter)` for multiple choice, `\\boxed{}` for MATH, `####`
 for GSM8K and a code fence for code — the format the scorer parses, not a generic tag.
 """
 

@@ -3,7 +3,7 @@
 
 The paper's prompt: the k retrieved (question, template) pairs, then the query, then the answer
 instruction of the query's scorer (`scoring.formats.answer_instruction`: `####` for GSM8K,
-`\\boxed{}` for MATH, `(X)` for multiple choice, a code fence for code). `few_shot_prompt` is the
+`\\boxed{}` for MATH, `(letter)` for multiple choice, a code fence for code). `few_shot_prompt` is the
 few-shot baseline: k solved same-task examples instead of templates.
 """
 
