@@ -264,6 +264,19 @@ def test_a_base_models_completion_ends_at_its_first_blank_line_after_text(text, 
     assert cut_completion(text) == want
 
 
+def test_completion_rows_stop_generating_at_their_blank_line(local):
+    import torch
+
+    from fusion_lightning.serving.local import _BlankLineAfterText
+
+    tok = local.tokenizer
+    prompt = tok("Q: hi", add_special_tokens=False)["input_ids"]
+    rows = [prompt + tok(t, add_special_tokens=False)["input_ids"] for t in (" (B)\n\nQ:", "\n\n (B)", " (B) ok")]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    assert _BlankLineAfterText(tok, len(prompt))(ids, None).tolist() == [True, False, False]
+
+
 def test_local_batched_greedy_equals_unbatched_and_counts_tokens(local):
     import torch
 

@@ -205,6 +205,8 @@ class LocalBackend:
             kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
         if s.stop:
             kwargs.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
+        if self.prompt_format == "completion":  # stop each row at its blank line, not at max_new_tokens
+            kwargs["stopping_criteria"] = [_BlankLineAfterText(self.tokenizer, enc["input_ids"].shape[1])]
         ends = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, *self._extra_eos()}
         if streams is not None and any(streams):
             kwargs["streamer"] = _row_streamer(self.tokenizer, streams, ends, s.stop)
@@ -229,6 +231,20 @@ class LocalBackend:
     def _extra_eos(self) -> list[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+class _BlankLineAfterText:
+    """A `generate` stopping criterion: a row is done once its answer has a blank line after some text
+    (what `cut_completion` cuts at), so a base model does not write new questions up to max_new_tokens."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.start = tokenizer, prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([cut_completion(t) != t for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 class _StreamSink:
