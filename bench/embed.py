@@ -39,9 +39,10 @@ def sample_queries(data: Path, limit: int) -> tuple[list[str], np.ndarray, int]:
 
     m = load_logs("llmrouter", data).matrix()
     rng = np.random.default_rng(0)
-    n_train = int(limit * 0.6)
-    rows = np.concatenate([rng.choice(np.flatnonzero(m.splits == "train"), n_train, replace=False),
-                           rng.choice(np.flatnonzero(m.splits == "test"), limit - n_train, replace=False)])
+    train, test = np.flatnonzero(m.splits == "train"), np.flatnonzero(m.splits == "test")
+    n_train = min(int(limit * 0.6), len(train))
+    rows = np.concatenate([rng.choice(train, n_train, replace=False),
+                           rng.choice(test, min(limit - n_train, len(test)), replace=False)])
     return [m.queries[i] for i in rows], m.performance[rows], n_train
 
 
@@ -94,7 +95,7 @@ def ddp_job(texts: list[str], out: Path, work: Path) -> tuple[float, np.ndarray]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=SHARED / "llmrouter")
-    ap.add_argument("--limit", type=int, default=1000, help="queries sampled (seed 0) from the log's unique ones")
+    ap.add_argument("--limit", type=int, default=1000, help="queries sampled (seed 0): 60 %% from train, 40 %% from test")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     import torch

@@ -155,7 +155,8 @@ class Pipeline:
         reference answerer free. A log's costs are all known or all null, so with any other model (an HF path,
         size unknown) nothing is priced."""
         from fusion_lightning.data.schema import ModelCatalog, ModelInfo
-        from fusion_lightning.zoo import catalog, lookup
+        from fusion_lightning.serving.local import _short_name
+        from fusion_lightning.zoo import catalog, lookup, resolve
 
         llms = [m for m in models if m != _e2e.ReferenceBackend.name]
         if all(lookup(m) for m in llms):
@@ -165,7 +166,7 @@ class Pipeline:
             cat, price = ModelCatalog(source="unpriced: not every model is a zoo model"), None
         for m in models:
             if not (lookup(m) and price is not None):
-                name = Path(m.rstrip("/")).name
+                name = m if m == _e2e.ReferenceBackend.name else _short_name(resolve(m))  # as LocalBackend names it
                 for variant, base in ((name, None), (name + "_think", name)):
                     cat.add(ModelInfo(variant, input_price=price, output_price=price, base_model=base))
         return cat
@@ -245,7 +246,8 @@ class Pipeline:
                             key=lambda r: (r["query_id"], r["llm"]))
         result = judge_responses(build_backend(self.backend(self.a.judge)), [r["query"] for r in calls],
                                  [r["ground_truth"] for r in calls], [r["response"] for r in calls], temperature=0)
-        parsed = [(g, float(r["performance"])) for g, r in zip(result.scores, calls, strict=True) if g is not None]
+        parsed = [(g, float(r["performance"])) for g, r in zip(result.scores, calls, strict=True)
+                  if g is not None and (r["response"] or "").strip()]  # an empty answer is 0 without a call
         asked = len(calls) - sum(1 for r in calls if not (r["response"] or "").strip())  # empty answers: no call
         unread = result.unparseable + result.failed
         _e2e.write_jsonl(self.out / "judge" / "judgements.jsonl", [

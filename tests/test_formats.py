@@ -53,14 +53,22 @@ def test_choices_in_every_stored_form_become_lettered_lines(choices):
 
 
 def test_a_question_with_its_choices_reads_back_by_letter():
-    q = with_choices("Which house?  ", {"text": ["first", "second"], "label": ["A", "B"]})
-    assert q == "Which house?\n\n(A) first\n(B) second"
+    q, gold = with_choices("Which house?  ", {"text": ["first", "second"], "label": ["A", "B"]}, "B")
+    assert q == "Which house?\n\n(A) first\n(B) second" and gold == "B"
     assert score(f"The options are {q} ... The answer is (B)", "B", "em_mc") == 1.0
+
+
+def test_numbered_options_are_lettered_and_so_is_their_gold():
+    # a few of LLMRouter's ARC questions number their options 1..4 and their gold is "3"
+    q, gold = with_choices("Pick.", "{'text': ['w', 'x', 'y', 'z'], 'label': ['1', '2', '3', '4']}", "3")
+    assert q.endswith("(A) w\n(B) x\n(C) y\n(D) z") and gold == "C"
+    assert score("The answer is (C)", gold, "em_mc") == 1.0
 
 
 @pytest.mark.parametrize("bad, why", [("not a literal (", "not a list"), ("[]", "no option texts"), (3, "got int"),
                                       ({"text": ["x", "y"], "label": ["A"]}, "labels"),
-                                      ({"text": ["x"], "label": ["a1"]}, "labels")])
+                                      ({"text": ["x"], "label": ["a1"]}, "labels"),
+                                      ({"text": ["x", "y"], "label": ["2", "1"]}, "labels")])
 def test_bad_choices_are_refused_with_the_reason(bad, why):
     with pytest.raises(ValueError, match=why):
         format_choices(bad)

@@ -259,6 +259,7 @@ def test_local_chat_template_and_plain_format(local, tmp_path):
 @pytest.mark.parametrize(("text", "want"), [
     (" (B)\n\nQuestion: next", " (B)"), ("\n\n (C) because\nit is\n\nmore", "\n\n (C) because\nit is"),
     ("no blank line", "no blank line"), ("\n\n", "\n\n"),
+    ("```python\ndef f():\n\n    return 1\n```\n\nQuestion: next", "```python\ndef f():\n\n    return 1\n```"),
 ])
 def test_a_base_models_completion_ends_at_its_first_blank_line_after_text(text, want):
     assert cut_completion(text) == want

@@ -99,6 +99,9 @@ def test_a_base_model_of_the_zoo_gets_the_completion_format(cache: Path, tmp_pat
     other = build_backend({"type": "local", "model": str(build_tiny_lm(tmp_path / "x", chat_template=False)),
                            "device": "cpu", "progress": False})
     assert other.prompt_format == "chat"  # not a zoo model: the User/Assistant fallback
+    tuned = build_backend({"type": "local", "model": str(tmp_path / "x"), "tokenizer": "gemma-3-270m",
+                           "device": "cpu", "progress": False})
+    assert tuned.prompt_format == "completion"  # a fine-tuned copy with the zoo model's tokenizer
 
 
 def test_price_catalog_by_size_with_think_variants(capsys) -> None:

@@ -190,7 +190,9 @@ def routing_agreement(reference: np.ndarray, candidate: np.ndarray, perf: np.nda
     reference vectors and once from the candidate's. Returns the share of the same picks, the mean
     score of each encoder's picks and their difference, and the median reference margin (best minus
     second-best predicted score) of the decisions that changed against that of all decisions: changes
-    among near-ties cost no quality."""
+    among near-ties cost no quality (NaN when none changed)."""
+    if not 0 < n_train < len(reference):
+        raise ValueError(f"routing_agreement needs train and test rows: n_train={n_train} of {len(reference)}")
     x, y = reference[:n_train], np.nan_to_num(perf[:n_train], nan=0.0)
     w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
     test = np.nan_to_num(perf[n_train:], nan=0.0)
@@ -203,5 +205,5 @@ def routing_agreement(reference: np.ndarray, candidate: np.ndarray, perf: np.nda
     ref_q, cand_q = float(test[rows, ref_pick].mean()), float(test[rows, cand_pick].mean())
     return {"same_pick": float(1 - changed.mean()), "reference_quality": ref_q, "candidate_quality": cand_q,
             "quality_diff": cand_q - ref_q, "distinct_picks": int(len(set(ref_pick.tolist()))),
-            "changed_median_margin": float(np.median(margin[changed])) if changed.any() else 0.0,
+            "changed_median_margin": float(np.median(margin[changed])) if changed.any() else float("nan"),
             "median_margin": float(np.median(margin))}

@@ -40,12 +40,11 @@ def zero_shot_prompt(query: str, metric: str | None) -> str:
     return f"{query.strip()}\n\n{answer_instruction(metric)}"
 
 
-def format_choices(choices: Any) -> str:
-    """Multiple-choice options as "(A) text" lines, the letters `em_mc` reads back.
-
-    Takes a list of option texts (lettered A, B, ...), a {"text": [...], "label"/"labels": [...]} dict,
-    or either one as the Python-literal string LLMRouter's query files store. Raises ValueError on
-    anything else, so a question is never sent without its options."""
+def lettered_choices(choices: Any) -> list[tuple[str, str, str]]:
+    """(letter, stored label, option text) per option, from a list of option texts (lettered A, B, ...), a
+    {"text": [...], "label"/"labels": [...]} dict, or either one as the Python-literal string LLMRouter's
+    query files store. Labels "1".."N" (a few ARC questions) become "A".. so `em_mc` can read them.
+    Raises ValueError on anything else, so a question is never sent without its options."""
     if isinstance(choices, str):
         try:
             choices = ast.literal_eval(choices)
@@ -59,12 +58,25 @@ def format_choices(choices: Any) -> str:
         raise ValueError(f"choices must be a list or a {{'text', 'label'}} dict, got {type(choices).__name__}")
     if not isinstance(texts, Sequence) or isinstance(texts, str) or not texts:
         raise ValueError("choices has no option texts")
-    labels = list(labels) if labels is not None else [chr(ord("A") + i) for i in range(len(texts))]
-    if len(labels) != len(texts) or not all(isinstance(x, str) and len(x) == 1 and x.isupper() for x in labels):
-        raise ValueError(f"choices' labels {labels!r} are not one capital letter per option")
-    return "\n".join(f"({label}) {str(text).strip()}" for label, text in zip(labels, texts, strict=True))
+    letters = [chr(ord("A") + i) for i in range(len(texts))]
+    labels = list(labels) if labels is not None else letters
+    if labels == [str(i + 1) for i in range(len(texts))]:
+        pass  # numbered options: lettered in order
+    elif len(labels) != len(texts) or not all(isinstance(x, str) and len(x) == 1 and x.isupper() for x in labels):
+        raise ValueError(f"choices' labels {labels!r} are not one capital letter (or 1..N) per option")
+    else:
+        letters = labels
+    return [(letter, str(label), str(text).strip()) for letter, label, text in zip(letters, labels, texts, strict=True)]
 
 
-def with_choices(query: str, choices: Any) -> str:
-    """The query with its options below it (see `format_choices`)."""
-    return f"{query.rstrip()}\n\n{format_choices(choices)}"
+def format_choices(choices: Any) -> str:
+    """Multiple-choice options as "(A) text" lines, the letters `em_mc` reads back (see `lettered_choices`)."""
+    return "\n".join(f"({letter}) {text}" for letter, _, text in lettered_choices(choices))
+
+
+def with_choices(query: str, choices: Any, ground_truth: str | None = None) -> tuple[str, str | None]:
+    """(the query with its options below it, the gold answer in the options' letters): a gold "3" of
+    numbered options is "C"."""
+    options = lettered_choices(choices)
+    gold = next((letter for letter, label, _ in options if label == str(ground_truth).strip()), ground_truth)
+    return f"{query.rstrip()}\n\n" + "\n".join(f"({letter}) {text}" for letter, _, text in options), gold

@@ -54,7 +54,7 @@ def read_query_file(path: str | Path) -> list[QueryRecord]:
             problems.append(f"field 'metric': unknown metric {rec['metric']!r}")
         if not problems and _mc_choices(rec) is not None:
             try:
-                with_choices(rec["query"], rec["choices"])
+                with_choices(rec["query"], rec["choices"], rec["ground_truth"])
             except ValueError as e:
                 problems.append(f"field 'choices': {e}")
         return problems
@@ -62,17 +62,20 @@ def read_query_file(path: str | Path) -> list[QueryRecord]:
     out = []
     for i, rec in read_input_lines(path, check):
         task = rec.get("task_name", rec.get("task"))
-        query = rec["query"] if _mc_choices(rec) is None else with_choices(rec["query"], rec["choices"])
+        query, gold = rec["query"], rec["ground_truth"]
+        if _mc_choices(rec) is not None:
+            query, gold = with_choices(query, rec["choices"], gold)
         qid = str(rec.get("query_id") or make_query_id(task, query))
-        out.append(QueryRecord(qid, task, query, rec["ground_truth"], rec["metric"], i))
+        out.append(QueryRecord(qid, task, query, gold, rec["metric"], i))
     if not out:
         raise ValueError(f"{path}: no queries")
     return out
 
 
 def _mc_choices(rec: Mapping[str, Any]) -> Any:
-    """The options of a multiple-choice record, None for other metrics (MBPP keeps its tests there)."""
-    return rec.get("choices") if resolve_metric(rec["metric"]) == "em_mc" and rec.get("choices") else None
+    """The options of a multiple-choice record, None for other metrics (MBPP keeps its tests there) and
+    where there are none (null; an empty list or "[]" is an error in `lettered_choices`)."""
+    return rec.get("choices") if resolve_metric(rec["metric"]) == "em_mc" and rec.get("choices") is not None else None
 
 
 def read_done(out: Path) -> set[tuple[str, str]]:

@@ -33,11 +33,18 @@ PROMPT_FORMATS = ("auto", "chat", "completion")
 
 
 def cut_completion(text: str) -> str:
-    """A base model's answer ends at its first blank line after some text (it goes on writing new
-    questions); leading blank lines are part of the answer, so a stop string cannot do this."""
+    """A base model's answer ends at its first blank line after some text, as lm-eval-harness's
+    generation tasks end a base model's answer (it goes on writing new questions). Leading blank lines
+    are part of the answer, and a blank line inside an open code fence does not end it; so a stop
+    string cannot do this. Reasoning in several paragraphs is cut after the first: use a chat model
+    (or `prompt_format=chat`) for that."""
     start = next((i for i, c in enumerate(text) if not c.isspace()), len(text))
-    end = text.find("\n\n", start)
-    return text if end < 0 else text[:end]
+    i = start
+    while (end := text.find("\n\n", i)) >= 0:
+        if text.count("```", start, end) % 2 == 0:
+            return text[:end]
+        i = end + 2
+    return text
 
 
 def completion_format(messages: Sequence[Mapping[str, Any]]) -> str:
@@ -91,7 +98,9 @@ class LocalBackend:
             raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
         from fusion_lightning.zoo import lookup, resolve
 
-        zoo_model = lookup(str(model)) if not Path(str(model)).exists() else None
+        # a zoo model's format; a fine-tuned copy in a directory is known by its zoo tokenizer
+        zoo_model = next((z for x in (model, tokenizer) if x and not Path(str(x)).exists()
+                          and (z := lookup(str(x)))), None)
 
         # a zoo name (python -m fusion_lightning.zoo list) is its cached directory, fetched on first use
         model = resolve(str(model))
