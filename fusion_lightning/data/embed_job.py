@@ -15,6 +15,7 @@ import hashlib
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -231,7 +232,11 @@ class ShardWriter(BasePredictionWriter):
 def run_predict(trainer: L.Trainer, module: EncoderModule, dm: EmbedDataModule) -> dict[str, Any]:
     """`trainer.predict` without keeping predictions; the plan's report plus what all ranks wrote."""
     t0 = time.perf_counter()
-    trainer.predict(module, datamodule=dm, return_predictions=False)
+    with warnings.catch_warnings():
+        # Lightning looks for sample indices to hand the writer; the shard loader is an IterableDataset
+        # without them, and the writer reads each batch's shard and text keys from the batch itself
+        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+        trainer.predict(module, datamodule=dm, return_predictions=False)
     writer = next((c for c in trainer.callbacks if isinstance(c, ShardWriter)), None)
     if writer is None:
         raise ValueError("the embed job needs the ShardWriter callback (callbacks.shard_writer)")
