@@ -107,8 +107,8 @@ class Pipeline:
         self.out.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(plan, indent=1))
         if self.a.redo:
-            for s in STAGES[STAGES.index(self.a.redo):]:
-                (self.out / s / "stage.json").unlink(missing_ok=True)
+            for s in STAGES[STAGES.index(self.a.redo):]:  # their fits too: a redo trains again
+                shutil.rmtree(self.out / s, ignore_errors=True)
 
     def done(self, stage: str) -> dict[str, Any] | None:
         f = self.out / stage / "stage.json"
@@ -146,6 +146,9 @@ class Pipeline:
         from fusion_lightning.config import compose_recipe
         from fusion_lightning.fit import fit
 
+        done = run_dir / "summary.json"  # a finished fit (a later step of its stage failed) is not made again
+        if done.exists() and json.loads(done.read_text()).get("artifacts", {}).get("best_checkpoint"):
+            return run_dir / json.loads(done.read_text())["artifacts"]["best_checkpoint"]
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted fit starts over
         summary = fit(compose_recipe(recipe, [*self.data_overrides(), f"run_dir={run_dir}", *extra]))
         return run_dir / summary["artifacts"]["best_checkpoint"]

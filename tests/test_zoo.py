@@ -117,3 +117,15 @@ def test_price_catalog_by_size_with_think_variants(capsys) -> None:
     assert zoo_main(["catalog", "tiny-llama"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"tiny-llama", "tiny-llama_think"}
     assert zoo_main(["catalog", "nope"]) == 1 and "not a zoo model" in capsys.readouterr().err
+
+
+def test_a_cache_written_with_the_gguf_quantization_config_is_repaired(cache: Path) -> None:
+    import json
+
+    # caches from before the fix kept "quant_method: gguf" over fp32 weights: transformers then refused
+    # to save a model loaded from them (the exported student)
+    (cache / "gemma-3-270m").mkdir(parents=True)
+    cfg = {"model_type": "gemma3_text", "quantization_config": {"quant_method": "gguf", "gguf_file": "x.gguf"}}
+    (cache / "gemma-3-270m" / "config.json").write_text(json.dumps(cfg))
+    assert zoo.fetch("gemma-3-270m") == cache / "gemma-3-270m"
+    assert json.loads((cache / "gemma-3-270m" / "config.json").read_text()) == {"model_type": "gemma3_text"}

