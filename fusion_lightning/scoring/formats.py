@@ -71,7 +71,11 @@ def lettered_choices(choices: Any) -> list[tuple[str, str, str]]:
 
 def format_choices(choices: Any) -> str:
     """Multiple-choice options as "(A) text" lines, the letters `em_mc` reads back (see `lettered_choices`)."""
-    return "\n".join(f"({letter}) {text}" for letter, _, text in lettered_choices(choices))
+    return _option_lines(lettered_choices(choices))
+
+
+def _option_lines(options: list[tuple[str, str, str]]) -> str:
+    return "\n".join(f"({letter}) {text}" for letter, _, text in options)
 
 
 def with_choices(query: str, choices: Any, ground_truth: str | None = None) -> tuple[str, str | None]:
@@ -79,4 +83,4 @@ def with_choices(query: str, choices: Any, ground_truth: str | None = None) -> t
     numbered options is "C"."""
     options = lettered_choices(choices)
     gold = next((letter for letter, label, _ in options if label == str(ground_truth).strip()), ground_truth)
-    return f"{query.rstrip()}\n\n" + "\n".join(f"({letter}) {text}" for letter, _, text in options), gold
+    return f"{query.rstrip()}\n\n{_option_lines(options)}", gold
