@@ -15,10 +15,11 @@ from types import SimpleNamespace
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from hydra.errors import InstantiationException
 
 from fusion_lightning.config import compose_recipe
-from fusion_lightning.data.embed_job import plan_shards, shard_name
+from fusion_lightning.data.embed_job import CPU_BATCH_SIZE, auto_batch_size, plan_shards, shard_name
 from fusion_lightning.data.embed_progress import EmbedProgress, progress_line
 from fusion_lightning.data.embeddings import EmbeddingCache, HashingEncoder, text_key
 from fusion_lightning.fit import build, fit, run
@@ -54,6 +55,16 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(HashingEncoder, "encode", encode)
     return seen
+
+
+def test_auto_batch_size_small_on_cpu_and_by_memory_and_length_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert auto_batch_size(torch.device("cpu")) == CPU_BATCH_SIZE == 8  # bench/embed.py: faster than 32 or 64
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * 2**30))
+    gpu = torch.device("cuda", 0)
+    assert auto_batch_size(gpu, 256) == 1024  # 128 per 10 GiB
+    assert auto_batch_size(gpu, 512) == 512 and auto_batch_size(gpu, 64) == 2048  # by length, capped
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=8 * 2**30))
+    assert auto_batch_size(gpu, 512) == 128  # at least 128
 
 
 def test_plan_dedups_skips_cached_and_covers_every_text_once() -> None:
