@@ -100,8 +100,10 @@ def test_plain_completion_is_schema_valid_and_names_the_backend(served, upstream
 
 
 @pytest.mark.parametrize("model", ["alpha", "gamma"])
-def test_stream_reassembles_to_the_plain_answer_with_a_usage_chunk(served, model):
+def test_stream_reassembles_to_the_plain_answer_with_a_usage_chunk(served, upstreams, model, monkeypatch):
     _, url = served
+    # pieces are what each read of the upstream brings: at 1 ms a token, a busy machine reads it all at once
+    monkeypatch.setattr(upstreams["alpha"], "token_delay_s", 0.02)
     c = client(url)
     plain = c.chat.completions.create(model=model, messages=user(GEO), max_tokens=12)
     with c.chat.completions.with_streaming_response.create(model=model, messages=user(GEO), max_tokens=12,
