@@ -65,3 +65,58 @@ def test_onnx_int8_agrees_with_fp32_on_llmrouter_queries_and_routes_the_same(tmp
     # ...and the decisions it changes are near-ties, so the routed quality does not drop
     assert q8["quality_diff"] >= -0.02, q8  # (12 changed picks of 200 here: +0.025 on this sample)
     assert q8["changed_median_margin"] < q8["median_margin"] / 3, q8
+
+
+QUERIES = ["What is the capital of France?", "Solve 12 * 17 and explain each step.",
+           "Write a haiku about autumn leaves falling on a quiet pond.", "def f(x): return x**2 -- what does f(3) return?",
+           "Translate 'good morning' into German.", "Which planet is known as the red planet?",
+           "Summarise the plot of Hamlet in two sentences.", "Is 97 a prime number?"] * 3
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx")
+
+
+def test_onnx_encoders_match_torch_without_the_shared_data(onnx_export: Path) -> None:
+    """The export, fusions and quantisation run in CI too (the LLMRouter check above needs shared data)."""
+    fp32 = build_encoder("minilm").encode(QUERIES)
+    onnx32 = build_encoder("minilm+onnx", export_dir=onnx_export).encode(QUERIES, batch_size=8)
+    int8 = build_encoder("minilm+onnx-int8", export_dir=onnx_export).encode(QUERIES, batch_size=8)
+    assert onnx32.shape == int8.shape == fp32.shape == (len(QUERIES), 384)
+    assert float((onnx32 * fp32).sum(1).min()) >= 0.999
+    assert float((int8 * fp32).sum(1).mean()) >= 0.99
+    assert np.allclose(np.linalg.norm(int8, axis=1), 1.0, atol=1e-5)
+
+
+def test_onnx_encode_runs_torch_single_threaded_and_restores_it_under_concurrency(onnx_export: Path) -> None:
+    """ORT's spinning threads hold the cores, so the pooling runs on one torch thread; the thread count is
+    process-wide, so encodes from a thread pool (serving) must restore it once, after the last one."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    enc = build_encoder("minilm+onnx-int8", export_dir=onnx_export)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[int] = []
+        pooling = enc.torch_encoder._load()[1]
+        hook = pooling.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+        alone = enc.encode(QUERIES, batch_size=4)
+        assert enc._session.get_session_options().intra_op_num_threads == 2  # ORT gets torch's count
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        barrier = threading.Barrier(4)
+
+        def one(_: int) -> np.ndarray:
+            barrier.wait()
+            return enc.encode(QUERIES, batch_size=4)
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(one, range(4)))
+        hook.remove()
+        assert torch.get_num_threads() == 2
+        assert all(np.allclose(r, alone, atol=1e-6) for r in results)
+    finally:
+        torch.set_num_threads(before)

@@ -200,6 +200,11 @@ class EncoderModule(L.LightningModule):
         if isinstance(model, torch.nn.Module):
             self.st = model  # submodule: moved to the device before predict starts
 
+    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> Any:
+        """As is: a batch holds texts and keys, no tensors (the encoder puts its tokens on the device).
+        Lightning's default walks every string of it: 3 % of an int8 job's time on CPU."""
+        return batch
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         self.calls += 1
         vectors = np.asarray(self.encoder.encode(batch["texts"], batch_size=len(batch["texts"])), np.float32)
