@@ -1,6 +1,7 @@
 """Embedding throughput on the shared LLMRouter queries, in one run (issue 17's benchmark).
 
     python bench/embed.py [--limit 1000] [--data DIR] [--threads 2] [--repeats 3]
+    python bench/embed.py --device cuda --limit 6108     # the GPU check, when a GPU is lent
 
 Rows (texts/s, and the ratio to the baseline):
 - baseline: plain sentence-transformers fp32 `model.encode(texts)` (MiniLM at its defaults: batch 32,
@@ -11,6 +12,8 @@ Rows (texts/s, and the ratio to the baseline):
 - job onnx fp32 / job onnx int8: the same job with `encoder=minilm+onnx` / `minilm+onnx-int8`;
 - job DDP x2: `python -m fusion_lightning.embed ... trainer.devices=2 strategy=ddp` on CPU, one thread per
   rank (its time is rank 0's predict, through the slowest rank, model loads included).
+With `--device cuda` the rows are the baseline and tuned baseline on the GPU (the tuned one at the job's
+GPU batch rule) and the job on the GPU in fp32 and bf16-mixed; no ONNX (the CPU path) or DDP row.
 Single-process rows use `--threads` torch/ORT threads and report the median time of `--repeats` runs (on
 a shared 2-core machine one run varies by ±10 %); models are loaded and ONNX exports made before
 timing. Each row embeds into a fresh cache folder. Agreement with the baseline vectors is printed beside
@@ -34,18 +37,21 @@ from typing import Any
 
 import numpy as np
 
-from fusion_lightning.data.embed_job import CPU_BATCH_SIZE
+from fusion_lightning.data.embed_job import CPU_BATCH_SIZE, auto_batch_size
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def sample_queries(data: Path, limit: int) -> tuple[list[str], np.ndarray, int]:
-    """`limit` LLMRouter queries (seed 0): 60 % from the train split, then 40 % from test, with their
-    [N, M] scores (the routing check's router is fitted on the train part)."""
+LOGS = {"llmrouter": "llmrouter", "routellm": "routellm_gsm8k"}  # reader -> shared data folder
+
+
+def sample_queries(data: Path, limit: int, fmt: str = "llmrouter") -> tuple[list[str], np.ndarray, int]:
+    """`limit` queries of a log (seed 0): 60 % from the train split, then 40 % from test (as many as it
+    has), with their [N, M] scores (the routing check's router is fitted on the train part)."""
     from fusion_lightning.data.logtable import load_logs
 
-    m = load_logs("llmrouter", data).matrix()
+    m = load_logs(fmt, data).matrix()
     rng = np.random.default_rng(0)
     train, test = np.flatnonzero(m.splits == "train"), np.flatnonzero(m.splits == "test")
     n_train = min(int(limit * 0.6), len(train))
@@ -62,7 +68,8 @@ def baseline(model: Any, texts: list[str], batch_size: int | None = None) -> tup
     return time.perf_counter() - t0, np.asarray(out, np.float32)
 
 
-def job(texts: list[str], spec: str, out: Path) -> tuple[float, np.ndarray]:
+def job(texts: list[str], spec: str, out: Path, accelerator: str = "cpu",
+        precision: str = "32-true") -> tuple[float, np.ndarray]:
     import lightning as L
     from lightning.fabric.plugins.environments import LightningEnvironment
 
@@ -71,7 +78,7 @@ def job(texts: list[str], spec: str, out: Path) -> tuple[float, np.ndarray]:
 
     module = EncoderModule(spec)
     module.encoder.encode(texts[:8])  # load the model, make the ONNX export: not part of the timing
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, plugins=[LightningEnvironment()],
                         callbacks=[ShardWriter()])
     report = run_predict(trainer, module, EmbedDataModule(encoder=spec, embedding_cache=str(out), texts=texts))
@@ -112,12 +119,15 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=1000, help="queries sampled (seed 0): 60 %% from train, 40 %% from test")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each single-process row (median time)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: the GPU check (baseline, tuned baseline at the GPU batch rule, job fp32 and bf16)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     texts, perf, n_train = sample_queries(args.data, args.limit)
-    print(f"{len(texts)} LLMRouter queries (of {args.data}); {args.threads} threads; "
+    gpu = f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
+    print(f"{len(texts)} LLMRouter queries (of {args.data}); {args.threads} threads{gpu}; "
           f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,16 +135,22 @@ def main() -> None:
         os.environ.setdefault("FUSION_LIGHTNING_CACHE", str(work / "cache"))  # the ONNX exports: made here
         from fusion_lightning.data.embeddings import SentenceTransformerEncoder
 
-        st = SentenceTransformerEncoder("minilm")._load()
+        st = SentenceTransformerEncoder("minilm", device=args.device)._load()
         st.encode(texts[:8])  # warm
+        tuned_bs = CPU_BATCH_SIZE if args.device == "cpu" else auto_batch_size(torch.device("cuda"), 256)
         t_base, ref = median_run(args.repeats, lambda i: baseline(st, texts))
-        t_tuned, tuned = median_run(args.repeats, lambda i: baseline(st, texts, CPU_BATCH_SIZE))
+        t_tuned, tuned = median_run(args.repeats, lambda i: baseline(st, texts, tuned_bs))
         rows.append(("sentence-transformers fp32 encode, default batch 32 (baseline)", t_base, ref))
-        rows.append((f"sentence-transformers fp32 encode, batch {CPU_BATCH_SIZE} (tuned baseline)", t_tuned, tuned))
-        for name, spec in (("job fp32 (Lightning predict)", "minilm"), ("job ONNX fp32", "minilm+onnx"),
-                           ("job ONNX int8", "minilm+onnx-int8")):
-            rows.append((name, *median_run(args.repeats, lambda i, spec=spec: job(texts, spec, work / f"{spec}-{i}"))))
-        rows.append(("job fp32 DDP, 2 processes x 1 thread", *ddp_job(texts, work / "ddp", work)))
+        rows.append((f"sentence-transformers fp32 encode, batch {tuned_bs} (tuned baseline)", t_tuned, tuned))
+        if args.device == "cuda":  # ONNX Runtime is the CPU path; DDP needs more than one GPU
+            for name, precision in (("job fp32 on the GPU", "32-true"), ("job bf16-mixed on the GPU", "bf16-mixed")):
+                rows.append((name, *median_run(args.repeats, lambda i, p=precision: job(
+                    texts, "minilm", work / f"gpu-{p}-{i}", accelerator="gpu", precision=p))))
+        else:
+            for name, spec in (("job fp32 (Lightning predict)", "minilm"), ("job ONNX fp32", "minilm+onnx"),
+                               ("job ONNX int8", "minilm+onnx-int8")):
+                rows.append((name, *median_run(args.repeats, lambda i, spec=spec: job(texts, spec, work / f"{spec}-{i}"))))
+            rows.append(("job fp32 DDP, 2 processes x 1 thread", *ddp_job(texts, work / "ddp", work)))
     print(f"load average after: {os.getloadavg()[0]:.2f}\n")
     from fusion_lightning.data.onnx_encoder import routing_agreement
 

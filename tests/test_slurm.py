@@ -158,6 +158,32 @@ def test_two_task_cpu_ddp_via_srun(slurm_cluster: SlurmCluster, tmp_path: Path) 
     assert s["data"]["queries"] == 300 and "test/perf" in s["metrics"]
 
 
+def test_embed_recipe_submitted_as_two_ddp_tasks_covers_every_text_once(slurm_cluster: SlurmCluster,
+                                                                        tmp_path: Path) -> None:
+    """`submit recipe=embed` as users send it: sbatch, two CPU tasks under SLURMEnvironment, DDP; the two
+    ranks' shards hold every unique query exactly once, and progress lines reach the job's log file."""
+    import numpy as np
+
+    out_dir = tmp_path / "emb"
+    cmd = [sys.executable, "-m", "fusion_lightning.submit", "recipe=embed", "--template", "cpu",
+           "--ntasks-per-node", "2", "--cpus-per-task", "1", "--time", "00:10:00", "--wait",
+           f"runs_root={tmp_path / 'runs'}", "data.synthetic.n_queries=300", "encoder=hashing",
+           "datamodule.shard_size=64", f"out={out_dir}", "progress_interval=0.01"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=_job_env(slurm_cluster, tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    job = _job_id(out)
+    run = tmp_path / "runs" / "embed" / f"slurm-{job}"
+    log = run.with_name(f"slurm-{job}.out")
+    text = (log.read_text() + log.with_suffix(".err").read_text()) if log.exists() else ""
+    assert out.returncode == 0, f"{out.stderr[-2000:]}\n{text[-3000:]}"
+    e = json.loads((run / "summary.json").read_text())["embed"]
+    assert e["world_size"] == 2 and e["embedded"] == e["planned"] == e["unique"] and e["shards_written"] == e["shards"]
+    keys = [k for f in sorted((out_dir / e["encoder"]).glob("shard-*.npz")) for k in np.load(f)["keys"]]
+    assert len(keys) == len(set(keys)) == e["unique"]
+    assert re.search(r"\[embed\] rank 1: [\d,]+/[\d,]+ texts", text), text[-3000:]
+    assert slurm_cluster.job(job)["JobState"] == "COMPLETED"
+
+
 def test_preempted_job_requeues_resumes_and_matches_uninterrupted_run(
         reference_run: dict, slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     job = _job_id(_submit(slurm_cluster, tmp_path))

@@ -75,6 +75,22 @@ def _torch_single_threaded() -> Iterator[None]:
                 torch.set_num_threads(_threads["saved"])
 
 
+def quantize_int8(fp32: str | Path, out: str | Path, keep_fp32: Sequence[str] = ()) -> Path:
+    """ONNX Runtime's dynamic int8 quantisation of the fp32 export, per-channel weight scales; the nodes
+    named in `keep_fp32` stay fp32 (bench/int8_agreement.py measures which buy back agreement)."""
+    _require_onnxruntime()
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.onnx")
+    # the fused ops are ORT's own domain: shape inference cannot type their outputs, they are float
+    quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                     nodes_to_exclude=list(keep_fp32), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    os.replace(tmp, out)
+    return out
+
+
 class OnnxEncoder:
     """The sentence-transformers model `name_or_path` through ONNX Runtime (fp32, or int8 with `quantize`).
 
@@ -116,7 +132,7 @@ class OnnxEncoder:
             if not fp32.is_file():
                 self._export_fp32(fp32)
             if self.quantize and not self.model_file.is_file():
-                self._quantize(fp32, self.model_file)
+                quantize_int8(fp32, self.model_file)
         return self.model_file
 
     def _export_fp32(self, out: Path) -> None:
@@ -157,18 +173,6 @@ class OnnxEncoder:
             raw.unlink()
         else:
             os.replace(raw, out)
-
-    @staticmethod
-    def _quantize(fp32: Path, out: Path) -> None:
-        _require_onnxruntime()
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.onnx")
-        # the fused ops are ORT's own domain: shape inference cannot type their outputs, they are float
-        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-        os.replace(tmp, out)
 
     def _load(self) -> Any:
         if self._session is None:
@@ -213,24 +217,38 @@ class OnnxEncoder:
 
 
 def routing_agreement(reference: np.ndarray, candidate: np.ndarray, perf: np.ndarray, n_train: int,
-                      ridge: float = 30.0) -> dict[str, float]:
+                      ridge: float = 30.0, strong_share: float | None = None) -> dict[str, float]:
     """How another encoder's vectors change a router's decisions (the int8 check of issue 17).
 
     A ridge-regression router is fitted on the reference vectors of the first `n_train` rows (to each
     model's score, `perf` [N, M]) and picks the argmax model for the remaining rows, once from the
-    reference vectors and once from the candidate's. Returns the share of the same picks, the mean
-    score of each encoder's picks and their difference, and the median reference margin (best minus
-    second-best predicted score) of the decisions that changed against that of all decisions: changes
-    among near-ties cost no quality (NaN when none changed)."""
+    reference vectors and once from the candidate's. With `strong_share` (two models, strong first) it
+    routes as RouteLLM does at a call budget instead: to the strong model where the predicted score
+    difference is above the threshold that sends that share of the test queries there under the
+    reference vectors (the same threshold for the candidate); an argmax of two models often picks the
+    strong one for every query. Returns the share of the same picks, the mean score of each encoder's
+    picks and their difference, and the median reference margin (best minus second-best predicted score,
+    or the distance to the threshold) of the decisions that changed against that of all decisions:
+    changes among near-ties cost no quality (NaN when none changed)."""
     if not 0 < n_train < len(reference):
         raise ValueError(f"routing_agreement needs train and test rows: n_train={n_train} of {len(reference)}")
     x, y = reference[:n_train], np.nan_to_num(perf[:n_train], nan=0.0)
     w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
     test = np.nan_to_num(perf[n_train:], nan=0.0)
-    pred = reference[n_train:] @ w
-    ref_pick, cand_pick = pred.argmax(1), (candidate[n_train:] @ w).argmax(1)
-    top2 = np.sort(pred, axis=1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
+    pred, cand = reference[n_train:] @ w, candidate[n_train:] @ w
+    if strong_share is not None:
+        if perf.shape[1] != 2 or not 0 < strong_share < 1:
+            raise ValueError(f"strong_share needs 2 models and a share in (0, 1), got {perf.shape[1]} "
+                             f"models and {strong_share}")
+        diff = pred[:, 0] - pred[:, 1]
+        threshold = np.quantile(diff, 1 - strong_share)
+        ref_pick = (diff <= threshold).astype(int)  # 0: the strong model
+        cand_pick = (cand[:, 0] - cand[:, 1] <= threshold).astype(int)
+        margin = np.abs(diff - threshold)
+    else:
+        ref_pick, cand_pick = pred.argmax(1), cand.argmax(1)
+        top2 = np.sort(pred, axis=1)[:, -2:]
+        margin = top2[:, 1] - top2[:, 0]
     changed = ref_pick != cand_pick
     rows = np.arange(len(test))
     ref_q, cand_q = float(test[rows, ref_pick].mean()), float(test[rows, cand_pick].mean())
