@@ -6,9 +6,9 @@ The int8 encoder (`minilm+onnx-int8`) keeps mean cosine 0.99 against fp32 but ch
 router's decisions. This quantises the fused fp32 export again with groups of nodes left fp32 (every
 attention, every FFN input or output matmul, every attention output projection, or one whole layer)
 and reports, per log and variant: texts/s (one encode, `--threads` ORT threads, job batch size 8), mean
-and min cosine to plain sentence-transformers fp32 (`model.encode` at its defaults, as bench/embed.py), and `routing_agreement` (a ridge router fitted on the
-fp32 vectors of the train queries; the share of the same picks on the test queries, and the routed
-score difference). Logs: the shared LLMRouter queries (9 models, argmax routing) and RouteLLM's GSM8K
+and min cosine to plain sentence-transformers fp32 (`model.encode` at its defaults, bench/embed.py's
+baseline), and `routing_agreement` (a ridge router fitted on the fp32 vectors of the train queries; the
+share of the same picks on the test queries, and the routed score difference). Logs: the shared LLMRouter queries (9 models, argmax routing) and RouteLLM's GSM8K
 (2 models, routed at a 50 % strong-call budget: `routing_agreement(strong_share=0.5)`).
 """
 
@@ -33,18 +33,26 @@ def slug(name: str) -> str:
     return name.replace(" ", "_")
 
 
+def _layer(name: str) -> int | None:
+    return int(name.split("layer.")[1].split("/")[0]) if "layer." in name else None
+
+
 def variants(fp32: Path) -> dict[str, list[str]]:
-    """Variant name -> the fused graph's nodes it keeps fp32 (the quantisable ones: Attention, MatMul)."""
+    """Variant name -> the fused graph's nodes it keeps fp32 (the quantisable ones: Attention, MatMul).
+
+    A fused Attention node's name carries no layer; it is the layer of the matmul that reads its output."""
     import onnx
 
-    names = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type in ("Attention", "MatMul")]
-    groups = {"all int8": [], "attention fp32": [n for n in names if n.startswith("Attention")],
+    nodes = [n for n in onnx.load(str(fp32)).graph.node if n.op_type in ("Attention", "MatMul")]
+    reader = {i: n.name for n in nodes for i in n.input}
+    layer = {n.name: _layer(n.name) if n.op_type == "MatMul" else _layer(reader.get(n.output[0], "")) for n in nodes}
+    names = [n.name for n in nodes]
+    groups = {"all int8": [], "attention fp32": [n.name for n in nodes if n.op_type == "Attention"],
               "attention output fp32": [n for n in names if "attention/output" in n],
               "FFN input fp32": [n for n in names if "intermediate" in n],
               "FFN output fp32": [n for n in names if "/output/dense" in n and "attention" not in n]}
-    layers = sorted({int(n.split("layer.")[1].split("/")[0]) for n in names if "layer." in n})
-    for i in layers:
-        groups[f"layer {i} fp32"] = [n for n in names if f"layer.{i}/" in n or n == f"Attention_{i}"]
+    for i in sorted({v for v in layer.values() if v is not None}):
+        groups[f"layer {i} fp32"] = [n for n in names if layer[n] == i]
     return groups
 
 
@@ -86,9 +94,9 @@ def main() -> None:
                 seconds = time.perf_counter() - t0
                 cos = (vecs * ref).sum(1)
                 r = routing_agreement(ref, vecs, perf, n_train, strong_share=strong_share)
-                print(f"| {fmt} ({len(texts) - n_train} test, {r['distinct_picks']} models picked) | {name} | {len(keep)} | {len(texts) / seconds:.1f} | "
-                      f"{cos.mean():.4f} | {cos.min():.3f} | {r['same_pick']:.1%} | {r['quality_diff']:+.4f} |",
-                      flush=True)
+                log = f"{fmt} ({len(texts) - n_train} test, {r['distinct_picks']} models picked)"
+                print(f"| {log} | {name} | {len(keep)} | {len(texts) / seconds:.1f} | {cos.mean():.4f} | "
+                      f"{cos.min():.3f} | {r['same_pick']:.1%} | {r['quality_diff']:+.4f} |", flush=True)
 
 
 if __name__ == "__main__":

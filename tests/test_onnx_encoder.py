@@ -91,37 +91,22 @@ def test_onnx_encoders_match_torch_without_the_shared_data(onnx_export: Path) ->
     assert np.allclose(np.linalg.norm(int8, axis=1), 1.0, atol=1e-5)
 
 
-def test_onnx_encode_runs_torch_single_threaded_and_restores_it_under_concurrency(onnx_export: Path) -> None:
-    """ORT's spinning threads hold the cores, so the pooling runs on one torch thread; the thread count is
-    process-wide, so encodes from a thread pool (serving) must restore it once, after the last one."""
-    import threading
+def test_onnx_session_shares_torchs_threads_without_spinning_and_serves_concurrent_encodes(
+        onnx_export: Path) -> None:
+    """ORT takes torch's thread count and does not spin between runs (spinning threads held the cores the
+    pooling's torch threads need); one session serves encodes from a thread pool (serving) unchanged."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
     enc = build_encoder("minilm+onnx-int8", export_dir=onnx_export)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        seen: list[int] = []
-        pooling = enc.torch_encoder._load()[1]
-        hook = pooling.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
-        alone = enc.encode(QUERIES, batch_size=4)
-        assert enc._session.get_session_options().intra_op_num_threads == 2  # ORT gets torch's count
-        assert set(seen) == {1} and torch.get_num_threads() == 2
-        barrier = threading.Barrier(4)
-
-        def one(_: int) -> np.ndarray:
-            barrier.wait()
-            return enc.encode(QUERIES, batch_size=4)
-
-        with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(one, range(4)))
-        hook.remove()
-        assert torch.get_num_threads() == 2
-        assert all(np.allclose(r, alone, atol=1e-6) for r in results)
-    finally:
-        torch.set_num_threads(before)
+    alone = enc.encode(QUERIES, batch_size=4)
+    options = enc._session.get_session_options()
+    assert options.intra_op_num_threads == torch.get_num_threads()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: enc.encode(QUERIES, batch_size=4), range(4)))
+    assert all(np.allclose(r, alone, atol=1e-6) for r in results)
 
 
 def test_routing_agreement_at_a_strong_call_budget() -> None:
@@ -133,6 +118,12 @@ def test_routing_agreement_at_a_strong_call_budget() -> None:
     perf = np.stack([0.8 + 0.1 * x[:, 0], 0.5 + 0.4 * x[:, 1]], axis=1)  # the first model is stronger on average
     same = routing_agreement(x, x, perf, 400, strong_share=0.3)
     assert same["same_pick"] == 1.0 and same["distinct_picks"] == 2 and same["quality_diff"] == 0.0
+    assert same["first_model_share"] == pytest.approx(0.3, abs=0.01)  # 30 % of the test queries go to model 0
+    # ...the ones it predicts gain most from it: above a random 30 %, and a reversed threshold (negated
+    # scores send model 0 the 30 % predicted to gain least) is below it
+    random_30 = 0.3 * perf[400:, 0].mean() + 0.7 * perf[400:, 1].mean()
+    reversed_30 = -routing_agreement(x, x, -perf, 400, strong_share=0.3)["reference_quality"]
+    assert same["reference_quality"] > random_30 + 0.02 > reversed_30 + 0.04
     noisy = routing_agreement(x, x + rng.normal(scale=0.01, size=x.shape), perf, 400, strong_share=0.3)
     assert 0.8 < noisy["same_pick"] < 1.0
     assert noisy["changed_median_margin"] < noisy["median_margin"] / 3

@@ -17,9 +17,7 @@ Exports happen once, offline, from the local weights (the packaged MiniLM), unde
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,32 +47,6 @@ def _require_onnxruntime() -> Any:
     return onnxruntime
 
 
-_threads_lock = threading.Lock()
-_threads = {"encodes": 0, "saved": 1}  # encodes running now, and torch's thread count before the first
-
-
-@contextmanager
-def _torch_single_threaded() -> Iterator[None]:
-    """torch on one thread while ONNX Runtime holds the cores: ORT's intra-op threads spin between runs,
-    and torch's OpenMP team for the (tiny) pooling ops waits for them (MiniLM int8 on 1,000 LLMRouter
-    queries, 2 cores: pooling 1.1 s -> 0.09 s, 106 -> 130-141 texts/s in all). The thread count is
-    process-wide, so concurrent encodes (a server's thread pool) share one save and restore."""
-    import torch
-
-    with _threads_lock:
-        if _threads["encodes"] == 0:
-            _threads["saved"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _threads["encodes"] += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads["encodes"] -= 1
-            if _threads["encodes"] == 0:
-                torch.set_num_threads(_threads["saved"])
-
-
 def quantize_int8(fp32: str | Path, out: str | Path, keep_fp32: Sequence[str] = ()) -> Path:
     """ONNX Runtime's dynamic int8 quantisation of the fp32 export, per-channel weight scales; the nodes
     named in `keep_fp32` stay fp32 (bench/int8_agreement.py measures which buy back agreement)."""
@@ -82,6 +54,9 @@ def quantize_int8(fp32: str | Path, out: str | Path, keep_fp32: Sequence[str] = 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    missing = set(keep_fp32) - {n.name for n in onnx.load(str(fp32)).graph.node}
+    if missing:
+        raise ValueError(f"quantize_int8: {fp32} has no node(s) {sorted(missing)} to keep fp32")
     out = Path(out)
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.onnx")
     # the fused ops are ORT's own domain: shape inference cannot type their outputs, they are float
@@ -182,10 +157,11 @@ class OnnxEncoder:
 
             so = ort.SessionOptions()
             # the same thread count torch uses (OMP_NUM_THREADS), so it shares cores as the torch path does
-            with _threads_lock:  # torch's own count, not the 1 a concurrent encode set meanwhile
-                torch_threads = _threads["saved"] if _threads["encodes"] else torch.get_num_threads()
-            so.intra_op_num_threads = int(self.threads or torch_threads)
+            so.intra_op_num_threads = int(self.threads or torch.get_num_threads())
             so.inter_op_num_threads = 1
+            # ORT's threads would spin between runs and hold the cores that the pooling's torch threads then
+            # wait for (MiniLM int8, 1,000 LLMRouter queries, 2 cores: pooling 0.8 s -> 0.1 s, 117 -> 131 texts/s)
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             self._inputs = [i.name for i in self._session.get_inputs()]
         return self._session
@@ -200,19 +176,18 @@ class OnnxEncoder:
         session, st = self._load(), self.torch_encoder._load()
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        with _torch_single_threaded():
-            for start in range(0, len(texts), batch_size):
-                idx = order[start:start + batch_size]
-                enc = st.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                   max_length=self.max_seq_length or st.max_seq_length, return_tensors="np")
-                feed = {k: enc[k].astype(np.int64) for k in self._inputs}
-                tokens = session.run(None, feed)[0]
-                features: dict[str, Any] = {"token_embeddings": torch.from_numpy(tokens),
-                                            "attention_mask": torch.from_numpy(enc["attention_mask"])}
-                with torch.inference_mode():
-                    for module in list(st)[1:]:  # pooling (and dense / normalise) as the model defines them
-                        features = module(features)
-                out[idx] = features["sentence_embedding"].float().numpy()
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            enc = st.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                               max_length=self.max_seq_length or st.max_seq_length, return_tensors="np")
+            feed = {k: enc[k].astype(np.int64) for k in self._inputs}
+            tokens = session.run(None, feed)[0]
+            features: dict[str, Any] = {"token_embeddings": torch.from_numpy(tokens),
+                                        "attention_mask": torch.from_numpy(enc["attention_mask"])}
+            with torch.inference_mode():
+                for module in list(st)[1:]:  # pooling (and dense / normalise) as the model defines them
+                    features = module(features)
+            out[idx] = features["sentence_embedding"].float().numpy()
         return _l2_normalise(out)
 
 
@@ -227,9 +202,10 @@ def routing_agreement(reference: np.ndarray, candidate: np.ndarray, perf: np.nda
     difference is above the threshold that sends that share of the test queries there under the
     reference vectors (the same threshold for the candidate); an argmax of two models often picks the
     strong one for every query. Returns the share of the same picks, the mean score of each encoder's
-    picks and their difference, and the median reference margin (best minus second-best predicted score,
-    or the distance to the threshold) of the decisions that changed against that of all decisions:
-    changes among near-ties cost no quality (NaN when none changed)."""
+    picks and their difference, the share of reference picks of model 0, and the median reference
+    margin (best minus second-best predicted score, or the distance to the threshold) of the decisions
+    that changed against that of all decisions: changes among near-ties cost no quality (NaN when none
+    changed)."""
     if not 0 < n_train < len(reference):
         raise ValueError(f"routing_agreement needs train and test rows: n_train={n_train} of {len(reference)}")
     x, y = reference[:n_train], np.nan_to_num(perf[:n_train], nan=0.0)
@@ -254,5 +230,6 @@ def routing_agreement(reference: np.ndarray, candidate: np.ndarray, perf: np.nda
     ref_q, cand_q = float(test[rows, ref_pick].mean()), float(test[rows, cand_pick].mean())
     return {"same_pick": float(1 - changed.mean()), "reference_quality": ref_q, "candidate_quality": cand_q,
             "quality_diff": cand_q - ref_q, "distinct_picks": int(len(set(ref_pick.tolist()))),
+            "first_model_share": float((ref_pick == 0).mean()),
             "changed_median_margin": float(np.median(margin[changed])) if changed.any() else float("nan"),
             "median_margin": float(np.median(margin))}
