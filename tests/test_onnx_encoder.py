@@ -25,6 +25,12 @@ pytest.importorskip("onnxruntime", reason="the +onnx encoders need the onnx extr
 SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One export folder for the module's tests: each export and quantisation is made once."""
+    return tmp_path_factory.mktemp("onnx")
+
+
 def test_encoder_spec_round_trips_through_the_name(tmp_path: Path) -> None:
     enc = build_encoder("minilm+onnx-int8+len128", export_dir=tmp_path)
     assert enc.name == "all-MiniLM-L6-v2+onnx-int8+len128" and enc.max_seq_length == 128
@@ -37,7 +43,7 @@ def test_encoder_spec_round_trips_through_the_name(tmp_path: Path) -> None:
         build_encoder("hashing+onnx")
 
 
-def test_onnx_int8_agrees_with_fp32_on_llmrouter_queries_and_routes_the_same(tmp_path: Path) -> None:
+def test_onnx_int8_agrees_with_fp32_on_llmrouter_queries_and_routes_the_same(onnx_export: Path) -> None:
     d = SHARED / "llmrouter"
     if not d.is_dir():
         pytest.skip(f"real data {d} not present (set FUSION_LIGHTNING_SHARED_DATA to the shared/data folder)")
@@ -49,10 +55,9 @@ def test_onnx_int8_agrees_with_fp32_on_llmrouter_queries_and_routes_the_same(tmp
     test = rng.choice(np.flatnonzero(m.splits == "test"), 200, replace=False)
     texts = [m.queries[i] for i in np.concatenate([train, test])]
     fp32 = build_encoder("minilm").encode(texts)
-    export = tmp_path / "onnx"
-    onnx32 = build_encoder("minilm+onnx", export_dir=export).encode(texts)
-    int8 = build_encoder("minilm+onnx-int8", export_dir=export).encode(texts)
-    assert (export / "model.onnx").is_file() and (export / "model_int8.onnx").is_file()
+    onnx32 = build_encoder("minilm+onnx", export_dir=onnx_export).encode(texts)
+    int8 = build_encoder("minilm+onnx-int8", export_dir=onnx_export).encode(texts)
+    assert (onnx_export / "model.onnx").is_file() and (onnx_export / "model_int8.onnx").is_file()
     assert float((onnx32 * fp32).sum(1).mean()) >= 0.999
     cos = (int8 * fp32).sum(1)
     assert float(cos.mean()) >= 0.99, f"int8 mean cosine {cos.mean():.4f}"
@@ -73,11 +78,6 @@ QUERIES = ["What is the capital of France?", "Solve 12 * 17 and explain each ste
            "Write a haiku about autumn leaves falling on a quiet pond.", "def f(x): return x**2 -- what does f(3) return?",
            "Translate 'good morning' into German.", "Which planet is known as the red planet?",
            "Summarise the plot of Hamlet in two sentences.", "Is 97 a prime number?"] * 3
-
-
-@pytest.fixture(scope="module")
-def onnx_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("onnx")
 
 
 def test_onnx_encoders_match_torch_without_the_shared_data(onnx_export: Path) -> None:

@@ -54,9 +54,10 @@ def quantize_int8(fp32: str | Path, out: str | Path, keep_fp32: Sequence[str] = 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    missing = set(keep_fp32) - {n.name for n in onnx.load(str(fp32)).graph.node}
-    if missing:
-        raise ValueError(f"quantize_int8: {fp32} has no node(s) {sorted(missing)} to keep fp32")
+    if keep_fp32:  # (the export's own call keeps none: no second load of the graph for it)
+        missing = set(keep_fp32) - {n.name for n in onnx.load(str(fp32)).graph.node}
+        if missing:
+            raise ValueError(f"quantize_int8: {fp32} has no node(s) {sorted(missing)} to keep fp32")
     out = Path(out)
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.onnx")
     # the fused ops are ORT's own domain: shape inference cannot type their outputs, they are float
