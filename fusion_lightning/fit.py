@@ -41,6 +41,7 @@ from fusion_lightning.config import ConfigError, compose_recipe, list_recipes, r
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import REWARD_SETTINGS
 from fusion_lightning.io import atomic_write
+from fusion_lightning.query.ope import ESTIMATORS
 
 USAGE = """usage: python -m fusion_lightning.fit recipe=NAME [key=value ...]
 
@@ -106,7 +107,13 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     shown = [k for k in summary["metrics"] if k.startswith("test/") and k.count("/") <= 2
-             and not any(k.startswith(f"test/{s}/") for s in REWARD_SETTINGS)]
+             and not any(k.startswith(f"test/{s}/") for s in (*REWARD_SETTINGS, "ope", "truth"))]
+    if d.get("bandit_log"):  # a bandit log: the router's off-policy estimates, and the truth when simulated
+        table.title = f"{summary['recipe']} — test metrics (bandit log: off-policy estimates, see ope_report.md)"
+        shown += [k for k in summary["metrics"] if re.fullmatch(r"test/ope/\w+/(perf|reward)", k)
+                  and k.split("/")[2] in ESTIMATORS]
+        shown += [k for k in ("test/ope/dr/reward_vs_task_best", "test/ope/ess", "test/truth/perf",
+                              "test/truth/reward", "test/truth/task_best/perf") if k in summary["metrics"]]
     for k in shown:
         table.add_row(k, f"{summary['metrics'][k]:.4g}")
     console.print(table)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from fusion_lightning.callbacks.ope_report import compute_bandit, write_bandit
 from fusion_lightning.io import atomic_open, atomic_write
 from fusion_lightning.query.metrics import (
     LAMBDAS,
@@ -62,9 +63,11 @@ class RoutingReport(Callback):
         out = getattr(pl_module, "eval_outputs", {}).get(stage)
         if not out:
             return
-        report = self.compute(out, pl_module.hparams)
+        bandit = "ope" in out  # a bandit log: every number is an off-policy estimate (callbacks/ope_report.py)
+        report = compute_bandit(out, pl_module.hparams, self.lambdas) if bandit else self.compute(out, pl_module.hparams)
         scalars = {f"{stage}/{k}": v for k, v in report["scalars"].items()}
         for k in ("cost_to_match_best", "aiq", "single_models/aiq", "reaches_best_single"):
+            k = f"ope/{k}" if bandit else k
             trainer.callback_metrics.pop(f"{stage}/{k}", None)  # no stale value when unreached or costs unknown
         for k, v in scalars.items():
             trainer.callback_metrics[k] = torch.tensor(v)
@@ -72,7 +75,8 @@ class RoutingReport(Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
             logger.save()
         if write and trainer.is_global_zero:
-            self.artifacts = self.write(report, Path(self.out_dir or trainer.default_root_dir), stage)
+            run_dir = Path(self.out_dir or trainer.default_root_dir)
+            self.artifacts = write_bandit(report, run_dir, stage) if bandit else self.write(report, run_dir, stage)
 
     def compute(self, out: dict[str, Any], hparams: Any) -> dict[str, Any]:
         """Everything the report shows, from one stage's eval outputs (no I/O)."""
@@ -196,20 +200,26 @@ def _plot(report: dict[str, Any], path: Path, stage: str) -> None:
         ax.annotate(name, (c, p), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.plot(points[:, 0], points[:, 1], "o", c="tab:blue", ms=3, alpha=0.5, label=report.get("sweep_label",
                                                                                            "router (λ sweep)"))
-    ax.plot(hull[:, 0], hull[:, 1], "-", c="tab:blue", label=f"router hull (AIQ {report['scalars']['aiq']:.3f})")
+    ax.plot(hull[:, 0], hull[:, 1], "-", c="tab:blue", label=f"router hull (AIQ {report['scalars'].get('aiq', report['scalars'].get('ope/aiq')):.3f})")
     c_hi = float(singles[:, 0].max())
     if hull[-1, 0] < c_hi:  # AIQ extends the hull flat to the dearest single model
         ax.plot([hull[-1, 0], c_hi], [hull[-1, 1]] * 2, ":", c="tab:blue")
     ax.scatter(*report["best"], marker="s", s=60, c="tab:orange", label="best single", zorder=3)
-    ax.scatter(*report["oracle"], marker="*", s=120, c="tab:green", label="oracle", zorder=3)
-    xs = np.concatenate([singles[:, 0], points[:, 0], [report["oracle"][0]]])
+    if report.get("oracle") is not None:  # not estimable on a bandit log
+        ax.scatter(*report["oracle"], marker="*", s=120, c="tab:green", label="oracle", zorder=3)
+    xs = np.concatenate([singles[:, 0], points[:, 0], [report["oracle"][0]] if report.get("oracle") else []])
     if (xs > 0).all() and xs.max() / xs.min() > 20:
         ax.set_xscale("log")
     ax.set_xlabel("mean cost per query (USD)")
     ax.set_ylabel("mean performance")
-    ax.set_title(f"cost vs performance on {stage}")
+    ax.set_title(report.get("title") or f"cost vs performance on {stage}")
     ax.legend(fontsize=8, loc="lower right")
     _save(fig, path)
+
+
+def save_plot(report: dict[str, Any], path: Path, stage: str) -> None:
+    """pareto.png of a report (what `write` draws); the bandit report draws its estimated curve with it."""
+    _plot(report, path, stage)
 
 
 def _save(fig, path: Path) -> None:

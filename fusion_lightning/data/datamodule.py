@@ -3,27 +3,67 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from fusion_lightning.data.logtable import LogTable, load_logs
-from fusion_lightning.data.source import DataSource
+from fusion_lightning.data.bandit import LOGGERS, checkpoint_id, describe_log, simulate_bandit
+from fusion_lightning.data.logtable import DataReport, LogTable, load_logs, note_shape
+from fusion_lightning.data.matrix import QueryMatrix
+from fusion_lightning.data.source import BanditSimulation, DataSource
 from fusion_lightning.io import atomic_write
 
+RouterScores = Callable[[str, QueryMatrix], np.ndarray]  # (checkpoint, matrix) -> [Q, M] predicted reward
 
-def load_from_config(data: Mapping[str, Any] | DictConfig) -> LogTable:
-    """The `data` config group (a DataSource) -> a validated, split LogTable."""
+
+def load_from_config(data: Mapping[str, Any] | DictConfig, router_scores: RouterScores | None = None) -> LogTable:
+    """The `data` config group (a DataSource) -> a validated, split LogTable; with `data.bandit.logger` set,
+    the simulated bandit log of it (`router_scores` computes a router logger's scores: the query level's)."""
     if isinstance(data, DictConfig):
         data = OmegaConf.to_container(data, resolve=True)
     d = DataSource.from_config(dict(data))
+    logs = _load(d)
+    if d.bandit.logger != "none":
+        logs = simulated_bandit(logs, d.bandit, router_scores)
+    return logs
+
+
+def simulated_bandit(logs: LogTable, b: BanditSimulation, router_scores: RouterScores | None = None) -> LogTable:
+    """`logs` (full-information) as a bandit log drawn by the logger `b` names; the full log stays as `truth`."""
+    if b.logger not in LOGGERS:
+        raise ValueError(f"data.bandit.logger={b.logger!r}; choose from: {', '.join(LOGGERS)}")
+    if logs.bandit:
+        raise ValueError("data.bandit simulates a bandit log from a full-information log, and this log is already "
+                         f"a bandit log ({logs.shape.reason})")
+    qm = logs.matrix()
+    scores, policy_id = None, None
+    if b.logger == "router":
+        if not b.checkpoint:
+            raise ValueError("data.bandit.logger=router needs data.bandit.checkpoint=PATH (a router checkpoint)")
+        if router_scores is None:
+            raise ValueError("data.bandit.logger=router needs a router DataModule (the query level) to route the log")
+        scores, policy_id = router_scores(b.checkpoint, qm), f"router:{checkpoint_id(b.checkpoint)}"
+    table, _ = simulate_bandit(logs.table, qm, b.logger, epsilon=b.epsilon, temperature=b.temperature,
+                               scores=scores, policy_id=policy_id, seed=b.seed)
+    report = DataReport(dict(logs.report.counts), list(logs.report.notes), logs.report.quarantine)
+    out = LogTable(table, logs.catalog, report, logs.task_descriptions, truth=logs)
+    out._shape = describe_log(table, logs.models, "bandit")
+    out._shape.reason = (f"simulated from the full log by data.bandit: logger {b.logger}, epsilon {b.epsilon:g}, "
+                         f"seed {b.seed}; the full log is kept as the truth")
+    note_shape(out)
+    return out
+
+
+def _load(d: DataSource) -> LogTable:
     split_args = dict(on_error=d.on_error, duplicates=d.duplicates, split=d.split, split_seed=d.split_seed,
-                      val_fraction=d.val_fraction, test_fraction=d.test_fraction, rescore=d.rescore)
+                      val_fraction=d.val_fraction, test_fraction=d.test_fraction, rescore=d.rescore,
+                      log_kind=d.log_kind)
     if d.format == "synthetic":
         from fusion_lightning.data.readers.llmfusionbench import from_tables
         from fusion_lightning.data.synthetic import generate_llmfusionbench
@@ -52,8 +92,10 @@ class LogDataModule(L.LightningDataModule):
     @property
     def logs(self) -> LogTable:
         if self._logs is None:
-            self._logs = load_from_config(self.data_config)
+            self._logs = load_from_config(self.data_config, self.router_scores)
         return self._logs
+
+    router_scores: RouterScores | None = None  # how a router logger routes a log (data.bandit); the query level's
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         """The DataLoader of one split (train: shuffled); subclasses build it."""

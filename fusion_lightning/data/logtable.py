@@ -19,6 +19,7 @@ from fusion_lightning.data.arrow import (
     group_min,
     to_numpy,
 )
+from fusion_lightning.data.bandit import LogShape, describe_log
 from fusion_lightning.data.matrix import QueryMatrix
 from fusion_lightning.data.readers import ReaderOptions, SourceData, read_source
 from fusion_lightning.data.schema import SPLITS, ModelCatalog
@@ -70,11 +71,25 @@ class LogTable:
     """Validated multi-LLM log rows with their catalog; every fusion level reads this."""
 
     def __init__(self, table: pa.Table, catalog: ModelCatalog, report: DataReport | None = None,
-                 task_descriptions: dict[str, str] | None = None):
+                 task_descriptions: dict[str, str] | None = None, shape: LogShape | None = None,
+                 truth: LogTable | None = None):
         self.table = table
         self.catalog = catalog
         self.report = report or DataReport()
         self.task_descriptions = task_descriptions or {}
+        self._shape = shape
+        self.truth = truth  # a simulated bandit log's full-information source (data.bandit)
+
+    @property
+    def shape(self) -> LogShape:
+        """Calls per query and per model, and whether this is a full-information or a bandit log."""
+        if self._shape is None:
+            self._shape = describe_log(self.table, self.models)
+        return self._shape
+
+    @property
+    def bandit(self) -> bool:
+        return self.shape.kind == "bandit"
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -86,12 +101,18 @@ class LogTable:
         return [m for m in self.catalog.names if m in present]
 
     @property
+    def has_propensities(self) -> bool:
+        """The log says with which probability its logging policy chose each call."""
+        return self.table["propensity"].null_count < len(self.table)
+
+    @property
     def tasks(self) -> list[str]:
         return sorted(v for v in codes(self.table["task"])[1] if v is not None)
 
     def select(self, split: str) -> LogTable:
         mask = pc.fill_null(pc.equal(self.table["split"], split), False)
-        return LogTable(self.table.filter(mask), self.catalog, self.report, self.task_descriptions)
+        truth = self.truth.select(split) if self.truth is not None else None
+        return LogTable(self.table.filter(mask), self.catalog, self.report, self.task_descriptions, self._shape, truth)
 
     def assign_splits(self, mode: str = "auto", seed: int = 0, val_fraction: float = 0.1,
                       test_fraction: float = 0.2) -> LogTable:
@@ -140,7 +161,7 @@ class LogTable:
         table = t.set_column(t.schema.get_field_index("split"), "split", from_codes(split_code[qi], split_names))
         report = DataReport(dict(self.report.counts), list(self.report.notes), self.report.quarantine)
         report.notes.append(f"splits {'from file names' if by_files else 'by query'} (seed {seed})")
-        return LogTable(table, self.catalog, report, self.task_descriptions)
+        return LogTable(table, self.catalog, report, self.task_descriptions, self._shape)
 
     def query_table(self) -> pa.Table:
         """One row per query: id, text, task, domain, split, ground truth and metric."""
@@ -162,7 +183,8 @@ class LogTable:
         if not keep.all():
             flat = flat[keep]
         arrays = {}
-        for name in ("performance", "cost", "judge"):
+        names = ("performance", "cost", "judge") + (("propensity",) if self.has_propensities else ())
+        for name in names:
             a = np.full(q * m, np.nan, np.float32)
             values = to_numpy(t[name], np.nan)
             a[flat] = values if keep.all() else values[keep]
@@ -177,7 +199,8 @@ class LogTable:
             query_ids=ids, queries=as_objects(meta["query"]).tolist(), tasks=as_objects(meta["task"]),
             domains=as_objects(meta["domain"]), splits=as_objects(pc.fill_null(meta["split"], "")),
             models=list(models),
-            performance=arrays["performance"], cost=arrays["cost"], judge=arrays["judge"], mask=mask)
+            performance=arrays["performance"], cost=arrays["cost"], judge=arrays["judge"], mask=mask,
+            propensity=arrays.get("propensity"))
 
     def summary(self) -> dict[str, int]:
         """Counts for summary.json."""
@@ -186,6 +209,7 @@ class LogTable:
         for s in SPLITS:
             counts[f"{s}_queries"] = int(pc.sum(pc.equal(qt["split"], s)).as_py() or 0)
         counts["missing_pairs_masked"] = counts["queries"] * counts["models"] - len(self)
+        counts.update(self.shape.counts())
         counts.update(self.report.counts)
         return counts
 
@@ -193,13 +217,14 @@ class LogTable:
 def load_logs(fmt: str, path: str | Path | None = None, *, source: SourceData | None = None,
               options: ReaderOptions | None = None, on_error: str = "raise", split: str = "auto",
               split_seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
-              rescore: bool = False, duplicates: str = "error") -> LogTable:
+              rescore: bool = False, duplicates: str = "error", log_kind: str = "auto") -> LogTable:
     """Read (or take `source`), re-score if asked, validate, and split: the one way every recipe gets its logs.
 
     `rescore`: replace each row's performance by fusion_lightning.scoring's score of its response
     against its ground truth and metric (rows lacking one of the three keep theirs; see the report).
     `duplicates`: error | mean | first | last, for a (query, model) pair logged twice with different values
     (see `validate`); merged rows are counted as `duplicate_observations_merged`.
+    `log_kind`: auto | full | bandit (fusion_lightning.data.bandit.describe_log); the report says which and why.
     """
     check_duplicates_mode(duplicates)  # before reading: a typo should not wait for a big file
     src = source if source is not None else read_source(fmt, path, options)
@@ -213,7 +238,16 @@ def load_logs(fmt: str, path: str | Path | None = None, *, source: SourceData | 
     if len(logs) == 0:
         raise ValueError(f"{path or fmt}: no valid rows left to use")
     logs = logs.assign_splits(split, split_seed, val_fraction, test_fraction)
+    logs._shape = describe_log(logs.table, logs.models, log_kind)
+    note_shape(logs)
+    return logs
+
+
+def note_shape(logs: LogTable) -> None:
+    """Say in the report what kind of log this is: a bandit log's shape, or a full log's masked pairs."""
+    if logs.bandit:
+        logs.report.notes.append(logs.shape.note())
+        return
     masked = len(code_values(logs.table["query_id"])[1]) * len(logs.models) - len(logs)  # as summary() counts
     if masked:
         logs.report.notes.append(f"{masked} (query, model) pairs have no call in the log: masked, not zero")
-    return logs

@@ -33,6 +33,9 @@ class QueryMatrix:
     cost: np.ndarray
     judge: np.ndarray
     mask: np.ndarray  # bool [Q, M]: the log has this call
+    # [Q, M] probability with which the logging policy chose each logged call (NaN where unknown or not
+    # logged); None when the log carries no propensities
+    propensity: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.query_ids)
@@ -41,10 +44,16 @@ class QueryMatrix:
         idx = np.asarray(idx)
         return QueryMatrix(self.query_ids[idx], [self.queries[i] for i in np.arange(len(self))[idx]],
                            self.tasks[idx], self.domains[idx], self.splits[idx], list(self.models),
-                           self.performance[idx], self.cost[idx], self.judge[idx], self.mask[idx])
+                           self.performance[idx], self.cost[idx], self.judge[idx], self.mask[idx],
+                           None if self.propensity is None else self.propensity[idx])
 
     def split(self, name: str) -> QueryMatrix:
         return self.take(self.splits == name)
+
+    @property
+    def full_information(self) -> bool:
+        """Every query has a call to every model (a benchmark log), so oracle and random are defined."""
+        return bool(self.mask.all())
 
     @property
     def binary(self) -> bool:

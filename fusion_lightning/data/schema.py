@@ -35,6 +35,10 @@ LOG_SCHEMA = pa.schema(
         ("judge", pa.float64()),
         ("ground_truth", DICT),
         ("metric", DICT),
+        # bandit logs (what serving leaves behind): the probability with which the logging policy chose
+        # this model for this query, and that policy's id (a checkpoint hash, an A/B arm)
+        ("propensity", pa.float64()),
+        ("policy", DICT),
     ]
 )
 LOG_FIELDS = tuple(LOG_SCHEMA.names)

@@ -24,6 +24,19 @@ class SyntheticSource:
 
 
 @dataclass
+class BanditSimulation:
+    """`data.bandit`: make a full-information log a simulated bandit log, one call per query drawn by a
+    named logging policy (fusion_lightning.data.bandit), keeping the full log as the truth to check
+    off-policy estimates against."""
+
+    logger: str = "none"  # none | uniform | router
+    checkpoint: Optional[str] = None  # logger=router: the router checkpoint whose choices are logged  # noqa: UP045
+    epsilon: float = 0.0  # share of uniform exploration mixed into the logger
+    temperature: Optional[float] = None  # logger=router: softmax of its scores at this temperature, else greedy  # noqa: UP045
+    seed: int = 0
+
+
+@dataclass
 class DataSource:
     format: str = "synthetic"  # llmfusionbench | llmrouter | llmrouter_long | routerbench | routellm | preferences | synthetic
     path: Optional[str] = None  # one file or a directory of files of that format  # noqa: UP045 (OmegaConf)
@@ -39,6 +52,9 @@ class DataSource:
     responses: bool = True  # false: response texts are not read (null); routers set it
     rescore: bool = False  # true: performance := the scorer's score of response vs ground_truth/metric
     synthetic: SyntheticSource = field(default_factory=SyntheticSource)
+    log_kind: str = "auto"  # auto | full | bandit (a subset of models per query: off-policy estimates)
+    propensity: str = "logged"  # logged | estimate (a cross-fitted classifier of the logged choice)
+    bandit: BanditSimulation = field(default_factory=BanditSimulation)
 
     @classmethod
     def from_config(cls, data: dict[str, Any]) -> DataSource:
@@ -49,6 +65,7 @@ class DataSource:
             raise ValueError(f"unknown data key(s) {unknown}; valid: {', '.join(names)}")
         d = dict(data)
         d["synthetic"] = SyntheticSource(**(d.get("synthetic") or {}))
+        d["bandit"] = BanditSimulation(**(d.get("bandit") or {}))
         return cls(**d)
 
     def reader_options(self) -> ReaderOptions:

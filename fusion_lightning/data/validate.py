@@ -88,6 +88,50 @@ def _range_checks(t: pa.Table, issues: dict[int, list[RowIssue]], catalog_names:
     for fld in ("input_tokens", "output_tokens"):
         tok = to_numpy(t[fld], 0)
         _flag(issues, t, tok < 0, fld, lambda v: f"negative token count: {v}", t[fld])
+    _propensity_checks(t, issues, unparsed)
+
+
+def _propensity_checks(t: pa.Table, issues: dict[int, list[RowIssue]], unparsed: np.ndarray) -> None:
+    """A propensity is a probability the logging policy gave this call: in (0, 1]; a log that has them
+    must have one on every row (off-policy estimates weight every call by it)."""
+    prop = t["propensity"]
+    p = to_numpy(prop, np.nan)
+    present = to_numpy(pc.is_valid(prop))
+    _flag(issues, t, np.isnan(p) & present, "propensity", "NaN")
+    with np.errstate(invalid="ignore"):
+        _flag(issues, t, (p <= 0) | (p > 1), "propensity",
+              lambda v: f"out of range (0, 1]: {v} (the probability the logging policy chose this model)", prop)
+    if present.any():
+        _flag(issues, t, ~present & ~unparsed, "propensity",
+              "missing propensity (other rows of this log have one; off-policy estimates need it on every call)")
+
+
+def _propensity_conflicts(t: pa.Table, issues: dict[int, list[RowIssue]]) -> None:
+    """Two rows of one (query, model) pair with different propensities: the log cannot say with which
+    probability the policy chose it, so no estimator can weight it. Always an issue, whatever
+    data.duplicates says (a mean of two probabilities is not the probability of either choice)."""
+    prop = t["propensity"]
+    if prop.null_count == len(t):
+        return
+    qi, _ = codes(t["query_id"])
+    mi, models = codes(t["model"])
+    key = qi * len(models) + mi
+    p = to_numpy(prop, np.nan)
+    order = np.argsort(key, kind="stable")
+    ks, ps = key[order], p[order]
+    starts = np.r_[True, ks[1:] != ks[:-1]] if len(ks) else np.zeros(0, bool)
+    first = order[np.flatnonzero(starts)[np.cumsum(starts) - 1]]  # each row's group's first row
+    differs = ~np.isclose(ps, p[first], rtol=1e-9, atol=1e-12) & ~(np.isnan(ps) & np.isnan(p[first]))
+    rows, firsts = order[differs], first[differs]
+    if not len(rows):
+        return
+    files = t["_file"].take(pa.array(firsts)).to_pylist()
+    lines = t["_row"].take(pa.array(firsts)).to_pylist()
+    _flag(issues, t, np.isin(np.arange(len(t)), rows), "propensity",
+          lambda v: f"propensity {v} disagrees with another row of the same (query, model)", prop)
+    for r, f, line in zip(rows.tolist(), files, lines, strict=True):
+        issues[r][-1] = RowIssue(issues[r][-1].file, issues[r][-1].row, "propensity",
+                                 f"{issues[r][-1].message} at {f} row {line}")
 
 
 _MERGE_HINT = ("set data.duplicates=mean|first|last to merge repeated observations, "
@@ -221,6 +265,7 @@ def validate(src: SourceData, on_error: str = "raise", duplicates: str = "error"
     unparsed = np.zeros(len(t), bool)
     unparsed[list(src.issues)] = True
     _range_checks(t, issues, src.catalog.names, unparsed)
+    _propensity_conflicts(t, issues)
     dups = _duplicates(t, issues, duplicates)
     counts = {"rows_read": t.num_rows}
     notes = []

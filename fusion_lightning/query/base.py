@@ -17,11 +17,14 @@ from torchmetrics.aggregation import CatMetric
 from fusion_lightning.data.matrix import REWARD_SETTINGS
 from fusion_lightning.query.metrics import RoutingArrays, routing_metrics, task_blind_metrics
 from fusion_lightning.query.objectives import score_cost_loss
+from fusion_lightning.query.off_policy import BANDIT_KEYS
+from fusion_lightning.query.ope import ope_routing_metrics, truth_metrics
 from fusion_lightning.query.peer_metrics import peer_metrics
 from fusion_lightning.query.task_classifier import task_posterior
 
 TARGETS = ("perf", "perf_n", "cost", "cost_n", "mask", "task")
-OPTIONAL_TARGETS = ("judge", "judge_mask")  # batches carry them when the DataModule has judge scores
+# batches carry them when the DataModule has judge scores / a bandit log (propensities, reward model)
+OPTIONAL_TARGETS = ("judge", "judge_mask", *BANDIT_KEYS)
 BLIND = ("perf_hat_blind", "cost_hat_blind", "task_hat", "task_hat_p")  # predictions given the inferred tasks
 MAIN_SETTING = "performance_first"
 
@@ -121,6 +124,9 @@ class RouterModule(L.LightningModule):
         scores = {s: self.predicted_reward(torch.from_numpy(store["perf_hat"]),
                                            torch.from_numpy(store["cost_hat"]), s).numpy()
                   for s in settings}
+        if ev.bandit:  # full-information metrics are undefined here: off-policy estimates instead
+            self._bandit_epoch_end(stage, store, train, ev, scores)
+            return
         metrics = routing_metrics(scores, train, ev, self.hparams.model_sizes)
         metrics.update(peer_metrics(store["perf_hat"], train, ev, metrics))  # RouteLLM's and RouterArena's
         self.eval_outputs[stage] = {"train": train, "eval": ev, "scores": scores, "metrics": metrics,
@@ -132,6 +138,21 @@ class RouterModule(L.LightningModule):
                 blind, store["task_hat"].astype(np.int64), store["task_hat_p"], train, ev,
                 self.hparams.model_sizes, MAIN_SETTING).items()})
             self.eval_outputs[stage]["blind_scores"] = blind
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
+
+    def _bandit_epoch_end(self, stage: str, store: dict, train: RoutingArrays, ev: RoutingArrays,
+                          scores: dict[str, np.ndarray]) -> None:
+        dm = self.trainer.datamodule
+        bandit = getattr(dm, "bandit", None)
+        metrics, report = ope_routing_metrics(
+            scores, train, ev, self.hparams.model_sizes, task_names=list(self.hparams.tasks),
+            logged_share=bandit.logged_share if bandit is not None else None,
+            estimated=bool(bandit and bandit.estimated))
+        truth = getattr(dm, "truth_arrays", lambda s: None)(stage)
+        if truth is not None:  # a simulated bandit log: what the full log says, beside the estimates
+            metrics.update(truth_metrics(scores, train, truth, self.hparams.model_sizes))
+        self.eval_outputs[stage] = {"train": train, "eval": ev, "scores": scores, "metrics": metrics, "ope": report,
+                                    "perf_hat": store["perf_hat"], "cost_hat": store["cost_hat"]}
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -247,8 +268,12 @@ def task_prior(task: torch.Tensor, perf: torch.Tensor, cost_n: torch.Tensor, mas
 def split_arrays(t: dict) -> RoutingArrays:
     """A split's targets (tensors or numpy arrays) as the metrics' arrays."""
     f = {k: np.asarray(t[k]).astype(np.float64) for k in ("perf", "cost", "perf_n", "cost_n")}
+    prop, predicted = None, None
+    if "prop" in t:  # a bandit log's split: evaluated off-policy
+        prop = np.asarray(t["prop"]).astype(np.float64)
+        predicted = {k: np.asarray(t[f"{k}_dm"]).astype(np.float64) for k in ("perf", "cost", "perf_n", "cost_n")}
     return RoutingArrays(f["perf"], f["cost"], f["perf_n"], f["cost_n"], np.asarray(t["mask"]).astype(bool),
-                         np.asarray(t["task"]).astype(np.int64), _judge(t))
+                         np.asarray(t["task"]).astype(np.int64), _judge(t), prop, predicted)
 
 
 def _judge(arrays: dict) -> np.ndarray | None:

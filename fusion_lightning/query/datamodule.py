@@ -16,6 +16,8 @@ from fusion_lightning.data.embeddings import build_encoder, embed_texts
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
 from fusion_lightning.data.resumable import EpochRandomSampler
+from fusion_lightning.query.metrics import RoutingArrays
+from fusion_lightning.query.off_policy import OFF_POLICY, BanditTargets, bandit_targets, router_scores
 from fusion_lightning.query.task_classifier import fit_task_classifier, task_posterior
 
 UNKNOWN_TASK = "<unk>"
@@ -37,12 +39,20 @@ class RouterSplit(Dataset):
 
 class RouterDataModule(LogDataModule):
     def __init__(self, data: dict | None = None, encoder: str = "minilm", embedding_cache: str | None = None,
-                 batch_size: int = 128, num_workers: int = 0, logs: LogTable | None = None):
+                 batch_size: int = 128, num_workers: int = 0, logs: LogTable | None = None,
+                 off_policy: str = "auto"):
         super().__init__(data, logs)
+        if off_policy not in OFF_POLICY:
+            raise ValueError(f"datamodule.off_policy={off_policy!r}; choose from: {', '.join(OFF_POLICY)}")
         self.encoder_name, self.cache_dir = encoder, embedding_cache
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.off_policy = off_policy
         self.splits: dict[str, RouterSplit] = {}
         self.matrices: dict[str, QueryMatrix] = {}
+        self.bandit: BanditTargets | None = None  # a bandit log's propensities and reward model, after setup
+        self._truth: QueryMatrix | None = None
+
+    router_scores = staticmethod(router_scores)  # a router logger for data.bandit (fusion_lightning.data.bandit)
 
     def prepare_data(self) -> None:
         """Embeds every query into the embedding cache once (Lightning runs this on each node's local rank
@@ -79,6 +89,11 @@ class RouterDataModule(LogDataModule):
         is_train = torch.from_numpy(qm.splits == "train")
         self.task_classifier = fit_task_classifier(task_x[is_train], all_tasks[is_train], len(self.tasks))
         task_hat, task_hat_p = task_posterior(task_x, *self.task_classifier)
+        if self.logs.bandit:
+            self.bandit = bandit_targets(qm, feats.numpy() if feats.is_floating_point() else task_x.numpy(),
+                                         self.normaliser, self.data_config.get("propensity", "logged"),
+                                         self.off_policy)
+            self.logs.report.notes.extend(self.bandit.notes)
         for split in ("train", "val", "test"):
             rows = np.flatnonzero(qm.splits == split)
             m = qm.take(rows)
@@ -102,6 +117,24 @@ class RouterDataModule(LogDataModule):
                 "judge": torch.from_numpy(np.nan_to_num(m.judge, nan=0.0).astype(np.float32)),
                 "judge_mask": torch.from_numpy(m.mask & ~np.isnan(m.judge)),
             })
+            if self.bandit is not None:
+                self.splits[split].tensors.update(self.bandit.tensors(rows, split))
+
+    def truth_arrays(self, split: str) -> RoutingArrays | None:
+        """A simulated bandit log's full-information arrays of `split` (data.bandit keeps the full log), in
+        the split's query order: what the off-policy estimates are checked against. None otherwise."""
+        truth = self.logs.truth
+        if truth is None or split not in self.matrices:
+            return None
+        if self._truth is None:
+            self._truth = truth.matrix(list(self.matrices["train"].models))
+        row = {q: i for i, q in enumerate(self._truth.query_ids.tolist())}
+        m = self._truth.take(np.array([row[q] for q in self.matrices[split].query_ids.tolist()], np.int64))
+        perf_n, cost_n = self.normaliser.performance(m.performance, m.tasks), self.normaliser.cost(m.cost, m.tasks)
+        f = {k: np.nan_to_num(v).astype(np.float64) for k, v in
+             (("perf", m.performance), ("cost", m.cost), ("perf_n", perf_n), ("cost_n", cost_n))}
+        return RoutingArrays(f["perf"], f["cost"], f["perf_n"], f["cost_n"], m.mask,
+                             self.splits[split].tensors["task"].numpy().astype(np.int64))
 
     def features(self, texts: list[str]) -> torch.Tensor:
         """What a router reads per query: the (cached) query embedding. Subclasses may tokenize instead."""
@@ -121,7 +154,8 @@ class RouterDataModule(LogDataModule):
         cat = self.logs.catalog
         return {
             "embed_dim": self.embed_dim, "models": list(self.matrices["train"].models), "tasks": self.tasks,
-            "binary": self.matrices["train"].binary, "encoder": self.encoder_id,
+            "binary": self.matrices["train"].binary and not (self.bandit and self.bandit.pseudo),
+            "encoder": self.encoder_id,
             "normaliser": self.normaliser.state_dict(),
             "model_sizes": [cat[m].params_b if m in cat else None for m in self.matrices["train"].models],
         }

@@ -24,6 +24,14 @@ class RoutingArrays:
     mask: np.ndarray
     tasks: np.ndarray  # [N] task index or name
     judge: np.ndarray | None = None  # [N, M] judge score, NaN where the log has none
+    # a bandit log's split: [N, M] the logger's propensity of each logged call, and the cross-fitted reward
+    # model's predictions of perf, cost, perf_n, cost_n (fusion_lightning.query.ope); None on full logs
+    propensity: np.ndarray | None = None
+    predicted: dict[str, np.ndarray] | None = None
+
+    @property
+    def bandit(self) -> bool:
+        return self.propensity is not None
 
     def reward(self, setting: str) -> np.ndarray:
         return reward(self.perf_n, self.cost_n, setting, self.judge)
@@ -31,8 +39,24 @@ class RoutingArrays:
     def rows(self, keep: np.ndarray, mask: np.ndarray | None = None) -> RoutingArrays:
         m = self.mask if mask is None else mask
         j = None if self.judge is None else self.judge[keep]
+        prop = None if self.propensity is None else self.propensity[keep]
+        pred = None if self.predicted is None else {k: v[keep] for k, v in self.predicted.items()}
         return RoutingArrays(self.perf[keep], self.cost[keep], self.perf_n[keep], self.cost_n[keep], m[keep],
-                             self.tasks[keep], j)
+                             self.tasks[keep], j, prop, pred)
+
+    def estimable(self) -> RoutingArrays:
+        """What a policy's outcome is read from: these arrays on a full-information log; on a bandit log its
+        doubly robust pseudo-values for every (query, model), so the mean at a policy's choices is that
+        policy's DR estimate (fusion_lightning.query.ope)."""
+        if not self.bandit:
+            return self
+        from fusion_lightning.query.ope import pseudo_values
+
+        pred = self.predicted or {}
+        g = {k: pseudo_values(getattr(self, k), pred.get(k), self.mask, self.propensity)
+             for k in ("perf", "cost", "perf_n", "cost_n")}
+        return RoutingArrays(g["perf"], g["cost"], g["perf_n"], g["cost_n"], np.ones_like(self.mask, bool),
+                             self.tasks, None)
 
 
 def judged(a: RoutingArrays) -> tuple[RoutingArrays, np.ndarray] | None:
@@ -235,7 +259,9 @@ def per_task_rows(choices: dict[str, np.ndarray], ev: RoutingArrays, task_names:
 
 # selection on val and task-blind evaluation ------------------------------------------------------
 def per_query_reward(scores: np.ndarray, a: RoutingArrays, setting: str) -> np.ndarray:
-    """[N] actual reward of routing each query to the argmax of `scores` (what selection compares)."""
+    """[N] actual reward of routing each query to the argmax of `scores` (what selection compares); on a
+    bandit log its DR term, never the observed mean (see `RoutingArrays.estimable`)."""
+    a = a.estimable()
     c = choose(scores, a.mask)
     return a.reward(setting)[np.arange(len(c)), c]
 

@@ -43,8 +43,9 @@ RENAME = {"task_name": "task", "llm": "model", "input_tokens_num": "input_tokens
 # Columns the canonical record and the catalog use (the embedding columns: see source_query_embeddings).
 USED_COLUMNS = ("task_name", "task_description", "query", "ground_truth", "metric", "llm", "input_price",
                 "output_price", "input_tokens_num", "output_tokens_num", "performance", "cost", "response",
-                "llm_description", "llm_judge", "query_id")
-DICT_COLUMNS = ("task_name", "task_description", "query", "ground_truth", "metric", "llm", "llm_description")
+                "llm_description", "llm_judge", "query_id", "propensity", "policy")
+DICT_COLUMNS = ("task_name", "task_description", "query", "ground_truth", "metric", "llm", "llm_description",
+                "policy")
 _NUM_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _TENSOR_RE = re.compile(r"^\s*tensor\(\s*\[(.*)\]\s*(?:,.*)?\)\s*$", re.S)
 

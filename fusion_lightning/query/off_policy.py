@@ -1,0 +1,125 @@
+"""Off-policy learning: what a router trains on when its log is a bandit log.
+
+A router retrained on served traffic sees only the outcomes of the models its predecessor chose, in the
+proportions that predecessor chose them: the naive per-(query, model) regression (`direct`, today's
+masked loss) learns each model where the logger sent it, a biased sample when the logger was skewed.
+`datamodule.off_policy` picks how the train split's targets are built:
+
+    direct  the logged calls only (masked regression; the direct method)
+    dr      every (query, model) gets its doubly robust pseudo-reward Γ = ŷ + logged·(y − ŷ)/p, an
+            unbiased target whose expectation is the model's true outcome on that query
+    ips     the same with ŷ = 0 (inverse propensity pseudo-rewards: unbiased, higher variance)
+    auto    dr on a bandit log, direct on a full-information log (where all three coincide)
+
+The targets are a data transform, so every router (the MLP and its kin, kNN's index, the lookup's task
+means, router_auto's candidates) learns the same way; pseudo-rewards are not 0/1, so they are fitted
+with squared error. Val and test keep the logged calls, their propensities and the cross-fitted reward
+model's predictions: routers are evaluated off-policy there (fusion_lightning.query.ope).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fusion_lightning.data.bandit import PROPENSITY_SOURCES, estimate_propensities
+from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
+from fusion_lightning.query.ope import cross_fit_rewards, logged_shares, pseudo_values
+
+OFF_POLICY = ("auto", "direct", "dr", "ips")
+BANDIT_KEYS = ("prop", "perf_dm", "cost_dm", "perf_n_dm", "cost_n_dm")  # what val/test batches carry
+
+
+@dataclass
+class BanditTargets:
+    """A bandit log's propensities and cross-fitted reward-model predictions, [Q, M] over all queries."""
+
+    method: str  # direct | dr | ips (auto resolved)
+    mask: np.ndarray
+    propensity: np.ndarray
+    predicted: dict[str, np.ndarray]  # perf, cost, perf_n, cost_n
+    observed: dict[str, np.ndarray]  # the same, logged (NaN elsewhere)
+    logged_share: dict  # (task, model index) -> the logger's share of that task's queries
+    estimated: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pseudo(self) -> bool:
+        """Train targets are pseudo-rewards for every pair (not the logged calls)."""
+        return self.method in ("dr", "ips")
+
+    def tensors(self, rows: np.ndarray, split: str) -> dict[str, torch.Tensor]:
+        """What a split's batches carry beyond the logged targets: on train under dr/ips the pseudo-rewards
+        replace them (mask: every pair); on val/test (and train under direct) the propensities and the
+        reward model's predictions, for the off-policy estimates."""
+        mask = self.mask[rows]
+        if split == "train" and self.pseudo:
+            out = {}
+            for k in ("perf", "cost", "perf_n", "cost_n"):
+                y_hat = self.predicted[k][rows] if self.method == "dr" else None
+                out[k] = torch.from_numpy(pseudo_values(self.observed[k][rows], y_hat, mask,
+                                                        self.propensity[rows]).astype(np.float32))
+            out["mask"] = torch.ones(mask.shape, dtype=torch.bool)
+            return out
+        out = {"prop": torch.from_numpy(np.where(mask, self.propensity[rows], 1.0).astype(np.float32))}
+        for k in ("perf", "cost", "perf_n", "cost_n"):
+            out[f"{k}_dm"] = torch.from_numpy(self.predicted[k][rows].astype(np.float32))
+        return out
+
+
+def bandit_targets(qm: QueryMatrix, features: np.ndarray, normaliser: TaskNormaliser, propensity: str = "logged",
+                   off_policy: str = "auto", folds: int = 5, seed: int = 0) -> BanditTargets:
+    """Propensities (logged, or estimated by a cross-fitted classifier) and the cross-fitted reward model
+    of a bandit log's matrix; errors say what is missing and how to supply it."""
+    if propensity not in PROPENSITY_SOURCES:
+        raise ValueError(f"data.propensity={propensity!r}; choose from: {', '.join(PROPENSITY_SOURCES)}")
+    notes = []
+    estimated = propensity == "estimate"
+    if estimated:
+        prop = estimate_propensities(features, qm.tasks, qm.mask, folds=folds, seed=seed)
+        notes.append("propensities estimated (data.propensity=estimate): a logistic regression of the logged "
+                     f"choice on the query embedding and task, cross-fitted over {folds} folds; clipped at 0.01")
+        if qm.propensity is not None:
+            notes.append("the log's own propensities are ignored (data.propensity=estimate)")
+    elif qm.propensity is None:
+        raise ValueError("this is a bandit log (a subset of models per query) without propensities: off-policy "
+                         "evaluation and learning weight each call by the probability the logger chose it. Give "
+                         "a `propensity` column, or set data.propensity=estimate to estimate them from the logged "
+                         "choices (or data.log_kind=full to treat it as full-information, at your own risk)")
+    else:
+        prop = qm.propensity.astype(np.float64)
+    mask = qm.mask
+    perf = np.where(mask, qm.performance, np.nan).astype(np.float64)
+    cost = np.where(mask, np.nan_to_num(qm.cost), np.nan).astype(np.float64)
+    pred = cross_fit_rewards(features, qm.tasks, {"perf": perf, "cost": cost}, mask, qm.splits, folds=folds,
+                             seed=seed, bounds={"perf": (0.0, 1.0), "cost": (0.0, None)})
+    predicted = {"perf": pred["perf"], "cost": pred["cost"],
+                 "perf_n": normaliser.performance(pred["perf"], qm.tasks).astype(np.float64),
+                 "cost_n": normaliser.cost(pred["cost"], qm.tasks).astype(np.float64)}
+    observed = {"perf": perf, "cost": cost,
+                "perf_n": np.where(mask, normaliser.performance(np.nan_to_num(perf), qm.tasks), np.nan),
+                "cost_n": np.where(mask, normaliser.cost(np.nan_to_num(cost), qm.tasks), np.nan)}
+    method = ("dr" if off_policy == "auto" else off_policy)
+    notes.append(f"off-policy learning: datamodule.off_policy={off_policy} ({method}); reward model: ridge per "
+                 f"model on the query embedding and task, cross-fitted over {folds} folds per split (val also "
+                 "learns from train, test from train and val)")
+    return BanditTargets(method, mask, prop, predicted, observed, logged_shares(qm.tasks, mask), estimated, notes)
+
+
+def router_scores(checkpoint: str, qm: QueryMatrix) -> np.ndarray:
+    """[Q, M] a router checkpoint's predicted reward for each query of `qm`, in `qm.models`' order: how a
+    router logger (data.bandit.logger=router) chooses. A model the router does not know gets −inf."""
+    from fusion_lightning.query.router import Router
+
+    router = Router.load(checkpoint)
+    result = router.route(qm.queries, tasks=[str(t) for t in qm.tasks])
+    col = {m: i for i, m in enumerate(result.candidates)}
+    out = np.full((len(qm), len(qm.models)), -np.inf)
+    known = [j for j, m in enumerate(qm.models) if m in col]
+    if not known:
+        raise ValueError(f"router {checkpoint} knows none of the log's models ({', '.join(qm.models)})")
+    for j in known:
+        out[:, j] = result.scores[:, col[qm.models[j]]]
+    return out
