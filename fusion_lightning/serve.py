@@ -10,8 +10,10 @@ fusion by changing only `base_url` and `model`:
     POST /v1/feedback          {"id": "<chat completion id>", "score": 1.0}: scores a logged answer
     GET  /health, GET /metrics (Prometheus)
 
-The router picks the backend per request; the reply's `model` is `fusion-router` and
-`fusion.routed_to` (and the `X-Fusion-Model` header) name the backend that answered. Keys besides
+The router picks the backend per request, through its policy (`router.explore=epsilon router.epsilon=0.1`
+explores; the request log records each answer's `propensity` and `policy`); the reply's `model` is
+`fusion-router` and `fusion.routed_to` (and the `X-Fusion-Model` header) name the backend that
+answered. Keys besides
 the pipeline's (backends, router, thought, default, catalog, sampling; all in recipes/serve.yaml):
 
     host, port           where to listen (127.0.0.1:8000)

@@ -4,6 +4,8 @@ servers in one process (tests) never share counters.
     fusion_requests_total{endpoint, status}             requests answered, by HTTP status
     fusion_request_latency_seconds{endpoint, stream}    histogram: receipt to last byte
     fusion_routed_total{model}                          answers per backend the request went to
+    fusion_explored_total{model}                        of those, the policy's exploratory choices (not
+                                                        the router's argmax; router `explore`)
     fusion_errors_total{kind}                           request (4xx), upstream (502), stream (mid-stream), ...
     fusion_batch_size{stage}                            histogram: requests per routing / local batch
     fusion_batch_seconds{stage}                         histogram: time in one batch call
@@ -33,6 +35,8 @@ class ServerMetrics:
         self.latency = Histogram("fusion_request_latency_seconds", "Request latency, receipt to last byte",
                                  ["endpoint", "stream"], buckets=LATENCY_BUCKETS, registry=r)
         self.routed = Counter("fusion_routed", "Answers per backend", ["model"], registry=r)
+        self.explored = Counter("fusion_explored", "Routed answers that explored (not the router's argmax)",
+                                ["model"], registry=r)
         self.errors = Counter("fusion_errors", "Errors by kind", ["kind"], registry=r)
         self.batch_size = Histogram("fusion_batch_size", "Requests per batch", ["stage"], buckets=BATCH_BUCKETS,
                                     registry=r)

@@ -6,14 +6,21 @@ on an exported student) and their combinations. Built from a config (what `serve
 read):
 
     backends: [{type: openai_compatible, base_url: ..., model: ..., name: qwen2.5-7b-instruct}, ...]
-    router:   {ckpt: RUN/checkpoints/best-07.ckpt, lam: 0.0}              # optional
+    router:   {ckpt: RUN/checkpoints/best-07.ckpt, lam: 0.0,              # optional
+               explore: none, epsilon: 0.1, temperature: 1.0, floor: 0.0, seed: null}
     thought:  {library: DIR, retriever_ckpt: CKPT, k: 3, task_filter: true}  # optional
     default:  NAME            # the backend without a router (default: the first)
     catalog:  FILE            # optional: prices, for per-call cost
     sampling: {max_new_tokens: 256}
 
 Backend names must be the router's model names (the names in the log it was trained on); the
-router chooses among the models that have a backend.
+router chooses among the models that have a backend, through an explicit policy (`explore`:
+none = its argmax, epsilon or softmax; see explore.py). Each plan carries the probability the policy
+gave its model (`propensity`) and the policy's id (`policy`), which the server's request log writes:
+
+    router:<sha256 of the ckpt file, 12 hex>[:lam=<λ>][:epsilon=<ε> | :temperature=<T> (softmax)][:floor=<f>]
+    default:<backend>     no router: the default backend answers (propensity 1)
+    direct:<backend>      the request named a backend (propensity 1)
 """
 
 from __future__ import annotations
@@ -29,8 +36,18 @@ from fusion_lightning.data.schema import ModelCatalog
 from fusion_lightning.scoring import score
 from fusion_lightning.scoring.formats import zero_shot_prompt
 from fusion_lightning.serving import Backend, OpenAICompatibleBackend, build_backend
+from fusion_lightning.serving.explore import (
+    EXPLORE_KEYS,
+    Exploration,
+    checkpoint_id,
+    choice_probabilities,
+    router_policy_id,
+    sample_choices,
+    weights_id,
+)
 
 PIPELINE_KEYS = ("backends", "router", "thought", "default", "catalog", "sampling")
+ROUTER_KEYS = ("ckpt", "lam", *EXPLORE_KEYS)
 
 
 class Augmenter(Protocol):
@@ -52,6 +69,8 @@ class PipelineOutput:
     cost: float | None = None  # USD, when a catalog with this model's prices is given
     score: float | None = None  # when ground truth and metric are given
     error: str | None = None
+    propensity: float = 1.0  # the probability the routing policy gave `model`
+    policy: str | None = None  # the routing policy's id (see the module docstring)
 
 
 @dataclass
@@ -63,6 +82,19 @@ class Plan:
     task_source: str | None  # "request", "router" (inferred) or None
     model: str  # the backend that will answer
     prompt: str | list[dict]
+    propensity: float = 1.0  # the probability with which the policy chose `model` for this query
+    policy: str | None = None  # the policy's id (see the module docstring)
+    explored: bool = False  # the policy chose another model than the router's argmax
+
+
+@dataclass
+class _Routing:
+    """The routing policy's decisions for a batch, one entry per query."""
+
+    models: list[str]
+    tasks: list[str | None]  # the task routed under: given or inferred, None if unknown
+    propensity: list[float]
+    explored: list[bool]
 
 
 def _last_user(messages: Sequence[Mapping[str, Any]]) -> str:
@@ -74,9 +106,13 @@ def _last_user(messages: Sequence[Mapping[str, Any]]) -> str:
 
 
 class FusedPipeline:
+    """`explore` (default: none) turns the router's scores into choice probabilities; `router_id` names
+    the router in the policy id (from_config: the checkpoint file's hash; default: a hash of its weights)."""
+
     def __init__(self, backends: Sequence[Backend], router=None, augmenter: Augmenter | None = None,
                  default: str | None = None, lam: float = 0.0, catalog: ModelCatalog | None = None,
-                 sampling: Mapping[str, Any] | None = None):
+                 sampling: Mapping[str, Any] | None = None, explore: Exploration | None = None,
+                 router_id: str | None = None):
         if not backends:
             raise ValueError("a pipeline needs at least one backend")
         self.backends = {b.name: b for b in backends}
@@ -88,11 +124,19 @@ class FusedPipeline:
         if self.default not in self.backends:
             raise ValueError(f"default backend {self.default!r} is not one of {list(self.backends)}")
         self._available = None
+        self.explore = explore or Exploration()
+        self.policy_id = f"default:{self.default}"
         if router is not None:
             self._available = np.array([m in self.backends for m in router.models])
             if not self._available.any():
                 raise ValueError(f"no backend is named after one of the router's models {router.models}; "
                                  f"backends: {list(self.backends)}")
+            self.explore.check_support(int(self._available.sum()))
+            self.policy_id = router_policy_id(router_id or weights_id(router), self.explore, self.lam)
+        elif explore is not None and explore.stochastic:
+            raise ValueError(f"explore: {explore.kind} needs a router (there is nothing to choose among)")
+        # one generator for every routing call; its lock keeps draws whole when plans come from several threads
+        self._rng, self._rng_lock = np.random.default_rng(self.explore.seed), threading.Lock()
         # in-process models are not thread-safe; HTTP backends run their own pool
         self._locks = {n: threading.Lock() for n, b in self.backends.items() if not isinstance(b, OpenAICompatibleBackend)}
 
@@ -106,15 +150,18 @@ class FusedPipeline:
         if unknown:
             raise ValueError(f"unknown pipeline key(s) {unknown}; valid: {list(PIPELINE_KEYS)}")
         backends = [build_backend(b) for b in cfg.get("backends") or []]
-        router, lam = None, 0.0
+        router, lam, explore, router_id = None, 0.0, None, None
         if cfg.get("router"):
             from fusion_lightning.query.router import Router
 
             r = dict(cfg["router"])
-            bad = sorted(set(r) - {"ckpt", "lam"})
+            bad = sorted(set(r) - set(ROUTER_KEYS))
             if bad or "ckpt" not in r:
-                raise ValueError(f"router config takes 'ckpt' (required) and 'lam'; got {sorted(r)}")
-            router, lam = Router.load(r["ckpt"]), float(r.get("lam", 0.0))
+                raise ValueError(f"router config takes 'ckpt' (required), {', '.join(map(repr, ROUTER_KEYS[1:]))}; "
+                                 f"got {sorted(r)}")
+            explore = Exploration.from_config(r)  # settings first: a typo fails before the checkpoint loads
+            router, lam = Router.load(r["ckpt"]), float(r.get("lam") or 0.0)
+            router_id = checkpoint_id(r["ckpt"])
         augmenter = None
         if cfg.get("thought"):
             from fusion_lightning.thought.prompt import TemplateAugmenter
@@ -127,25 +174,44 @@ class FusedPipeline:
             augmenter = TemplateAugmenter.load(t["library"], t.get("retriever_ckpt"), k=int(t.get("k", 3)),
                                                task_filter=bool(t.get("task_filter", True)))
         catalog = ModelCatalog.from_json_file(cfg["catalog"]) if cfg.get("catalog") else None
-        return cls(backends, router, augmenter, cfg.get("default"), lam, catalog, cfg.get("sampling"))
+        return cls(backends, router, augmenter, cfg.get("default"), lam, catalog, cfg.get("sampling"), explore,
+                   router_id)
 
     @property
     def stages(self) -> list[str]:
         return [s for s, on in (("router", self.router), ("thought", self.augmenter)) if on is not None]
 
     def route(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None) -> list[str]:
-        """The backend per query: the router's best model among those with a backend, else the default."""
-        return self._route(queries, tasks)[0]
+        """The backend per query, drawn from the routing policy (explore: none = the router's best model
+        among those with a backend), else the default."""
+        return self._route(queries, tasks).models
 
-    def _route(self, queries: Sequence[str],
-               tasks: Sequence[str | None] | None) -> tuple[list[str], list[str | None]]:
-        """(backend per query, the task the router routed it under: given or inferred, None if unknown)."""
+    def choice_probabilities(self, queries: Sequence[str],
+                             tasks: Sequence[str | None] | None = None) -> np.ndarray:
+        """[N, M] the policy's probability of each of the router's models (columns: `router.models`;
+        0 for those without a backend) per query: what the logged propensities are drawn from."""
+        if self.router is None:
+            raise ValueError("a pipeline without a router has no choice probabilities (the default answers)")
         given = list(tasks) if tasks is not None else [None] * len(queries)
-        if self.router is None or not queries:
-            return [self.default] * len(queries), given
         result = self.router.route(list(queries), tasks=given if tasks else None, lam=self.lam)
-        scores = np.where(self._available[None, :], result.scores, -np.inf)
-        return [result.candidates[i] for i in scores.argmax(axis=1).tolist()], list(result.tasks or given)
+        return choice_probabilities(result.scores, self._available, self.explore)
+
+    def _route(self, queries: Sequence[str], tasks: Sequence[str | None] | None) -> _Routing:
+        """The policy's draw per query, its probability, and the task the router routed it under."""
+        given = list(tasks) if tasks is not None else [None] * len(queries)
+        n = len(queries)
+        if self.router is None or not queries:
+            return _Routing([self.default] * n, given, [1.0] * n, [False] * n)
+        result = self.router.route(list(queries), tasks=given if tasks else None, lam=self.lam)
+        probs = choice_probabilities(result.scores, self._available, self.explore)
+        best = np.where(self._available[None, :], result.scores, -np.inf).argmax(axis=1)
+        if self.explore.stochastic:
+            with self._rng_lock:
+                picked = sample_choices(probs, self._rng)
+        else:
+            picked = best
+        return _Routing([result.candidates[i] for i in picked.tolist()], list(result.tasks or given),
+                        probs[np.arange(n), picked].tolist(), (picked != best).tolist())
 
     def call_cost(self, model: str, input_tokens: int | None, output_tokens: int | None) -> float | None:
         """USD for one call, when the catalog has this model's prices."""
@@ -181,10 +247,13 @@ class FusedPipeline:
             if m is not None and m not in self.backends:
                 raise ValueError(f"unknown model {m!r}; backends: {list(self.backends)}")
         chosen, known = list(models), list(tasks)
+        propensity, explored = [1.0] * n, [False] * n
+        policy: list[str | None] = [None if m is None else f"direct:{m}" for m in models]
         todo = [i for i in range(n) if models[i] is None]
-        routed, inferred = self._route([queries[i] for i in todo], [tasks[i] for i in todo])
+        routing = self._route([queries[i] for i in todo], [tasks[i] for i in todo])
         for j, i in enumerate(todo):
-            chosen[i], known[i] = routed[j], inferred[j]
+            chosen[i], known[i] = routing.models[j], routing.tasks[j]
+            propensity[i], explored[i], policy[i] = routing.propensity[j], routing.explored[j], self.policy_id
         texts = self.prompts(queries, tasks, metrics)
         prompts: list[str | list[dict]] = list(texts)
         if conversations is not None:
@@ -196,7 +265,8 @@ class FusedPipeline:
                     msgs[j]["content"] = texts[i]
                 prompts[i] = msgs
         source = ["request" if t else "router" if k else None for t, k in zip(tasks, known, strict=True)]
-        return [Plan(queries[i], known[i], source[i], chosen[i], prompts[i]) for i in range(n)]
+        return [Plan(queries[i], known[i], source[i], chosen[i], prompts[i], propensity[i], policy[i], explored[i])
+                for i in range(n)]
 
     def run(self, queries: Sequence[str] | None = None, tasks: Sequence[str | None] | None = None,
             metrics: Sequence[str | None] | None = None, ground_truths: Sequence[str | None] | None = None, *,
@@ -212,6 +282,7 @@ class FusedPipeline:
         if len(golds) != n:
             raise ValueError(f"{n} queries but {len(golds)} ground truths")
         chosen, prompts = [p.model for p in plans], [p.prompt for p in plans]
+        logged = [(p.propensity, p.policy) for p in plans]
         merged = {**self.sampling, **sampling}
         outputs: list[PipelineOutput | None] = [None] * n
         for name in dict.fromkeys(chosen):
@@ -226,5 +297,5 @@ class FusedPipeline:
                 cost = self.call_cost(name, g.input_tokens, g.output_tokens)
                 sc = score(g.text, golds[i], metrics[i]) if golds[i] is not None and metrics[i] and not g.error else None
                 outputs[i] = PipelineOutput(queries[i], tasks[i], name, prompts[i], g.text, g.input_tokens,
-                                            g.output_tokens, g.latency_s, cost, sc, g.error)
+                                            g.output_tokens, g.latency_s, cost, sc, g.error, *logged[i])
         return outputs  # type: ignore[return-value]

@@ -9,6 +9,11 @@ One record per answer (each of n choices is its own): the LLMFusionBench columns
 `created`, `latency_s`, `served_as` (the model the client asked for), `stream`, `finish_reason`,
 `task_source` ("request": the client's `task`; "router": inferred by the router's task classifier;
 "default": neither knew, `default_task` is written) and `error` (a failed request, no response).
+Two columns make the log a bandit log: `propensity`, the probability with which the serving policy
+chose `llm` for this query (1.0 for `explore: none`, for serving without a router and for a request
+that named a backend; every choice of an n > 1 request carries its request's), and `policy`, that
+policy's id ("router:<ckpt hash>:epsilon=0.2", "default:<backend>", "direct:<backend>"; see
+pipeline.py), so `fit` and off-policy estimators can weight each logged reward by how it was chosen.
 
 Feedback (`RequestLog.feedback`, the server's `POST /v1/feedback`) appends the record again with its
 score in `performance` (and `llm_judge`) and `feedback_at`: the later record of a
@@ -48,15 +53,17 @@ def served_record(*, request_id: str, choice: int, query: str, task: str | None,
                   output_tokens: int | None, latency_s: float, stream: bool, metric: str | None = None,
                   cost_usd: float | None = None, prices: tuple[float | None, float | None] = (None, None),
                   finish_reason: str | None = None, error: str | None = None,
-                  default_task: str = DEFAULT_TASK) -> dict[str, Any]:
-    """One answer as an LLMFusionBench record (see the module docstring)."""
+                  default_task: str = DEFAULT_TASK, propensity: float = 1.0,
+                  policy: str | None = None) -> dict[str, Any]:
+    """One answer as an LLMFusionBench record (see the module docstring). `propensity` and `policy`
+    describe how `model` was chosen; a record without a `policy` is one whose choice nobody logged."""
     return {
         "task_name": task or default_task, "task_source": task_source if task else "default",
         "query": query, "llm": model, "response": response,
         "input_tokens_num": input_tokens, "output_tokens_num": output_tokens,
         "cost": None if cost_usd is None else cost_usd * 1e6,  # LLMFusionBench logs micro-dollars
         "input_price": prices[0], "output_price": prices[1], "metric": metric, "ground_truth": None,
-        "performance": None, "llm_judge": None,
+        "performance": None, "llm_judge": None, "propensity": float(propensity), "policy": policy,
         "request_id": request_id, "choice": choice, "created": time.time(), "latency_s": latency_s,
         "served_as": served_as, "stream": stream, "finish_reason": finish_reason, "error": error,
     }

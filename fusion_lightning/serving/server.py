@@ -15,6 +15,10 @@ loop. HTTP backends then answer each request on the event loop (httpx, streamed 
 upstream sends it); in-process backends batch the same way, one `generate` call for the requests
 that arrive together (at most the backend's `batch_size` rows), their streams fed row by row.
 
+Routing draws from the pipeline's policy (router `explore`: none, epsilon, softmax; pipeline.py);
+each logged answer carries the drawn model's probability (`propensity`) and the policy's id
+(`policy`), and /metrics counts the choices that were not the router's argmax (`fusion_explored_total`).
+
 The reply's `model` is the model asked for; `fusion.routed_to` (in the body and in every stream
 chunk) and the `X-Fusion-Model` header name the backend that answered; `X-Request-Id` is the id
 that feedback names. Errors are OpenAI error bodies (`{"error": {"message", "type", "param",
@@ -227,7 +231,8 @@ class FusionServer:
                 output_tokens=n_out, latency_s=latency, stream=req.stream, metric=req.metric,
                 cost_usd=self.pipeline.call_cost(plan.model, n_in, n_out) if g else None,
                 prices=(info.input_price, info.output_price) if info else (None, None),
-                finish_reason=g.finish_reason if g else None, error=error, default_task=self.default_task))
+                finish_reason=g.finish_reason if g else None, error=error, default_task=self.default_task,
+                propensity=plan.propensity, policy=plan.policy))
         self.request_log.append(records)
 
     def _done(self, endpoint: str, status: int | str, stream: bool, start: float) -> None:
@@ -248,6 +253,8 @@ class FusionServer:
             except ValueError as e:
                 raise APIError(400, str(e)) from None
             self.metrics.routed.labels(plan.model).inc()
+            if plan.explored:
+                self.metrics.explored.labels(plan.model).inc()
             rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
             headers = {"X-Fusion-Model": plan.model, "X-Request-Id": rid}
             runner = self.runners[plan.model]
