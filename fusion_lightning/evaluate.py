@@ -1,5 +1,8 @@
 """`python -m fusion_lightning.evaluate data=NAME [data.path=...] [routers={mlp:CKPT}] [thought={...}] [student={...}] [out=DIR]`
 
+On a bandit log (one model, or a few, per query: served traffic), the routers' off-policy estimates
+instead (fusion_lightning/query/offline.py: `ope_table.md`, `summary.json` with `ope/<router>/<estimator>/<metric>`).
+
 The paper-style fusion table (fusion_lightning/evaluation.py): rows = tasks grouped by domain with
 domain and overall averages; columns = every single model in the log, best single (chosen on
 train), each fusion level given, and oracle; performance and cost. Writes to the run dir
@@ -163,6 +166,8 @@ def run(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     routers = cfg["routers"] or {}
     if isinstance(routers, list):  # routers=[CKPT, ...]: named by position
         routers = {f"r{i}" if len(routers) > 1 else "router": p for i, p in enumerate(routers)}
+    if logs.bandit:
+        return run_offline(cfg, logs, routers)
     ev = evaluate(logs, routers=routers, thought=cfg["thought"] or None, student=cfg["student"] or None, split=cfg["split"],
                   lam=float(cfg["lam"]), tasks=cfg["tasks"], max_per_task=cfg["max_per_task"], seed=int(cfg["seed"]),
                   sampling=cfg["sampling"])
@@ -171,6 +176,30 @@ def run(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     ev.notes.extend(logs.report.notes)
     return write_report(ev, run_dir, logs.summary(), n_boot=int(cfg["bootstrap"]), level=float(cfg["ci_level"]),
                         seed=int(cfg["seed"])), run_dir
+
+
+def run_offline(cfg: dict[str, Any], logs, routers: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """A bandit log: the routers' off-policy estimates (fusion_lightning.query.offline), not the fusion table,
+    whose single-model, oracle and gap-closed columns need every model's answer on every query."""
+    from fusion_lightning.query.offline import evaluate_offline
+
+    if cfg["thought"] or cfg["student"]:
+        raise ValueError(f"this is a bandit log ({logs.shape.reason}): evaluate estimates routers off-policy here; "
+                         "run the live thought/student columns on a log with every model's answer")
+    if not routers:
+        raise ValueError("a bandit log has no fusion table to show without routers: give routers={name: CKPT}")
+    report = evaluate_offline(logs, routers, split=cfg["split"], lam=float(cfg["lam"]), encoder=cfg.get("encoder"),
+                              propensity=(cfg["data"] or {}).get("propensity", "logged"),
+                              n_boot=int(cfg["bootstrap"]) or 0, seed=int(cfg["seed"]))
+    report.notes.extend(logs.report.notes)
+    run_dir = Path(run_dir_for(cfg["out"], cfg["runs_root"], "evaluate")).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "ope_table.md", report.markdown())
+    summary = {"split": cfg["split"], "data": logs.summary(), "bandit_log": True,
+               "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.metrics().items()},
+               "notes": report.notes, "artifacts": {"table_md": "ope_table.md"}}
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary, run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}  (FUSION_LIGHTNING_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
-    print((run_dir / "fusion_table.md").read_text())
+    print((run_dir / summary["artifacts"]["table_md"]).read_text())
     print(f"run dir: {run_dir}")
     return 0
 

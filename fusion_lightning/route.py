@@ -10,6 +10,9 @@ picks the threshold on the val split of the checkpoint's run (or on `--input` qu
 the checkpoint (in place, atomically, or in `--save-ckpt`); later runs route by it unless `--lam` is given
 or `--mode argmax`. `--format routerarena` writes RouterArena's prediction file, `--format routellm` a
 prompt,model,score CSV.
+
+`--ope LOG` estimates the router off-policy on a bandit log (serve's request log, any LLMFusionBench
+file with `propensity`): what it would score before it serves (fusion_lightning/query/offline.py).
 """
 
 from __future__ import annotations
@@ -66,6 +69,22 @@ def _calibrate(args: argparse.Namespace, router: Router, records: list[dict] | N
           f"strong calls{cost} -> {written}")
 
 
+def _ope(args: argparse.Namespace) -> int:
+    """--ope: the router's off-policy estimates on a bandit log, printed as a table."""
+    from fusion_lightning.data.logtable import load_logs
+    from fusion_lightning.query.offline import evaluate_offline
+
+    try:
+        logs = load_logs(args.ope_format, args.ope)
+        report = evaluate_offline(logs, {"router": Router.load(args.ckpt)}, split=args.ope_split,
+                                  lam=args.lam or 0.0, propensity=args.propensity)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.markdown())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fusion_lightning.route", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,9 +104,18 @@ def main(argv: list[str] | None = None) -> int:
                     "single on train and the cheapest other model)")
     ap.add_argument("--save-ckpt", type=Path, help="write the calibrated checkpoint here instead of in place")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--ope", metavar="LOG", help="estimate this router off-policy on a bandit log (a file or folder, "
+                    "e.g. serve's request log) before it serves: naive, DM, IPS, SNIPS and DR with 95%% intervals")
+    ap.add_argument("--ope-format", default="llmfusionbench", help="the --ope log's reader (default llmfusionbench, "
+                    "the request log's format)")
+    ap.add_argument("--ope-split", default="all", help="the log's split to estimate on (default all: every query)")
+    ap.add_argument("--propensity", choices=("logged", "estimate"), default="logged",
+                    help="--ope: the log's propensities, or estimate them from its logged choices")
     args = ap.parse_args(argv)
+    if args.ope:
+        return _ope(args)
     if args.calibrate is None and (args.input is None or args.output is None):
-        ap.error("--input and --output are required to route (or give --calibrate)")
+        ap.error("--input and --output are required to route (or give --calibrate, or --ope)")
     try:
         records = read_queries(args.input) if args.input is not None else None
         indices = global_indices(args.input, records) if args.format == "routerarena" and args.output else None

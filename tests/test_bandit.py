@@ -186,3 +186,61 @@ def test_router_logger_writes_its_policy_id(tmp_path):
     assert np.isclose(values, 0.8 + 0.2 / 4).any()
     assert (np.isclose(values, 0.8 + 0.2 / 4) | np.isclose(values, 0.2 / 4)).all()
     assert run(r)["metrics"]["test/ope/ess"] > 0
+
+
+def test_evaluate_and_route_estimate_a_checkpoint_on_a_bandit_log(tmp_path, capsys):
+    from fusion_lightning import evaluate, route
+
+    first = _fit(tmp_path / "router")
+    ckpt = tmp_path / "router" / first["artifacts"]["best_checkpoint"]
+    data = ["data.synthetic.n_queries=240", "data.synthetic.models=4", "data.bandit.logger=uniform"]
+    summary, run_dir = evaluate.run(evaluate.compose([*data, f"routers={{r: {ckpt}}}", f"out={tmp_path / 'ev'}",
+                                                      "bootstrap=200"]))
+    m = summary["metrics"]
+    assert summary["bandit_log"] and (run_dir / "ope_table.md").exists()
+    for est in ("naive", "dm", "ips", "snips", "dr"):
+        assert m[f"ope/r/{est}/perf_lo"] <= m[f"ope/r/{est}/perf"] <= m[f"ope/r/{est}/perf_hi"]
+    assert {"ope/task_best/dr/perf", "ope/best_single/dr/perf", "ope/random/dr/perf", "ope/r/ess"} <= set(m)
+    with pytest.raises(ValueError, match="bandit log"):
+        evaluate.run(evaluate.compose([*data, f"routers={{r: {ckpt}}}", "student={model: x}"]))
+
+    # the same log as a served-traffic file: route --ope estimates the checkpoint before it serves
+    logs = load_from_config({**SMALL, "synthetic": {"n_queries": 240, "models": 4}, "bandit": {"logger": "uniform"}})
+    recs = [{"task_name": r["task"], "query": r["query"], "llm": r["model"], "performance": r["performance"],
+             "cost": r["cost"] * 1e6, "propensity": r["propensity"], "policy": r["policy"]}
+            for r in logs.table.to_pylist()]
+    path = _write(tmp_path / "requests.jsonl", recs)
+    assert route.main(["--ckpt", str(ckpt), "--ope", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| router | dr |" in out and "| task_best | dr |" in out and "effective sample size" in out
+
+
+def test_router_auto_selects_learners_by_dr_on_a_bandit_log(tmp_path):
+    """On a bandit log the `off_policy: direct` candidates train on the logged calls (their twins on DR
+    pseudo-rewards) and every candidate is scored by its DR estimate on val; on a full log they are skipped."""
+    cfg = compose_recipe("router_auto", ["debug=fast", f"run_dir={tmp_path / 'b'}", "data.synthetic.models=4",
+                                         "trainer.max_epochs=2", "data.bandit.logger=uniform"])
+    r = build(cfg)
+    summary = run(r)
+    rows = {row["candidate"]: row for row in r.model.selection["rows"]}
+    assert {"mlp_direct", "knn_50_direct", "mlp", "knn_50"} <= set(rows)
+    assert rows["mlp_direct"]["val_gap_closed"] is None  # no oracle on a bandit log
+    # the val reward each candidate was selected by is its DR estimate: the mean of its DR terms on val
+    val = r.datamodule.splits["val"].tensors
+    from fusion_lightning.query.base import split_arrays
+    from fusion_lightning.query.metrics import per_query_reward
+
+    knn = r.model.candidates["knn_50_direct"]
+    perf, cost = knn.predict(val["x"], val["task"])
+    dr = per_query_reward(knn.predicted_reward(perf, cost, "performance_first").detach().numpy(),
+                          split_arrays(val), "performance_first")
+    assert rows["knn_50_direct"]["val_reward"] == pytest.approx(float(dr.mean()), abs=1e-6)
+    # kNN's index of the direct twin holds the logged calls only, the other one every pair's pseudo-reward
+    assert bool((knn.mask.sum(1) == 1).all()) and bool(r.model.candidates["knn_50"].mask.all())
+    assert "test/ope/dr/perf" in summary["metrics"] and (tmp_path / "b" / "selection.md").exists()
+
+    full = build(compose_recipe("router_auto", ["debug=fast", f"run_dir={tmp_path / 'f'}", "data.synthetic.models=4",
+                                                "trainer.max_epochs=1"]))
+    run(full)
+    names = {row["candidate"] for row in full.model.selection["rows"]}
+    assert "mlp_direct" not in names and "mlp" in names

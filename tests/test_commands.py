@@ -35,7 +35,7 @@ def test_serve_config_holds_the_pipeline_keys_and_the_server_keys():
 @pytest.mark.parametrize(("name", "argv", "valid"), [
     ("collect", ["queries=q.jsonl", "bogus=1"], "backends, catalog, chunk_size"),
     ("serve", ["port=0", "batch_wait=3"], "api_key_env, backends, batch_wait_ms"),
-    ("evaluate", ["data=llmrouter", "routrs=[x]"], "bootstrap, ci_level, data, lam, max_per_task"),
+    ("evaluate", ["data=llmrouter", "routrs=[x]"], "bootstrap, ci_level, data, encoder, lam, max_per_task"),
 ])
 def test_an_unknown_key_is_one_line_naming_the_valid_keys(name, argv, valid, capsys):
     assert COMMANDS[name].main(argv) == 1
@@ -110,7 +110,7 @@ def test_free_form_sections_take_any_keys():
 @pytest.mark.parametrize(("argv", "file", "msg"), [
     (["data=nope"], None, "unknown data 'nope'; choose from: llmfusionbench, llmrouter"),
     (["data.bogus=1"], None, "unknown config key 'data.bogus' (use +data.bogus=... to add a new key); "
-                             "valid keys under 'data': catalog"),
+                             "valid keys under 'data': bandit, catalog"),
     (["data.val_fraction=abc"], None, "data.val_fraction=abc: Value 'abc' of type 'str' could not be converted"),
     (["lam=["], None, "no viable alternative at input '['"),
     (["config=FILE"], {"lam": 1, "bogus": 2}, "config=FILE: unknown config key 'bogus'; valid keys at the top level: bootstrap, ci_level, data"),

@@ -99,7 +99,9 @@ def test_the_test_split_is_read_only_after_the_selection_is_final(tmp_path: Path
 def test_default_candidate_set_runs_and_documents_every_candidate(tmp_path: Path) -> None:
     summary = fit(compose_recipe("router_auto", _subtopic(tmp_path, "trainer.max_epochs=3")))
     cfg = compose_recipe("router_auto")
-    names = {*cfg.model.candidates, *cfg.model.ensembles}
+    # the `off_policy: direct` candidates learn differently only on a bandit log (tests/test_bandit.py)
+    names = {*(n for n, spec in cfg.model.candidates.items() if spec.get("off_policy") != "direct"),
+             *cfg.model.ensembles}
     assert set(summary["selection"]["val_reward"]) == names
     table = (tmp_path / "run" / "selection.md").read_text()
     for name in names:

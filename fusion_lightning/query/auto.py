@@ -32,6 +32,7 @@ from torch import nn
 
 from fusion_lightning.io import atomic_open, atomic_write
 from fusion_lightning.query.base import RouterModule, split_arrays
+from fusion_lightning.query.off_policy import logged_view
 from fusion_lightning.query.metrics import (
     baseline_choices,
     choose,
@@ -86,7 +87,14 @@ class AutoRouter(RouterModule):
             raise ValueError(f"model.reference={reference!r} is not a candidate; candidates: {', '.join(candidates)}")
         shared = dict(embed_dim=embed_dim, models=models, tasks=tasks, binary=binary, encoder=encoder,
                       normaliser=normaliser, model_sizes=model_sizes)
-        self.candidates = nn.ModuleDict({n: instantiate(spec, **shared, _convert_="all")
+        # `off_policy: direct` in a candidate's spec: on a bandit log it learns from the logged calls alone, not
+        # the DR pseudo-rewards the others learn from, so selection (by DR on val) chooses the learner too
+        self.learners = {n: spec.get("off_policy", "auto") for n, spec in candidates.items()}
+        bad = {n: v for n, v in self.learners.items() if v not in ("auto", "direct")}
+        if bad:
+            raise ValueError(f"candidate off_policy must be auto or direct, got {bad}")
+        self.candidates = nn.ModuleDict({n: instantiate({k: v for k, v in spec.items() if k != "off_policy"},
+                                                        **shared, _convert_="all")
                                          for n, spec in candidates.items()})
         self.ensembles = dict(ensembles or {})
         kinds = {kind_of(c) for c in self.candidates.values()}
@@ -147,9 +155,19 @@ class AutoRouter(RouterModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        for c in self.candidates.values():  # children of a ModuleDict are not attached by Lightning
+        train = self.trainer.datamodule.splits["train"]
+        for name, c in self.candidates.items():  # children of a ModuleDict are not attached by Lightning
             c.trainer = self.trainer
-            c.on_fit_start()
+            if self.learners[name] == "direct" and "logged_mask" not in train.tensors:
+                self.stopped.add(name)  # a full log (or off_policy=direct): the same learner as its twin
+                continue
+            full = train.tensors
+            if self.learners[name] == "direct":  # what it reads from the split (kNN's index, the task prior)
+                train.tensors = logged_view(full)
+            try:
+                c.on_fit_start()
+            finally:
+                train.tensors = full
         if self._live is not None:  # resuming: continue from the live weights, not the best ones
             self.load_state_dict({**self.state_dict(), **self._live})
             self._live = None
@@ -162,7 +180,7 @@ class AutoRouter(RouterModule):
             if name in self.stopped:
                 continue
             t0 = time.perf_counter()
-            loss = self.candidates[name].loss(batch)
+            loss = self.candidates[name].loss(logged_view(batch) if self.learners[name] == "direct" else batch)
             opts[i].zero_grad()
             self.manual_backward(loss)
             opts[i].step()
@@ -258,6 +276,7 @@ class AutoRouter(RouterModule):
 
     def _rows(self, rewards: dict, perf_cost: dict, winner: str, arrays) -> list[dict[str, Any]]:
         train = split_arrays(self.trainer.datamodule.splits["train"].tensors)
+        bandit, arrays = arrays.bandit, arrays.estimable()  # a bandit log: DR estimates, no oracle
         base = baseline_choices(train, arrays, "performance_first", self.hparams.model_sizes)
         single, oracle = (outcome(base[b], arrays, "performance_first")["perf"] for b in ("best_single", "oracle"))
         ref = rewards[self.hparams.reference]
@@ -275,7 +294,7 @@ class AutoRouter(RouterModule):
             rows.append({
                 "candidate": name, "kind": kind_of(self.candidates[name]) if is_cand else "ensemble",
                 "selected": name == winner, "val_reward": float(rewards[name].mean()), "val_perf": o["perf"],
-                "val_cost": o["cost"], "val_gap_closed": gap_closed(o["perf"], single, oracle),
+                "val_cost": o["cost"], "val_gap_closed": None if bandit else gap_closed(o["perf"], single, oracle),
                 "gain_over_reference": float(diff.mean()), "gain_se": se,
                 "best_epoch": self.best[name]["epoch"] if is_cand else None,
                 "epochs": self.epochs[name] if is_cand else None,
@@ -357,7 +376,7 @@ def write_selection(selection: dict[str, Any], out_dir: Path) -> dict[str, str]:
     for r in sorted(rows, key=lambda r: -r["val_reward"]):
         name = f"**{r['candidate']}**" if r["selected"] else r["candidate"]
         lines.append(f"| {name} | {r['kind']} | {r['val_reward']:.4f} | {r['val_perf']:.4f} | "
-                     f"{r['val_gap_closed']:.3f} | {r['gain_over_reference']:+.4f} ± {r['gain_se']:.4f} | "
+                     f"{num(r['val_gap_closed'], '.3f')} | {r['gain_over_reference']:+.4f} ± {r['gain_se']:.4f} | "
                      f"{num(r['best_epoch'], 'd')} | {num(r['epochs'], 'd')} | {num(r['train_s'], '.1f')} | "
                      f"{r['settings']} |")
     atomic_write(paths["selection_md"], "\n".join(lines) + "\n")

@@ -30,6 +30,15 @@ from fusion_lightning.query.ope import cross_fit_rewards, logged_shares, pseudo_
 
 OFF_POLICY = ("auto", "direct", "dr", "ips")
 BANDIT_KEYS = ("prop", "perf_dm", "cost_dm", "perf_n_dm", "cost_n_dm")  # what val/test batches carry
+LOGGED_KEYS = ("perf", "cost", "perf_n", "cost_n", "mask")  # train under dr/ips also carries logged_<key>
+
+
+def logged_view(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A train batch (or split) as the direct method sees it: its logged calls in place of the pseudo-rewards
+    (unchanged when it carries no logged copy: a full log, or off_policy=direct)."""
+    if "logged_mask" not in tensors:
+        return tensors
+    return {**tensors, **{k: tensors[f"logged_{k}"] for k in LOGGED_KEYS}}
 
 
 @dataclass
@@ -62,6 +71,10 @@ class BanditTargets:
                 out[k] = torch.from_numpy(pseudo_values(self.observed[k][rows], y_hat, mask,
                                                         self.propensity[rows]).astype(np.float32))
             out["mask"] = torch.ones(mask.shape, dtype=torch.bool)
+            # the logged calls too, for learners that train on them (router_auto's `off_policy: direct` candidates)
+            for k in ("perf", "cost", "perf_n", "cost_n"):
+                out[f"logged_{k}"] = torch.from_numpy(np.nan_to_num(self.observed[k][rows]).astype(np.float32))
+            out["logged_mask"] = torch.from_numpy(mask)
             return out
         out = {"prop": torch.from_numpy(np.where(mask, self.propensity[rows], 1.0).astype(np.float32))}
         for k in ("perf", "cost", "perf_n", "cost_n"):
