@@ -32,7 +32,6 @@ from torch import nn
 
 from fusion_lightning.io import atomic_open, atomic_write
 from fusion_lightning.query.base import RouterModule, split_arrays
-from fusion_lightning.query.off_policy import logged_view
 from fusion_lightning.query.metrics import (
     baseline_choices,
     choose,
@@ -41,6 +40,7 @@ from fusion_lightning.query.metrics import (
     per_query_reward,
     select_over_reference,
 )
+from fusion_lightning.query.off_policy import logged_view
 
 _PREFIX = "candidates."
 
