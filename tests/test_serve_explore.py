@@ -265,3 +265,63 @@ def test_greedy_serving_logs_propensity_one_and_its_policy_id(router_ckpt, upstr
         want = f"router:{file_hash(router_ckpt)}" if name == "router" else "default:beta"
         assert [r["policy"] for r in records] == [want] * len(QUERIES) + ["direct:alpha"] * 2
         assert "fusion_explored_total{" not in metrics  # greedy: nothing explored
+
+
+def test_the_loop_closes_serve_explore_feedback_retrain_off_policy_and_serve_the_new_router(router_ckpt, upstreams,
+                                                                                           tmp_path):
+    """Served traffic with ε-exploration, scored by feedback, is a bandit log `fit` trains on off-policy (DR
+    pseudo-rewards, off-policy estimates in place of the full table); the new checkpoint then serves under its
+    own policy id."""
+    from planted import _WORDS, MODELS
+
+    from fusion_lightning.config import compose_recipe
+    from fusion_lightning.fit import fit
+
+    rng = np.random.default_rng(0)
+    tasks = ("arithmetic", "geography")
+    queries = [(t, f"served {t} question {i}: " + " ".join(rng.choice(_WORDS[t], 4))) for i in range(120)
+               for t in (tasks[i % 2],)]
+    pipe = FusedPipeline.from_config(pipeline_config(
+        upstreams, {"ckpt": str(router_ckpt), "explore": "epsilon", "epsilon": 0.6, "seed": 1}))
+    log_dir = tmp_path / "log"
+    server, url = serve_in_thread(pipe, log_dir=str(log_dir), batch_wait_ms=5)
+    try:
+        c = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+        for task, q in queries:
+            r = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": q}], max_tokens=2,
+                                          extra_body={"task": task})
+            p_right = MODELS[r.fusion["routed_to"]][0][tasks.index(task)]
+            score = float(rng.random() < p_right)  # the planted truth: alpha on arithmetic, beta on geography
+            assert httpx.post(f"{url}/feedback", json={"id": r.id, "score": score}).status_code == 200
+        server.fusion.request_log.flush()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    run_dir = tmp_path / "retrained"
+    summary = fit(compose_recipe("router_mlp", ["data=llmfusionbench", f"data.path={log_dir}", "data.split=query",
+                                                "encoder=hashing", f"run_dir={run_dir}", "trainer.max_epochs=10",
+                                                "logger=none"]))
+    assert summary["data"]["bandit_log"] == 1 and summary["data"]["calls_per_query_max"] == 1
+    m = summary["metrics"]
+    assert m["test/ope/dr/perf_lo"] <= m["test/ope/dr/perf"] <= m["test/ope/dr/perf_hi"]
+    assert "test/oracle/perf" not in m and (run_dir / "ope_report.md").exists()
+    notes = json.loads((run_dir / "data_report.json").read_text())["notes"]
+    assert any("off_policy=auto (dr)" in n for n in notes)
+
+    new_ckpt = run_dir / summary["artifacts"]["best_checkpoint"]
+    new = FusedPipeline.from_config(pipeline_config(upstreams, {"ckpt": str(new_ckpt), "explore": "epsilon",
+                                                                "epsilon": 0.1}))
+    assert new.policy_id == f"router:{file_hash(new_ckpt)}:epsilon=0.1" != pipe.policy_id
+    log2 = tmp_path / "log2"
+    server, url = serve_in_thread(new, log_dir=str(log2))
+    try:
+        r = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60).chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": queries[0][1]}], max_tokens=2)
+        assert r.fusion["routed_to"] in NAMES
+        server.fusion.request_log.flush()
+    finally:
+        server.shutdown()
+        server.server_close()
+    (record,) = read_records(log2)
+    assert record["policy"] == new.policy_id and 0 < record["propensity"] <= 1
