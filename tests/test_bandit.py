@@ -128,7 +128,8 @@ def test_fit_on_a_bandit_log_reports_estimates_never_the_full_table(tmp_path):
     assert m["test/ope/dr/perf_lo"] <= m["test/ope/dr/perf"] <= m["test/ope/dr/perf_hi"]
     assert "test/ope/task_best/dr/perf" in m and "test/ope/random/dr/perf" in m and "test/ope/ess" in m
     # the full-information metrics are refused: no oracle, no gap closed, no routing table
-    assert not any(k in m for k in ("test/oracle/perf", "test/gap_closed", "test/perf", "test/random/perf"))
+    assert not any(k in m for k in ("test/oracle/perf", "test/gap_closed", "test/random/perf", "test/best_single/perf"))
+    assert m["test/perf"] == m["test/ope/dr/perf"] and m["test/reward"] == m["test/ope/dr/reward"]
     assert not (tmp_path / "routing_table.md").exists()
     report = (tmp_path / "ope_report.md").read_text()
     assert "bandit log" in report and "Which estimate to trust" in report and "oracle" in report
@@ -244,3 +245,21 @@ def test_router_auto_selects_learners_by_dr_on_a_bandit_log(tmp_path):
     run(full)
     names = {row["candidate"] for row in full.model.selection["rows"]}
     assert "mlp_direct" not in names and "mlp" in names
+
+
+@pytest.mark.parametrize("recipe", ["router_residual", "router_knn", "router_graph", "router_dc"])
+def test_routers_train_and_are_estimated_on_a_bandit_log(tmp_path, recipe):
+    summary = fit(compose_recipe(recipe, ["debug=fast", f"run_dir={tmp_path}", "data.synthetic.models=4",
+                                          "data.bandit.logger=uniform"]))
+    m = summary["metrics"]
+    assert np.isfinite(m["test/ope/dr/perf"]) and "test/oracle/perf" not in m
+    assert (tmp_path / "ope_report.md").exists()
+
+
+@pytest.mark.parametrize(("recipe", "message"), [
+    ("router_bt", "battles need two answers to one query"),
+    ("router_cascade", "replaying every model's logged answer"),
+])
+def test_routers_that_need_every_answer_say_so_on_a_bandit_log(tmp_path, recipe, message):
+    with pytest.raises(ValueError, match=message):
+        fit(compose_recipe(recipe, ["debug=fast", f"run_dir={tmp_path}", "data.bandit.logger=uniform"]))

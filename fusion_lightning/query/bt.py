@@ -116,7 +116,9 @@ class BTRouter(RouterModule):
         dm = self.trainer.datamodule
         train = dm.pairs["train"]
         if len(train) == 0:
-            raise ValueError("no train battles: the train split has no pair of models to compare")
+            hint = (" (a bandit log: one model per query has nothing to compare; battles need two answers to one "
+                    "query)") if dm.logs.bandit else ""
+            raise ValueError(f"no train battles: the train split has no pair of models to compare{hint}")
         t = dm.splits["train"].tensors
         self.fit_battles(train.wins(), dm.pair_x["train"], t.get("cost_n"), t.get("mask"))
         elo = {m: round(ELO_INIT + ELO_SCALE * float(r), 1) for m, r in zip(self.hparams.models, self.ratings,

@@ -39,6 +39,9 @@ class CascadeDataModule(RouterDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        if self.logs.bandit:  # before the embeddings: nothing to replay
+            raise ValueError(f"the cascade is evaluated offline by replaying every model's logged answer along its "
+                             f"chain, and this is a bandit log ({self.logs.shape.reason}): use a full-information log")
         super().setup(stage)
         models = list(self.matrices["train"].models)
         ids, texts = response_matrix(self.logs, models)

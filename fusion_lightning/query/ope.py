@@ -243,7 +243,7 @@ def ope_routing_metrics(router_scores: dict[str, np.ndarray], train: RoutingArra
     full-information metrics (which need every model's answer).
 
     Keys (main setting): `ope/<estimator>/<perf|cost|reward>` (+ `_lo`, `_hi`) of the router for every
-    estimator; `ope/<baseline>/dr/<metric>` (+ `_lo`, `_hi`) for best single, task-best (both learnt from
+    estimator, and its DR estimates as `perf`, `cost`, `reward` (what a checkpoint monitor watches); `ope/<baseline>/dr/<metric>` (+ `_lo`, `_hi`) for best single, task-best (both learnt from
     `train`), cheapest, largest and random (uniform); `ope/dr/reward_vs_task_best` (+ interval, paired);
     `ope/ess`, `ope/queries`, `ope/support/unsupported|rare`. Other settings: `ope/<setting>/dr/reward`.
     Also returns the report's details (every estimate, the recommendation)."""
@@ -277,6 +277,8 @@ def ope_routing_metrics(router_scores: dict[str, np.ndarray], train: RoutingArra
                 for k in (ESTIMATORS if name == "router" else ("dr",)):
                     out[f"{prefix}/{k}/{metric}"] = est[k].value
                     out[f"{prefix}/{k}/{metric}_lo"], out[f"{prefix}/{k}/{metric}_hi"] = est[k].lo, est[k].hi
+        for metric in ys:  # the router's DR estimates also under the plain keys checkpointing may watch
+            out[metric] = out[f"ope/dr/{metric}"]
         diff = boot.estimate(terms[("router", "reward")]["dr"][0] - terms[("task_best", "reward")]["dr"][0])
         out["ope/dr/reward_vs_task_best"] = diff.value
         out["ope/dr/reward_vs_task_best_lo"], out["ope/dr/reward_vs_task_best_hi"] = diff.lo, diff.hi
