@@ -54,7 +54,7 @@ def test_onnx_int8_agrees_with_fp32_on_llmrouter_queries_and_routes_the_same(onn
     train = rng.choice(np.flatnonzero(m.splits == "train"), 300, replace=False)  # fp32 only: the router's data
     test = rng.choice(np.flatnonzero(m.splits == "test"), 200, replace=False)
     texts = [m.queries[i] for i in np.concatenate([train, test])]
-    fp32 = build_encoder("minilm").encode(texts)
+    fp32 = build_encoder("minilm+torch").encode(texts)
     onnx32 = build_encoder("minilm+onnx", export_dir=onnx_export).encode(texts)
     int8 = build_encoder("minilm+onnx-int8", export_dir=onnx_export).encode(texts)
     assert (onnx_export / "model.onnx").is_file() and (onnx_export / "model_int8.onnx").is_file()
@@ -82,7 +82,7 @@ QUERIES = ["What is the capital of France?", "Solve 12 * 17 and explain each ste
 
 def test_onnx_encoders_match_torch_without_the_shared_data(onnx_export: Path) -> None:
     """The export, fusions and quantisation run in CI too (the LLMRouter check above needs shared data)."""
-    fp32 = build_encoder("minilm").encode(QUERIES)
+    fp32 = build_encoder("minilm+torch").encode(QUERIES)
     onnx32 = build_encoder("minilm+onnx", export_dir=onnx_export).encode(QUERIES, batch_size=8)
     int8 = build_encoder("minilm+onnx-int8", export_dir=onnx_export).encode(QUERIES, batch_size=8)
     assert onnx32.shape == int8.shape == fp32.shape == (len(QUERIES), 384)
@@ -129,3 +129,25 @@ def test_routing_agreement_at_a_strong_call_budget() -> None:
     assert noisy["changed_median_margin"] < noisy["median_margin"] / 3
     with pytest.raises(ValueError, match="strong_share needs 2 models"):
         routing_agreement(x, x, np.tile(perf, (1, 2)), 400, strong_share=0.5)
+
+
+def test_the_default_encoder_is_onnx_fp32_with_torchs_vectors_name_and_picks() -> None:
+    """`minilm` (no backend option) runs on ONNX Runtime fp32 on the CPU: the torch encoder's vectors
+    within tolerance, its cache key and checkpoint name, and the same routing picks; `+torch` forces torch."""
+    from fusion_lightning.data.embed_job import EncoderModule
+    from fusion_lightning.data.embeddings import SentenceTransformerEncoder
+    from fusion_lightning.data.onnx_encoder import OnnxEncoder
+
+    default, torch_enc = build_encoder("minilm"), build_encoder("minilm+torch")
+    assert isinstance(default, OnnxEncoder) and default.auto and not default.quantize
+    assert isinstance(torch_enc, SentenceTransformerEncoder)
+    assert default.name == torch_enc.name == "all-MiniLM-L6-v2"
+    assert parse_encoder_spec("minilm") == ("minilm", "auto", None)
+    assert isinstance(build_encoder("minilm", device="cuda"), SentenceTransformerEncoder)  # a GPU: torch
+    texts = [f"{q} (variant {i})" for i in range(12) for q in QUERIES]
+    a, b = default.encode(texts, batch_size=16), torch_enc.encode(texts, batch_size=16)
+    assert np.abs(a - b).max() < 1e-4
+    rng = np.random.default_rng(0)
+    perf = rng.random((len(texts), 4))
+    assert routing_agreement(b, a, perf, len(texts) // 2)["same_pick"] == 1.0
+    assert isinstance(EncoderModule("minilm").encoder, OnnxEncoder)  # the embed job on a CPU keeps ONNX

@@ -99,3 +99,21 @@ def test_cli_routes_jsonl_and_reports_bad_lines(trained: Path, tmp_path: Path, c
     err = capsys.readouterr().err
     assert "3 bad input line(s)" in err and "line 2" in err and "line 3" in err and "line 4" in err
     assert not out2.exists()
+
+
+def test_repeated_prompts_are_embedded_once(trained: Path) -> None:
+    """Served traffic repeats prompts: the router remembers the last `memo_size` texts' vectors, so a repeat
+    costs no encoder call and routes exactly as the first time."""
+    router = Router.load(trained, memo_size=3)
+    calls: list[list[str]] = []
+    encode = router.encoder.encode
+    router.encoder.encode = lambda texts, **kw: calls.append(list(texts)) or encode(texts, **kw)
+    qs = ["add the sum of these numbers", "which river crosses the capital", "add the sum of these numbers"]
+    first = router.route(qs)
+    assert calls == [qs[:2]]  # each distinct text once
+    again = router.route(qs)
+    assert calls == [qs[:2]] and router.memo_hits == 3
+    np.testing.assert_array_equal(first.scores, again.scores)
+    router.route(["a poem with rhyme", "a sonnet with verse"])  # past memo_size: the oldest is forgotten
+    router.route([qs[0]])
+    assert calls[-1] == [qs[0]]

@@ -195,6 +195,8 @@ class EncoderModule(L.LightningModule):
         self.calls = 0  # encode calls; tests count them
 
     def setup(self, stage: str) -> None:
+        if getattr(self.encoder, "auto", False) and self.trainer.strategy.root_device.type != "cpu":
+            self.encoder = self.encoder.torch_encoder  # ONNX Runtime is the CPU default; a GPU runs torch
         load = getattr(self.encoder, "_load", None)
         model = load() if load is not None and hasattr(self.encoder, "path") else None
         if isinstance(model, torch.nn.Module):

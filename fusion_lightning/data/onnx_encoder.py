@@ -17,6 +17,7 @@ Exports happen once, offline, from the local weights (the packaged MiniLM), unde
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ class OnnxEncoder:
         self.threads = threads
         self.export_dir = Path(export_dir) if export_dir else onnx_cache_root() / _dir_name(base)
         self.device = "cpu"
+        self.auto = False  # built for a name without a backend option (build_encoder): torch may stand in
         self._session: Any = None
 
     @property
@@ -133,7 +135,8 @@ class OnnxEncoder:
         raw = out.with_name("raw.onnx")
         out.parent.mkdir(parents=True, exist_ok=True)
         axes = {k: {0: "batch", 1: "seq"} for k in [*names, "token_embeddings"]}
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():  # the tracer's notes on MiniLM's masks: not ours to act on
+            warnings.simplefilter("ignore")
             torch.onnx.export(Wrapped(hf), tuple(dummy[k] for k in names), str(raw), input_names=names,
                               output_names=["token_embeddings"], dynamic_axes=axes, opset_version=17,
                               dynamo=False)

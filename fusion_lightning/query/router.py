@@ -13,6 +13,8 @@ the task list and the normalisation constants; after `route --calibrate` also a 
 from __future__ import annotations
 
 import importlib
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +65,15 @@ def load_router_module(path: str | Path) -> RouterModule:
 class Router:
     """A trained router plus its query encoder; batched, CPU or GPU."""
 
-    def __init__(self, module: RouterModule, encoder: Encoder | None = None):
+    def __init__(self, module: RouterModule, encoder: Encoder | None = None, memo_size: int = 4096):
         self.module = module
         self._encoder = encoder
+        # served traffic repeats prompts (retries, templates, the same question from many users): the last
+        # `memo_size` distinct texts' embeddings are kept, so a repeat costs no encoder call
+        self.memo_size = int(memo_size)
+        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._memo_lock = threading.Lock()
+        self.memo_hits = 0
         self.models: list[str] = list(module.hparams.models)
         self.calibration: dict | None = getattr(module, "calibration", None)
         self._task_index = {t: i for i, t in enumerate(module.hparams.tasks)}
@@ -78,8 +86,29 @@ class Router:
         return self._encoder
 
     @classmethod
-    def load(cls, path: str | Path, encoder: Encoder | None = None) -> Router:
-        return cls(load_router_module(path), encoder)
+    def load(cls, path: str | Path, encoder: Encoder | None = None, memo_size: int = 4096) -> Router:
+        return cls(load_router_module(path), encoder, memo_size)
+
+    def embed(self, queries: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """[N, D] the encoder's vectors of `queries`, remembered ones from the memo, the rest encoded in one
+        call (each distinct text once)."""
+        with self._memo_lock:
+            known = {q: self._memo[q] for q in dict.fromkeys(queries) if q in self._memo}
+            for q in known:
+                self._memo.move_to_end(q)
+        todo = [q for q in dict.fromkeys(queries) if q not in known]
+        fresh = dict(zip(todo, self.encoder.encode(todo, batch_size=batch_size), strict=True)) if todo else {}
+        if self.memo_size > 0 and fresh:
+            with self._memo_lock:
+                self._memo.update(fresh)
+                while len(self._memo) > self.memo_size:
+                    self._memo.popitem(last=False)
+        with self._memo_lock:
+            self.memo_hits += sum(q in known for q in queries)
+        vectors = {**known, **fresh}
+        if not queries:
+            return np.zeros((0, self.encoder.dim), np.float32)
+        return np.stack([vectors[q] for q in queries]).astype(np.float32, copy=False)
 
     def task_ids(self, tasks: Sequence[str | None] | None, n: int) -> torch.Tensor:
         """Task indices; unknown or missing tasks map to 0 (the router's 'unknown task')."""
@@ -141,7 +170,7 @@ class Router:
         """
         feats = self.module.featurize(list(queries))
         if feats is None:
-            feats = self.encoder.encode(list(queries), batch_size=batch_size)
+            feats = self.embed(list(queries), batch_size=batch_size)
         feats = torch.as_tensor(feats)
         idx, w = self.task_weights(queries, feats, tasks)
         result = self.route_embeddings(feats, idx, lam=lam, task_weights=w)
