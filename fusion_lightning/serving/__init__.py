@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import SAMPLING_KEYS, Backend, Generation, Prompt, Sampling, resolve_sampling, to_messages
-from .openai_http import BackendError, OpenAICompatibleBackend
+from .openai_http import BackendError, OpenAICompatibleBackend, QueueFull
 
 __all__ = [
     "SAMPLING_KEYS",
@@ -24,6 +24,7 @@ __all__ = [
     "LocalBackend",
     "OpenAICompatibleBackend",
     "Prompt",
+    "QueueFull",
     "Sampling",
     "build_backend",
     "resolve_sampling",

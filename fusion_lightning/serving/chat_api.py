@@ -5,6 +5,7 @@ Kept apart from the app (server.py) so the protocol reads in one place."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,28 +13,34 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from .base import Generation, resolve_sampling, to_messages
-from .upstream import BackendError
+from .upstream import BackendError, QueueFull
 
 MODEL_NAME = "fusion-router"
 MAX_N = 16
 
 
 class APIError(Exception):
-    """An answer with an OpenAI error body."""
+    """An answer with an OpenAI error body (and `headers`, e.g. Retry-After)."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+                 param: str | None = None, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status, self.kind, self.code, self.param = status, kind, code, param
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers or None)
 
 
 def upstream_error(e: BaseException) -> APIError:
+    """A backend's failure as the client's error: 503 `upstream_queue_full` with `Retry-After` for a
+    request the backend refused at once (its queue is full: try again), else 502 `upstream_error`."""
+    if isinstance(e, QueueFull):
+        return APIError(503, f"the backend is at capacity, try again later: {e}", "server_error",
+                        "upstream_queue_full", headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))})
     msg = str(e) if isinstance(e, BackendError) else f"{type(e).__name__}: {e}"
     return APIError(502, f"the backend failed: {msg}", "upstream_error", "upstream_error")
 

@@ -12,7 +12,13 @@ written to the cache or put in a message.
 A server uses the async side: `acomplete(prompt)` (one answer, same retries and cache) and
 `astream(prompt)` (the upstream's server-sent events passed through as they arrive, with
 `stream_options.include_usage` for token counts). A stream is retried only until its first piece
-of text has been passed on; after that a failure is a `BackendError` ("stream broke").
+of text has been passed on; after that a failure is a `BackendError` ("stream broke"). There, too,
+at most `max_concurrency` requests are in flight per event loop; a request that finds them all busy
+waits for a slot, unless `max_queue` requests are already waiting (None, the default: no bound):
+then it fails at once with `QueueFull` (a `BackendError` with a `retry_after` hint), which a server
+answers with 503. `upstream_load()` is (in flight, waiting) now, `upstream_rejected` the count of
+refusals. The default of 8 in flight is polite to a rate-limited API (`collect`); `serve` raises it
+for every backend that does not set its own (its `upstream_concurrency`, `upstream_queue`).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from .upstream import (
     AsyncPools,
     BackendError,
     Cancelled,
+    QueueFull,
     Retryable,
     StreamState,
     parse_retry_after,
@@ -56,7 +63,7 @@ from .upstream import (
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = ".cache/fusion_lightning/generations"
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
-__all__ = ["BackendError", "OpenAICompatibleBackend"]
+__all__ = ["BackendError", "OpenAICompatibleBackend", "QueueFull"]
 
 
 class OpenAICompatibleBackend:
@@ -66,7 +73,9 @@ class OpenAICompatibleBackend:
     disables the cache. `errors="raise"` raises `BackendError` for the first prompt that fails for
     good (after in-flight requests finish and are cached); `errors="return"` returns a
     `Generation` with `error` set for each failed prompt instead. With the cache on, identical
-    requests in one call are sent once and share the answer."""
+    requests in one call are sent once and share the answer. `max_concurrency`: the most requests in
+    flight (a batch's threads; on the async side, per event loop); `max_queue`: on the async side, the
+    most requests waiting for a slot before one more is refused with `QueueFull` (None: no bound)."""
 
     def __init__(
         self,
@@ -76,6 +85,7 @@ class OpenAICompatibleBackend:
         name: str | None = None,
         api_key_env: str | None = None,
         max_concurrency: int = 8,
+        max_queue: int | None = None,
         timeout_s: float = 60.0,
         max_retries: int = 5,
         backoff_base: float = 1.0,
@@ -89,6 +99,8 @@ class OpenAICompatibleBackend:
     ):
         if max_concurrency < 1 or max_retries < 0 or timeout_s <= 0 or backoff_base < 0:
             raise ValueError("need max_concurrency >= 1, max_retries >= 0, timeout_s > 0, backoff_base >= 0")
+        if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
+            raise ValueError(f"max_queue must be an integer >= 0 or None (no bound), got {max_queue!r}")
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         if api_key_env is not None and not os.environ.get(api_key_env):
@@ -96,6 +108,7 @@ class OpenAICompatibleBackend:
         self.base_url, self.model, self.name = base_url.rstrip("/"), model, name or model
         self.url = f"{self.base_url}/chat/completions"
         self.api_key_env, self.max_concurrency, self.timeout_s = api_key_env, max_concurrency, timeout_s
+        self.max_queue = max_queue
         self.max_retries, self.backoff_base, self.max_backoff = max_retries, backoff_base, max_backoff
         self.default_sampling, self.extra_body = dict(sampling or {}), dict(extra_body or {})
         resolve_sampling(self.default_sampling, {})  # fail early on bad defaults
@@ -105,6 +118,7 @@ class OpenAICompatibleBackend:
         self._sleep = time.sleep  # tests replace it to record the backoff delays
         self._client: httpx.Client | None = None  # made on first use; thread-safe, pooled
         self._aclients: dict[Any, AsyncPools] = {}  # per event loop
+        self._rejected_closed = 0  # refusals counted by pools since closed
         self._client_lock = threading.Lock()
         self._pending: set[asyncio.Future] = set()  # cache writes the async side started
 
@@ -112,7 +126,8 @@ class OpenAICompatibleBackend:
         cache = None if self.cache is None else str(self.cache.root)
         return (
             f"OpenAICompatibleBackend(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r}, "
-            f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency}, cache_dir={cache!r})"
+            f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency}, max_queue={self.max_queue}, "
+            f"cache_dir={cache!r})"
         )
 
     # -- requests -------------------------------------------------------------------------------
@@ -159,14 +174,28 @@ class OpenAICompatibleBackend:
         with self._client_lock:
             pools = self._aclients.get(loop)
             if pools is None:
+                admit = {"max_queue": self.max_queue, "name": self.name}
                 if lean_transport_applies():  # no proxy to honour: the lean transport, one pool
-                    timeout = httpx.Timeout(self.timeout_s, pool=None)
+                    timeout, idle = httpx.Timeout(self.timeout_s, pool=None), max(256, self.max_concurrency)
                     pools = AsyncPools(self.max_concurrency, lambda n: httpx.AsyncClient(
-                        transport=LeanAsyncTransport(), timeout=timeout), per_pool=self.max_concurrency)
+                        transport=LeanAsyncTransport(max_idle=idle), timeout=timeout), per_pool=self.max_concurrency,
+                        **admit)
                 else:
-                    pools = AsyncPools(self.max_concurrency, lambda n: httpx.AsyncClient(**self._limits(n)))
+                    pools = AsyncPools(self.max_concurrency, lambda n: httpx.AsyncClient(**self._limits(n)), **admit)
                 self._aclients[loop] = pools
             return pools
+
+    def upstream_load(self) -> tuple[int, int]:
+        """(requests in flight, requests waiting for a slot) on the async side, summed over event loops."""
+        with self._client_lock:
+            pools = list(self._aclients.values())
+        return sum(p.in_flight for p in pools), sum(p.queued for p in pools)
+
+    @property
+    def upstream_rejected(self) -> int:
+        """Requests refused with `QueueFull` so far (async side)."""
+        with self._client_lock:
+            return self._rejected_closed + sum(p.rejected for p in self._aclients.values())
 
     def close(self) -> None:
         with self._client_lock:
@@ -178,6 +207,7 @@ class OpenAICompatibleBackend:
         """Close this event loop's connections (a server calls it on shutdown)."""
         with self._client_lock:
             pools = self._aclients.pop(asyncio.get_running_loop(), None)
+            self._rejected_closed += pools.rejected if pools is not None else 0
         if pools is not None:
             await pools.aclose()
 

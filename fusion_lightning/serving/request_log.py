@@ -25,6 +25,10 @@ Appends are whole lines: the writer thread (a reply never waits for the disk) wr
 lines with one `write` to a file opened for appending, under a thread lock and `io.file_lock`, so
 server processes that share a folder never interleave lines or rotate twice; a line a crash cut
 short is ended before the next append, so it costs that one record (the reader names its line).
+
+Feedback for a request another process answered (serve `workers=N`) is found in the files: this
+process's own writes are flushed first, and with `find_wait_s` an id not found is looked for again
+in the newest files for that long (the other process's writer thread may not have written it yet).
 """
 
 from __future__ import annotations
@@ -71,10 +75,11 @@ def served_record(*, request_id: str, choice: int, query: str, task: str | None,
 
 class RequestLog:
     def __init__(self, root: str | os.PathLike, max_bytes: int = 64 << 20, remember: int = 100_000,
-                 fsync: bool = False):
+                 fsync: bool = False, find_wait_s: float = 0.0):
         if max_bytes < 1024:
             raise ValueError(f"max_bytes must be >= 1024, got {max_bytes}")
         self.root, self.max_bytes, self.fsync = Path(root), int(max_bytes), fsync
+        self.find_wait_s = float(find_wait_s)  # how long to look again for an id that another process logs
         self.root.mkdir(parents=True, exist_ok=True)
         self._recent: OrderedDict[str, list[dict]] = OrderedDict()  # request id -> its records, by choice
         self._remember, self._lock = remember, threading.Lock()
@@ -143,12 +148,13 @@ class RequestLog:
             if request_id in self._recent:
                 return self._recent[request_id]
         self.flush()
-        found: dict[int, dict] = {}
-        for path in reversed(self.segments):  # an older request: its latest records, newest file first
-            for rec in _records_of(path, request_id):
-                found.setdefault(int(rec.get("choice") or 0), rec)
-            if found:
-                break
+        segments = self.segments
+        found = _find_in(reversed(segments), request_id)
+        deadline = time.monotonic() + self.find_wait_s
+        while not found and time.monotonic() < deadline:  # another process may be about to write it
+            time.sleep(0.02)
+            newer = [p for p in self.segments if not segments or p >= segments[-1]]
+            found = _find_in(reversed(newer), request_id)
         if not found:
             raise KeyError(request_id)
         records = [found[i] for i in sorted(found)]
@@ -213,6 +219,17 @@ class RequestLog:
                     if f.read(1) != b"\n":  # a line a crash cut short: end it, never glue a record to it
                         os.write(self._fd, b"\n")
         return self._fd
+
+
+def _find_in(paths: Iterable[Path], request_id: str) -> dict[int, dict]:
+    """The latest record of each choice of `request_id` in the first of `paths` (newest first) that has it."""
+    found: dict[int, dict] = {}
+    for path in paths:
+        for rec in _records_of(path, request_id):
+            found.setdefault(int(rec.get("choice") or 0), rec)
+        if found:
+            break
+    return found
 
 
 def _records_of(path: Path, request_id: str) -> Iterable[dict]:

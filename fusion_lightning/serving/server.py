@@ -6,7 +6,7 @@
     GET  /v1/models[/{id}]      fusion-router, plus each backend by name (bypasses the router)
     POST /v1/feedback           {"id": "chatcmpl-...", "score": 0.8, "choice": 0, "judge": null}:
                                 scores a logged answer (needs a request log)
-    GET  /health                liveness, no key needed
+    GET  /health                liveness (and the worker process's pid), no key needed
     GET  /metrics               Prometheus text format, no key needed
 
 Each request is routed together with those that arrive within `batch_wait_ms` (up to `max_batch`):
@@ -24,6 +24,15 @@ chunk) and the `X-Fusion-Model` header name the backend that answered; `X-Reques
 that feedback names. Errors are OpenAI error bodies (`{"error": {"message", "type", "param",
 "code"}}`) with OpenAI's status codes; an upstream failure is a 502, or an error event in a stream
 that has begun. With `api_key_env` every /v1 route needs `Authorization: Bearer <$api_key_env>`.
+
+Overload: an HTTP backend admits at most its `max_concurrency` calls in flight and `max_queue`
+waiting (serve: `upstream_concurrency`, `upstream_queue`); a call past that is refused at once
+(`QueueFull`) and the request is answered with 503, `code: "upstream_queue_full"` and a
+`Retry-After` header, instead of waiting. A stream refused before its first piece gets that 503
+response too (the upstream call starts before the response does); a refusal after a stream began
+(one of n > 1 samples) is an error event with that code. /metrics shows each backend's calls in
+flight and waiting (`fusion_upstream_in_flight`, `fusion_upstream_queued`) and the refusals
+(`fusion_upstream_rejected_total`).
 """
 
 from __future__ import annotations
@@ -167,6 +176,7 @@ class FusionServer:
         self.pipeline, self.api_key_env, self.default_task = pipeline, api_key_env, default_task
         self.models = [MODEL_NAME, *pipeline.backends]
         self.metrics = ServerMetrics()
+        self.metrics.watch_upstreams(pipeline.backends)
         self.request_log = request_log
         self.router = MicroBatcher(self._plan, max_batch=max_batch, wait_ms=batch_wait_ms, name="route",
                                    on_batch=self.metrics.batch("route"))
@@ -284,7 +294,7 @@ class FusionServer:
             self._done("chat", 200, False, start)
             return JSONResponse(reply, headers=headers)
         except APIError as e:
-            self.metrics.errors.labels("upstream" if e.status == 502 else "request").inc()
+            self.metrics.errors.labels({502: "upstream", 503: "queue_full"}.get(e.status, "request")).inc()
             self._done("chat", e.status, stream, start)
             return e.response()
         except Exception as e:  # noqa: BLE001
@@ -422,7 +432,7 @@ def build_app(pipeline: Any, **kwargs: Any) -> Starlette:
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": MODEL_NAME, "backends": list(pipeline.backends),
-                             "stages": pipeline.stages})
+                             "stages": pipeline.stages, "pid": os.getpid()})
 
     async def metrics(request: Request) -> Response:
         data, content_type = server.metrics.render()

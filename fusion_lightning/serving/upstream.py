@@ -1,6 +1,6 @@
 """What talking to an OpenAI-compatible upstream needs besides the requests themselves (openai_http.py):
 the error types, `Retry-After` and error-body parsing, the reader of a streamed answer's server-sent
-events, and the pools of async clients."""
+events, and the pools of async clients with their admission limits (in flight, waiting)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import email.utils
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -23,6 +24,15 @@ class BackendError(RuntimeError):
 
 class Cancelled(BackendError):
     """A request not sent (or not retried) because the batch is failing or was interrupted."""
+
+
+class QueueFull(BackendError):
+    """A request refused at once: every slot of the backend busy and `max_queue` requests already waiting.
+    `retry_after`: seconds after which a slot is likely free (a hint, at least 1)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Retryable(Exception):
@@ -60,19 +70,44 @@ class AsyncPools:
     """At most `max_concurrency` requests in flight over clients of at most `per_pool` connections each.
     httpx's own pool does work linear in its size on every request (measured: 6.6 ms CPU a request
     with one pool of 32 busy connections, 2.7 ms with four of 8), so with httpx's transport requests
-    go to the least busy of pools of 8; the lean transport (transport.py) needs one."""
+    go to the least busy of pools of 8; the lean transport (transport.py) needs one.
 
-    def __init__(self, max_concurrency: int, make: Any, per_pool: int = 8):
+    Admission: a request that finds every slot busy waits for one, unless `max_queue` requests are
+    already waiting (None: no bound): then it fails at once with `QueueFull`, whose `retry_after` is
+    the time the waiting requests need at the recent slot-holding time. `in_flight`, `queued` and
+    `rejected` count them (read by the server's /metrics)."""
+
+    def __init__(self, max_concurrency: int, make: Any, per_pool: int = 8, max_queue: int | None = None,
+                 name: str = "upstream"):
         n = -(-max_concurrency // per_pool)
         self.make, self.size = make, min(per_pool, max_concurrency)
         self.clients: list[httpx.AsyncClient | None] = [None] * n  # made when first needed
         self.busy = [0] * n
         self.limit = asyncio.Semaphore(max_concurrency)
+        self.max_concurrency, self.max_queue, self.name = max_concurrency, max_queue, name
+        self.in_flight = self.queued = self.rejected = 0
+        self.hold_s = 0.0  # moving average of the seconds a request holds its slot
+
+    def retry_after(self) -> float:
+        """Seconds until the waiting requests (and one more) are likely through: a hint, at least 1."""
+        return max(1.0, math.ceil(self.hold_s * (self.queued + 1) / self.max_concurrency))
 
     @contextlib.asynccontextmanager
     async def client(self) -> AsyncIterator[httpx.AsyncClient]:
-        async with self.limit:  # at most max_concurrency in flight: the least busy pool has room
-            i = self.busy.index(min(self.busy))
+        if self.max_queue is not None and self.in_flight + self.queued >= self.max_concurrency + self.max_queue:
+            self.rejected += 1
+            raise QueueFull(f"{self.name}: upstream queue full ({self.in_flight} requests in flight, the most "
+                            f"{self.max_concurrency}; {self.queued} waiting, the most {self.max_queue})",
+                            self.retry_after())
+        self.queued += 1
+        try:
+            await self.limit.acquire()  # at most max_concurrency in flight: the least busy pool has room
+        finally:
+            self.queued -= 1
+        self.in_flight += 1
+        start = time.monotonic()
+        i = self.busy.index(min(self.busy))
+        try:
             if self.clients[i] is None:
                 self.clients[i] = self.make(self.size)
             self.busy[i] += 1
@@ -80,6 +115,11 @@ class AsyncPools:
                 yield self.clients[i]
             finally:
                 self.busy[i] -= 1
+        finally:
+            self.in_flight -= 1
+            self.limit.release()
+            held = time.monotonic() - start
+            self.hold_s = held if not self.hold_s else 0.9 * self.hold_s + 0.1 * held
 
     async def aclose(self) -> None:
         for c in self.clients:
