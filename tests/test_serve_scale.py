@@ -102,7 +102,14 @@ def test_serve_defaults_answer_64_concurrent_requests_in_about_one_upstream_late
                 return [r.choices[0].message.content for r in replies], time.perf_counter() - start
 
         texts, wall = asyncio.run(run())
+        stages = httpx.get(url.removesuffix("/v1") + "/metrics").text
     assert texts == [f"echo: question {i}" for i in range(64)]
+    # where each request's time went: every stage observed once per request; the upstream's 0.3 s is upstream's
+    for stage in ("encode", "route", "upstream", "write_back"):
+        assert metric(stages, "fusion_stage_seconds_count", stage=stage) == 65
+    upstream = metric(stages, "fusion_stage_seconds_sum", stage="upstream") / 65
+    assert latency <= upstream < 4 * latency
+    assert metric(stages, "fusion_stage_seconds_sum", stage="encode") == 0.0  # no router: nothing encoded
     # capped at 8 in flight this would take 64 / 8 waves x 0.3 s = 2.4 s; uncapped, about one latency
     assert wall < 4 * latency, f"64 requests took {wall:.2f} s"
     assert up.max_in_flight > 32

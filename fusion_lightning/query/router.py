@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ class Router:
         self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
         self._memo_lock = threading.Lock()
         self.memo_hits = 0
+        self.encode_seconds = 0.0  # in the encoder so far: a server reads it to split routing time
         self.models: list[str] = list(module.hparams.models)
         self.calibration: dict | None = getattr(module, "calibration", None)
         self._task_index = {t: i for i, t in enumerate(module.hparams.tasks)}
@@ -97,7 +99,9 @@ class Router:
             for q in known:
                 self._memo.move_to_end(q)
         todo = [q for q in dict.fromkeys(queries) if q not in known]
+        t0 = time.perf_counter()
         fresh = dict(zip(todo, self.encoder.encode(todo, batch_size=batch_size), strict=True)) if todo else {}
+        self.encode_seconds += time.perf_counter() - t0
         if self.memo_size > 0 and fresh:
             with self._memo_lock:
                 self._memo.update(fresh)

@@ -10,6 +10,10 @@ servers in one process (tests) never share counters.
                                                         upstream queue was full), stream (mid-stream), ...
     fusion_batch_size{stage}                            histogram: requests per routing / local batch
     fusion_batch_seconds{stage}                         histogram: time in one batch call
+    fusion_stage_seconds{stage}                         histogram: where a chat request's time goes: encode
+                                                        (its routing batch in the encoder), route (waiting for
+                                                        the batch, scoring, the prompt), upstream (to the last
+                                                        piece of the answer), write_back (log record, reply)
     fusion_tokens_total{model, kind}                    prompt and completion tokens
     fusion_requests_in_flight                           gauge
     fusion_upstream_in_flight{backend}                  gauge: calls to an HTTP backend in flight now
@@ -38,6 +42,7 @@ from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGES = ("encode", "route", "upstream", "write_back")
 
 
 class ServerMetrics:
@@ -54,6 +59,9 @@ class ServerMetrics:
                                     registry=r)
         self.batch_seconds = Histogram("fusion_batch_seconds", "Seconds in one batch call", ["stage"],
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_seconds = Histogram("fusion_stage_seconds", "Seconds of a chat request in each stage",
+                                       ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self._stages = {s: self.stage_seconds.labels(s) for s in STAGES}
         self.tokens = Counter("fusion_tokens", "Tokens", ["model", "kind"], registry=r)
         self.in_flight = Gauge("fusion_requests_in_flight", "Requests being answered", registry=r)
         self.upstream_in_flight = Gauge("fusion_upstream_in_flight", "Calls to an HTTP backend in flight",
@@ -70,6 +78,9 @@ class ServerMetrics:
             self.upstream_queued.labels(name).set_function(lambda b=b: b.upstream_load()[1])
         if watched:
             self.registry.register(_Rejected(watched))
+
+    def stage(self, name: str, seconds: float) -> None:
+        self._stages[name].observe(max(seconds, 0.0))
 
     def batch(self, stage: str):
         """An `on_batch(size, seconds)` callback for a MicroBatcher."""

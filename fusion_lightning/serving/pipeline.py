@@ -85,6 +85,7 @@ class Plan:
     propensity: float = 1.0  # the probability with which the policy chose `model` for this query
     policy: str | None = None  # the policy's id (see the module docstring)
     explored: bool = False  # the policy chose another model than the router's argmax
+    encode_s: float = 0.0  # seconds the batch this plan was made in spent in the router's encoder
 
 
 @dataclass

@@ -186,8 +186,14 @@ class FusionServer:
     def _plan(self, items: list[_RouteItem]) -> list[Any]:
         """The routing worker's batch: one `plan` call; should it fail, each item alone (a bad one fails alone)."""
         def plan(batch: list[_RouteItem]) -> list[Any]:
-            return self.pipeline.plan(conversations=[i.messages for i in batch], tasks=[i.task for i in batch],
-                                      metrics=[i.metric for i in batch], models=[i.model for i in batch])
+            router = self.pipeline.router
+            before = getattr(router, "encode_seconds", 0.0)
+            plans = self.pipeline.plan(conversations=[i.messages for i in batch], tasks=[i.task for i in batch],
+                                       metrics=[i.metric for i in batch], models=[i.model for i in batch])
+            encode = getattr(router, "encode_seconds", 0.0) - before
+            for p in plans:  # every request of the batch waited for the whole batch's encode
+                p.encode_s = encode
+            return plans
         try:
             return plan(items)
         except Exception:  # noqa: BLE001
@@ -257,11 +263,15 @@ class FusionServer:
             self.check_key(request)
             req = parse_chat(await self.json_body(request), self.models, self.pipeline.sampling)
             stream = req.stream
+            parsed = time.perf_counter()
             try:
                 plan = await self.router.run(_RouteItem(req.messages, req.task, req.metric,
                                                         None if req.model == MODEL_NAME else req.model))
             except ValueError as e:
                 raise APIError(400, str(e)) from None
+            routed = time.perf_counter()
+            self.metrics.stage("encode", plan.encode_s)
+            self.metrics.stage("route", routed - parsed - plan.encode_s)  # waiting for the batch, scoring, prompt
             self.metrics.routed.labels(plan.model).inc()
             if plan.explored:
                 self.metrics.explored.labels(plan.model).inc()
@@ -275,7 +285,7 @@ class FusionServer:
                 except Exception as e:  # noqa: BLE001
                     self._log(rid, req, plan, [], [""] * req.n, time.perf_counter() - start, str(e))
                     raise upstream_error(e) from None
-                body = self._events(rid, req, plan, first, chunks, start)
+                body = self._events(rid, req, plan, first, chunks, start, routed)
                 return StreamingResponse(body, media_type="text/event-stream",
                                          headers={**headers, "Cache-Control": "no-cache"})
             try:
@@ -283,7 +293,9 @@ class FusionServer:
             except Exception as e:  # noqa: BLE001 - a backend failure must answer, not hang the client
                 self._log(rid, req, plan, [], [""] * req.n, time.perf_counter() - start, str(e))
                 raise upstream_error(e) from None
-            self._log(rid, req, plan, gens, [], time.perf_counter() - start)
+            answered = time.perf_counter()
+            self.metrics.stage("upstream", answered - routed)
+            self._log(rid, req, plan, gens, [], answered - start)
             self._count_tokens(plan.model, gens)
             usage = usage_of(gens)
             choices = [{"index": i, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
@@ -291,8 +303,10 @@ class FusionServer:
             reply = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
                      "choices": choices, "usage": usage,
                      "fusion": {"routed_to": plan.model, "stages": self.pipeline.stages}}
+            response = JSONResponse(reply, headers=headers)
+            self.metrics.stage("write_back", time.perf_counter() - answered)  # the log record and the JSON
             self._done("chat", 200, False, start)
-            return JSONResponse(reply, headers=headers)
+            return response
         except APIError as e:
             self.metrics.errors.labels({502: "upstream", 503: "queue_full"}.get(e.status, "request")).inc()
             self._done("chat", e.status, stream, start)
@@ -310,7 +324,7 @@ class FusionServer:
                 self.metrics.tokens.labels(model, kind).inc(n)
 
     async def _events(self, rid: str, req: ChatRequest, plan: Any, first: Chunk, chunks: AsyncIterator[Chunk],
-                      start: float) -> AsyncIterator[bytes]:
+                      start: float, routed: float) -> AsyncIterator[bytes]:
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": req.model}
         fusion = {"routed_to": plan.model, "stages": self.pipeline.stages}
         # every chunk is this JSON around its choices: encoded once, the text alone per chunk
@@ -356,7 +370,10 @@ class FusionServer:
             raise
         finally:
             await _aclose(chunks)
-            self._log(rid, req, plan, gens if error is None else [], texts, time.perf_counter() - start, error)
+            answered = time.perf_counter()
+            self.metrics.stage("upstream", answered - routed)  # to the last piece (the client reads as it comes)
+            self._log(rid, req, plan, gens if error is None else [], texts, answered - start, error)
+            self.metrics.stage("write_back", time.perf_counter() - answered)
             self._done("chat", status, True, start)
 
     async def feedback(self, request: Request) -> Response:
