@@ -1,6 +1,7 @@
 """Embedding throughput on the shared LLMRouter queries, in one run (issue 17's benchmark).
 
     python bench/embed.py [--limit 1000] [--data DIR] [--threads 2] [--repeats 3]
+    python bench/embed.py --format routellm --data ../shared/data/routellm_gsm8k
     python bench/embed.py --device cuda --limit 6108     # the GPU check, when a GPU is lent
 
 Rows (texts/s, and the ratio to the baseline):
@@ -8,7 +9,9 @@ Rows (texts/s, and the ratio to the baseline):
   max_seq_length 256);
 - tuned baseline: the same at the job's CPU batch size (8, `auto_batch_size`), so the job's gain from
   its batch size and from ONNX can be told apart;
-- job fp32: the embed job (Lightning predict + shard writer, `encoder=minilm`) in this process;
+- job torch fp32: the embed job (Lightning predict + shard writer) with `encoder=minilm+torch`, the default
+  encoder until issue 25;
+- job, the default encoder: the same job with `encoder=minilm`, which is ONNX Runtime fp32 on a CPU;
 - job onnx fp32 / job onnx int8: the same job with `encoder=minilm+onnx` / `minilm+onnx-int8`;
 - job DDP x2: `python -m fusion_lightning.embed ... trainer.devices=2 strategy=ddp` on CPU, one thread per
   rank (its time is rank 0's predict, through the slowest rank, model loads included).
@@ -116,6 +119,8 @@ def median_run(repeats: int, run: Callable[[int], tuple[float, np.ndarray]]) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=SHARED / "llmrouter")
+    ap.add_argument("--format", choices=sorted(LOGS), default="llmrouter",
+                    help="the log's reader (routellm: the RouteLLM GSM8K log, --data SHARED/routellm_gsm8k)")
     ap.add_argument("--limit", type=int, default=1000, help="queries sampled (seed 0): 60 %% from train, 40 %% from test")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each single-process row (median time)")
@@ -125,9 +130,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    texts, perf, n_train = sample_queries(args.data, args.limit)
+    texts, perf, n_train = sample_queries(args.data, args.limit, args.format)
     gpu = f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
-    print(f"{len(texts)} LLMRouter queries (of {args.data}); {args.threads} threads{gpu}; "
+    print(f"{len(texts)} {args.format} queries (of {args.data}); {args.threads} threads{gpu}; "
           f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,10 +153,11 @@ def main() -> None:
                 rows.append((name, *median_run(args.repeats, lambda i, p=precision: job(
                     texts, "minilm", work / f"gpu-{p}-{i}", accelerator="gpu", precision=p))))
         else:
-            for name, spec in (("job fp32 (Lightning predict)", "minilm"), ("job ONNX fp32", "minilm+onnx"),
-                               ("job ONNX int8", "minilm+onnx-int8")):
+            for name, spec in (("job torch fp32 (minilm+torch: the default until issue 25)", "minilm+torch"),
+                               ("job, the default encoder (minilm: ONNX Runtime fp32)", "minilm"),
+                               ("job ONNX fp32 (minilm+onnx)", "minilm+onnx"), ("job ONNX int8", "minilm+onnx-int8")):
                 rows.append((name, *median_run(args.repeats, lambda i, spec=spec: job(texts, spec, work / f"{spec}-{i}"))))
-            rows.append(("job fp32 DDP, 2 processes x 1 thread", *ddp_job(texts, work / "ddp", work)))
+            rows.append(("job DDP (the default encoder), 2 processes x 1 thread", *ddp_job(texts, work / "ddp", work)))
     print(f"load average after: {os.getloadavg()[0]:.2f}\n")
     from fusion_lightning.data.onnx_encoder import routing_agreement
 
