@@ -198,6 +198,9 @@ def main() -> int:
     ap.add_argument("--upstream-ms", type=float, default=300.0, help="time to the first word")
     ap.add_argument("--token-ms", type=float, default=10.0, help="time between words")
     ap.add_argument("--words", type=int, default=24)
+    ap.add_argument("--router-threads", type=int, default=1, help="the router process's OMP_NUM_THREADS (its "
+                    "encoder's threads; every other process runs one)")
+    ap.add_argument("--batch-wait-ms", type=float, default=None, help="serve's batch_wait_ms (default: serve's)")
     ap.add_argument("--out", default=None, help="default bench/out/serve_<encoder>_<upstream-ms>.md")
     ap.add_argument("--_upstreams", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -223,8 +226,10 @@ def main() -> int:
         cfg = work / "pipeline.json"
         cfg.write_text(json.dumps({"backends": backends, "router": {"ckpt": str(ckpt)}}))
         rport = _free_port()
-        router = subprocess.Popen([sys.executable, "-m", "fusion_lightning.serve", f"config={cfg}", f"port={rport}"],
-                                  env=env, stdout=subprocess.DEVNULL)
+        extra = [f"batch_wait_ms={args.batch_wait_ms}"] if args.batch_wait_ms is not None else []
+        router = subprocess.Popen([sys.executable, "-m", "fusion_lightning.serve", f"config={cfg}", f"port={rport}",
+                                   *extra], env={**env, "OMP_NUM_THREADS": str(args.router_threads)},
+                                  stdout=subprocess.DEVNULL)
         _wait_http(f"http://127.0.0.1:{rport}/health", router)
         metrics_url = f"http://127.0.0.1:{rport}/metrics"
         direct = [(f"http://127.0.0.1:{p}/v1/chat/completions", "m") for p in ports]
@@ -247,7 +252,8 @@ def main() -> int:
                     print(f"{clients:>4} {mode:<6} {path:<6} {r['req_s']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
                           f"p99 {r['p99_ms']:7.1f} ms  failures {r['failures']}/{r['n']}", flush=True)
         load_avg = os.getloadavg()
-        note = (f"Router: router_mlp with encoder={args.encoder}, serve's defaults. Upstream: {args.words} words, "
+        wait = f"batch_wait_ms={args.batch_wait_ms:g}" if args.batch_wait_ms is not None else "serve's defaults"
+        note = (f"Router: router_mlp with encoder={args.encoder}, {wait}, {args.router_threads} thread(s). Upstream: {args.words} words, "
                 f"the first after {args.upstream_ms:g} ms, then one every {args.token_ms:g} ms; {os.cpu_count()} cores, "
                 f"load average {load_avg[0]:.1f} at the end; requests per cell max(64, {args.requests} x clients).")
         md = table(rows, args.clients, note)

@@ -168,6 +168,8 @@ def test_off_policy_targets_on_train(tmp_path):
     logged = direct["mask"]
     assert np.allclose(ips["perf"][logged].numpy(), 4 * direct["perf"][logged].numpy())
     assert float(ips["perf"][~logged].abs().max()) == 0.0
+    clipped, _, _ = train_tensors("data.bandit.logger=uniform", "datamodule.off_policy=ips", "datamodule.max_weight=2")
+    assert np.allclose(clipped["perf"][logged].numpy(), 2 * direct["perf"][logged].numpy())  # 1/p = 4, clipped at 2
     full_dr, _, _ = train_tensors("datamodule.off_policy=dr")
     full_direct, _, _ = train_tensors("datamodule.off_policy=direct")
     assert np.allclose(full_dr["perf"].numpy(), full_direct["perf"].numpy())
@@ -263,3 +265,14 @@ def test_routers_train_and_are_estimated_on_a_bandit_log(tmp_path, recipe):
 def test_routers_that_need_every_answer_say_so_on_a_bandit_log(tmp_path, recipe, message):
     with pytest.raises(ValueError, match=message):
         fit(compose_recipe(recipe, ["debug=fast", f"run_dir={tmp_path}", "data.bandit.logger=uniform"]))
+
+
+def test_truth_lines_up_with_the_rows_evaluated_when_val_is_larger_than_a_batch(tmp_path):
+    """The sanity check evaluates a few val batches only: the simulated log's truth is taken for those rows
+    (each carries its index), so a val split of several batches runs, and the truth matches a full pass."""
+    summary = fit(compose_recipe("router_mlp", ["debug=fast", f"run_dir={tmp_path}", "data.synthetic.n_queries=1200",
+                                                "data.synthetic.models=4", "data.bandit.logger=uniform",
+                                                "datamodule.batch_size=16", "+trainer.num_sanity_val_steps=2"]))
+    m = summary["metrics"]
+    assert summary["data"]["val_queries"] > 2 * 16
+    assert 0 <= m["val/truth/perf"] <= 1 and 0 <= m["test/truth/perf"] <= 1

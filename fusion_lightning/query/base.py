@@ -24,7 +24,8 @@ from fusion_lightning.query.task_classifier import task_posterior
 
 TARGETS = ("perf", "perf_n", "cost", "cost_n", "mask", "task")
 # batches carry them when the DataModule has judge scores / a bandit log (propensities, reward model)
-OPTIONAL_TARGETS = ("judge", "judge_mask", *BANDIT_KEYS)
+# (and `index`, each row's place in its split: what lines a simulated bandit log's truth up with the rows evaluated)
+OPTIONAL_TARGETS = ("judge", "judge_mask", *BANDIT_KEYS, "index")
 BLIND = ("perf_hat_blind", "cost_hat_blind", "task_hat", "task_hat_p")  # predictions given the inferred tasks
 MAIN_SETTING = "performance_first"
 
@@ -149,7 +150,9 @@ class RouterModule(L.LightningModule):
             logged_share=bandit.logged_share if bandit is not None else None,
             estimated=bool(bandit and bandit.estimated))
         truth = getattr(dm, "truth_arrays", lambda s: None)(stage)
-        if truth is not None:  # a simulated bandit log: what the full log says, beside the estimates
+        if truth is not None and "index" in store:  # a simulated bandit log: what the full log says, beside the
+            # estimates, for the rows evaluated (a sanity check sees a few batches; DDP gathers ranks in its order)
+            truth = truth.rows(store["index"].astype(np.int64))
             metrics.update(truth_metrics(scores, train, truth, self.hparams.model_sizes))
         self.eval_outputs[stage] = {"train": train, "eval": ev, "scores": scores, "metrics": metrics, "ope": report,
                                     "perf_hat": store["perf_hat"], "cost_hat": store["cost_hat"]}

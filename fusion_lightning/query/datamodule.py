@@ -40,13 +40,13 @@ class RouterSplit(Dataset):
 class RouterDataModule(LogDataModule):
     def __init__(self, data: dict | None = None, encoder: str = "minilm", embedding_cache: str | None = None,
                  batch_size: int = 128, num_workers: int = 0, logs: LogTable | None = None,
-                 off_policy: str = "auto"):
+                 off_policy: str = "auto", max_weight: float | None = 10.0):
         super().__init__(data, logs)
         if off_policy not in OFF_POLICY:
             raise ValueError(f"datamodule.off_policy={off_policy!r}; choose from: {', '.join(OFF_POLICY)}")
         self.encoder_name, self.cache_dir = encoder, embedding_cache
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.off_policy = off_policy
+        self.off_policy, self.max_weight = off_policy, max_weight
         self.splits: dict[str, RouterSplit] = {}
         self.matrices: dict[str, QueryMatrix] = {}
         self.bandit: BanditTargets | None = None  # a bandit log's propensities and reward model, after setup
@@ -92,7 +92,7 @@ class RouterDataModule(LogDataModule):
         if self.logs.bandit:
             self.bandit = bandit_targets(qm, feats.numpy() if feats.is_floating_point() else task_x.numpy(),
                                          self.normaliser, self.data_config.get("propensity", "logged"),
-                                         self.off_policy)
+                                         self.off_policy, max_weight=self.max_weight)
             self.logs.report.notes.extend(self.bandit.notes)
         for split in ("train", "val", "test"):
             rows = np.flatnonzero(qm.splits == split)

@@ -7,7 +7,8 @@ masked loss) learns each model where the logger sent it, a biased sample when th
 
     direct  the logged calls only (masked regression; the direct method)
     dr      every (query, model) gets its doubly robust pseudo-reward Γ = ŷ + logged·(y − ŷ)/p, an
-            unbiased target whose expectation is the model's true outcome on that query
+            unbiased target whose expectation is the model's true outcome on that query (1/p clipped at
+            `max_weight`, default 10: a little bias for much less variance; evaluation never clips)
     ips     the same with ŷ = 0 (inverse propensity pseudo-rewards: unbiased, higher variance)
     auto    dr on a bandit log, direct on a full-information log (where all three coincide)
 
@@ -53,6 +54,7 @@ class BanditTargets:
     logged_share: dict  # (task, model index) -> the logger's share of that task's queries
     estimated: bool
     notes: list[str] = field(default_factory=list)
+    max_weight: float | None = 10.0  # training targets' largest importance weight (evaluation is never clipped)
 
     @property
     def pseudo(self) -> bool:
@@ -66,10 +68,13 @@ class BanditTargets:
         mask = self.mask[rows]
         if split == "train" and self.pseudo:
             out = {}
+            # training targets weight a call by at most max_weight: a rarely explored call (p = 0.011 at ε = 0.1
+            # over 9 models) would otherwise carry 90× its residual and dominate the fit (bench/bandit.py's loop)
+            p = self.propensity[rows] if self.max_weight is None else np.maximum(self.propensity[rows],
+                                                                                1.0 / self.max_weight)
             for k in ("perf", "cost", "perf_n", "cost_n"):
                 y_hat = self.predicted[k][rows] if self.method == "dr" else None
-                out[k] = torch.from_numpy(pseudo_values(self.observed[k][rows], y_hat, mask,
-                                                        self.propensity[rows]).astype(np.float32))
+                out[k] = torch.from_numpy(pseudo_values(self.observed[k][rows], y_hat, mask, p).astype(np.float32))
             out["mask"] = torch.ones(mask.shape, dtype=torch.bool)
             # the logged calls too, for learners that train on them (router_auto's `off_policy: direct` candidates)
             for k in ("perf", "cost", "perf_n", "cost_n"):
@@ -83,7 +88,8 @@ class BanditTargets:
 
 
 def bandit_targets(qm: QueryMatrix, features: np.ndarray, normaliser: TaskNormaliser, propensity: str = "logged",
-                   off_policy: str = "auto", folds: int = 5, seed: int = 0) -> BanditTargets:
+                   off_policy: str = "auto", folds: int = 5, seed: int = 0,
+                   max_weight: float | None = 10.0) -> BanditTargets:
     """Propensities (logged, or estimated by a cross-fitted classifier) and the cross-fitted reward model
     of a bandit log's matrix; errors say what is missing and how to supply it."""
     if propensity not in PROPENSITY_SOURCES:
@@ -115,10 +121,14 @@ def bandit_targets(qm: QueryMatrix, features: np.ndarray, normaliser: TaskNormal
                 "perf_n": np.where(mask, normaliser.performance(np.nan_to_num(perf), qm.tasks), np.nan),
                 "cost_n": np.where(mask, normaliser.cost(np.nan_to_num(cost), qm.tasks), np.nan)}
     method = ("dr" if off_policy == "auto" else off_policy)
-    notes.append(f"off-policy learning: datamodule.off_policy={off_policy} ({method}); reward model: ridge per "
-                 f"model on the query embedding and task, cross-fitted over {folds} folds per split (val also "
+    if max_weight is not None and max_weight < 1:
+        raise ValueError(f"datamodule.max_weight must be >= 1 (or null: no clipping), got {max_weight}")
+    clip = f", importance weights clipped at {max_weight:g}" if max_weight is not None and method != "direct" else ""
+    notes.append(f"off-policy learning: datamodule.off_policy={off_policy} ({method}{clip}); reward model: ridge "
+                 f"per model on the query embedding and task, cross-fitted over {folds} folds per split (val also "
                  "learns from train, test from train and val)")
-    return BanditTargets(method, mask, prop, predicted, observed, logged_shares(qm.tasks, mask), estimated, notes)
+    return BanditTargets(method, mask, prop, predicted, observed, logged_shares(qm.tasks, mask), estimated, notes,
+                         max_weight)
 
 
 def router_scores(checkpoint: str, qm: QueryMatrix) -> np.ndarray:

@@ -28,8 +28,8 @@ from fusion_lightning.query.datamodule import UNKNOWN_TASK, RouterDataModule, Ro
 class PairwiseDataModule(RouterDataModule):
     def __init__(self, data: dict | None = None, encoder: str = "minilm", embedding_cache: str | None = None,
                  batch_size: int = 128, num_workers: int = 0, logs: LogTable | None = None,
-                 tie_margin: float = 0.0, off_policy: str = "auto"):
-        super().__init__(data, encoder, embedding_cache, batch_size, num_workers, logs, off_policy)
+                 tie_margin: float = 0.0, off_policy: str = "auto", max_weight: float | None = 10.0):
+        super().__init__(data, encoder, embedding_cache, batch_size, num_workers, logs, off_policy, max_weight)
         if tie_margin < 0:
             raise ValueError(f"tie_margin must be >= 0, got {tie_margin}")
         self.tie_margin = tie_margin
