@@ -17,9 +17,10 @@ server's `fusion_stage_seconds` histograms: encode, route, upstream, write-back;
     python bench/serve.py --upstream-ms 0 --token-ms 0     # no model time: CPU-bound, the router's cost alone
 
 `--requests` is per client (at least 64 per cell). Writes the Markdown table to bench/out/serve.md.
-Targets: 0 failures at 128 concurrent clients; the router adds <= 50 ms p50 at 32; its throughput is
->= 0.7x direct at 32. Every process shares the machine's cores: on a busy machine absolute numbers
-fall, the router (a third process in the path) most.
+Targets (issue 25, the defaults: MiniLM router, 0.3 s upstreams): 0 failures; >= 0.9x direct throughput
+at 32 clients and >= 0.8x at 128; the router adds <= 50 ms p50 at 32, or the stage breakdown says what is
+left and why. Every process shares the machine's cores: on a busy machine absolute numbers fall, the
+router (a third process in the path) most.
 """
 
 from __future__ import annotations
