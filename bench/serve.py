@@ -16,7 +16,7 @@ server's `fusion_stage_seconds` histograms: encode, route, upstream, write-back;
     python bench/serve.py --encoder hashing --upstream-ms 50     # the earlier rows: a model-free router
     python bench/serve.py --upstream-ms 0 --token-ms 0     # no model time: CPU-bound, the router's cost alone
 
-`--requests` is per client (at least 64 per cell). Writes the Markdown table to bench/out/serve.md.
+`--requests` is per client (at least 64 per cell). Writes the Markdown table to bench/out/serve_<encoder>_<ms>ms.md.
 Targets (issue 25, the defaults: MiniLM router, 0.3 s upstreams): 0 failures; >= 0.9x direct throughput
 at 32 clients and >= 0.8x at 128; the router adds <= 50 ms p50 at 32, or the stage breakdown says what is
 left and why. Every process shares the machine's cores: on a busy machine absolute numbers fall, the
