@@ -128,13 +128,10 @@ def evaluate(logs: LogTable, *, routers: Mapping[str, Any] | None = None, though
         from fusion_lightning.query.router import Router
 
         router = r if isinstance(r, Router) else Router.load(r)
-        res = router.route(ev.queries, tasks=list(ev.tasks), lam=lam)
-        scores = np.full((len(ev), len(ev.models)), -np.inf)
-        known = [m for m in ev.models if m in res.candidates]
-        if not known:
-            raise ValueError(f"router {name}: none of its models {res.candidates} is in the log {ev.models}")
-        for m in known:
-            scores[:, ev.models.index(m)] = res.scores[:, res.candidates.index(m)]
+        try:
+            scores, res = router.scores_over(ev.queries, list(ev.tasks), ev.models, lam)
+        except ValueError as e:
+            raise ValueError(f"router {name}: {e}") from None
         c = choose(scores, ev.mask & np.isfinite(scores))
         col = f"router:{name}"
         out.add(col, "query", ev.performance[rows, c], ev.cost[rows, c])

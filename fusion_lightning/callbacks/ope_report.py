@@ -25,10 +25,9 @@ import numpy as np
 from fusion_lightning.io import atomic_open, atomic_write
 from fusion_lightning.query.metrics import (
     LAMBDAS,
-    aiq,
     baseline_choices,
     choose,
-    cost_to_match,
+    cost_quality_scalars,
     costs_known,
     model_points,
     per_task_rows,
@@ -44,7 +43,7 @@ POLICIES = ("router", "task_best", "best_single", "cheapest", "largest", "random
 def compute_bandit(out: dict[str, Any], hparams: Any, lambdas: np.ndarray = LAMBDAS) -> dict[str, Any]:
     """Scalars and tables of the bandit report, from one stage's eval outputs (no I/O)."""
     train, ev, m = out["train"], out["eval"], out["metrics"]
-    dv = ev.estimable()  # DR pseudo-values: the mean at a policy's choices is its DR estimate
+    dv = out["ope"]["estimable"]  # DR pseudo-values: the mean at a policy's choices is its DR estimate
     models = [str(x) for x in (getattr(hparams, "models", None) or range(ev.perf.shape[1]))]
     sizes = getattr(hparams, "model_sizes", None) or [None] * len(models)
     points = sweep_points(sweep_choices(out["perf_hat"], out["cost_hat"], dv.mask, lambdas), dv)
@@ -53,12 +52,7 @@ def compute_bandit(out: dict[str, Any], hparams: Any, lambdas: np.ndarray = LAMB
     known = costs_known(train, ev)
     scalars: dict[str, float] = {}
     if known:
-        c_lo, c_hi = float(singles[:, 0].min()), float(singles[:, 0].max())
-        match = cost_to_match(points, best[1], best[0])
-        scalars = {"ope/aiq": aiq(points, c_lo, c_hi), "ope/single_models/aiq": aiq(singles, c_lo, c_hi),
-                   "ope/reaches_best_single": float(match is not None)}
-        if match is not None:
-            scalars["ope/cost_to_match_best"] = match
+        scalars = {f"ope/{k}": v for k, v in cost_quality_scalars(points, singles, best).items()}
     base = baseline_choices(train, dv, MAIN_SETTING, sizes)
     choices = {"router": choose(out["scores"][MAIN_SETTING], dv.mask),
                **{k: base[k] for k in ("best_single", "task_best")}}

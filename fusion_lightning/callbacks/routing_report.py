@@ -24,10 +24,9 @@ from fusion_lightning.callbacks.ope_report import compute_bandit, write_bandit
 from fusion_lightning.io import atomic_open, atomic_write
 from fusion_lightning.query.metrics import (
     LAMBDAS,
-    aiq,
     baseline_choices,
     choose,
-    cost_to_match,
+    cost_quality_scalars,
     costs_known,
     model_points,
     nondecreasing_hull,
@@ -91,12 +90,7 @@ class RoutingReport(Callback):
         known = costs_known(train, ev)
         scalars: dict[str, float] = {}
         if known:  # without costs there is no cost axis: no sweep, AIQ or cost to match
-            c_lo, c_hi = float(singles[:, 0].min()), float(singles[:, 0].max())
-            match = cost_to_match(points, best[1], best[0])
-            scalars = {"aiq": aiq(points, c_lo, c_hi), "single_models/aiq": aiq(singles, c_lo, c_hi),
-                       "reaches_best_single": float(match is not None)}
-            if match is not None:
-                scalars["cost_to_match_best"] = match
+            scalars = cost_quality_scalars(points, singles, best)
         base = baseline_choices(train, ev, MAIN_SETTING, sizes)
         choices = {"router": choose(out["scores"][MAIN_SETTING], ev.mask)}
         if "blind_scores" in out:

@@ -50,7 +50,7 @@ class RouterDataModule(LogDataModule):
         self.splits: dict[str, RouterSplit] = {}
         self.matrices: dict[str, QueryMatrix] = {}
         self.bandit: BanditTargets | None = None  # a bandit log's propensities and reward model, after setup
-        self._truth: QueryMatrix | None = None
+        self._truth: dict[str, RoutingArrays] = {}  # a simulated log's truth per split, made on first use
 
     router_scores = staticmethod(router_scores)  # a router logger for data.bandit (fusion_lightning.data.bandit)
 
@@ -126,15 +126,17 @@ class RouterDataModule(LogDataModule):
         truth = self.logs.truth
         if truth is None or split not in self.matrices:
             return None
-        if self._truth is None:
-            self._truth = truth.matrix(list(self.matrices["train"].models))
-        row = {q: i for i, q in enumerate(self._truth.query_ids.tolist())}
-        m = self._truth.take(np.array([row[q] for q in self.matrices[split].query_ids.tolist()], np.int64))
+        if split in self._truth:
+            return self._truth[split]
+        full = truth.matrix(list(self.matrices["train"].models))
+        row = {q: i for i, q in enumerate(full.query_ids.tolist())}
+        m = full.take(np.array([row[q] for q in self.matrices[split].query_ids.tolist()], np.int64))
         perf_n, cost_n = self.normaliser.performance(m.performance, m.tasks), self.normaliser.cost(m.cost, m.tasks)
         f = {k: np.nan_to_num(v).astype(np.float64) for k, v in
              (("perf", m.performance), ("cost", m.cost), ("perf_n", perf_n), ("cost_n", cost_n))}
-        return RoutingArrays(f["perf"], f["cost"], f["perf_n"], f["cost_n"], m.mask,
-                             self.splits[split].tensors["task"].numpy().astype(np.int64))
+        self._truth[split] = RoutingArrays(f["perf"], f["cost"], f["perf_n"], f["cost_n"], m.mask,
+                                           self.splits[split].tensors["task"].numpy().astype(np.int64))
+        return self._truth[split]
 
     def features(self, texts: list[str]) -> torch.Tensor:
         """What a router reads per query: the (cached) query embedding. Subclasses may tokenize instead."""

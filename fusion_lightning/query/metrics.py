@@ -237,6 +237,18 @@ def cost_to_match(points: np.ndarray, perf: float, cost: float, tol: float = 1e-
     return float(p[ok, 0].min() / cost)
 
 
+def cost_quality_scalars(points: np.ndarray, singles: np.ndarray, best: tuple[float, float]) -> dict[str, float]:
+    """AIQ of the router's sweep and of the single models over the single models' cost range, whether the
+    sweep reaches best single's (cost, perf) `best`, and at what fraction of its cost (when it does)."""
+    c_lo, c_hi = float(singles[:, 0].min()), float(singles[:, 0].max())
+    match = cost_to_match(points, best[1], best[0])
+    out = {"aiq": aiq(points, c_lo, c_hi), "single_models/aiq": aiq(singles, c_lo, c_hi),
+           "reaches_best_single": float(match is not None)}
+    if match is not None:
+        out["cost_to_match_best"] = match
+    return out
+
+
 def per_task_rows(choices: dict[str, np.ndarray], ev: RoutingArrays, task_names: list[str] | None = None,
                   costs: dict[str, np.ndarray] | None = None) -> list[dict[str, float | int | str]]:
     """One row per task (sorted by name) and a final `all` row: query count, then perf and cost of each

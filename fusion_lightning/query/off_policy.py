@@ -136,13 +136,7 @@ def router_scores(checkpoint: str, qm: QueryMatrix) -> np.ndarray:
     router logger (data.bandit.logger=router) chooses. A model the router does not know gets −inf."""
     from fusion_lightning.query.router import Router
 
-    router = Router.load(checkpoint)
-    result = router.route(qm.queries, tasks=[str(t) for t in qm.tasks])
-    col = {m: i for i, m in enumerate(result.candidates)}
-    out = np.full((len(qm), len(qm.models)), -np.inf)
-    known = [j for j, m in enumerate(qm.models) if m in col]
-    if not known:
-        raise ValueError(f"router {checkpoint} knows none of the log's models ({', '.join(qm.models)})")
-    for j in known:
-        out[:, j] = result.scores[:, col[qm.models[j]]]
-    return out
+    try:
+        return Router.load(checkpoint).scores_over(qm.queries, [str(t) for t in qm.tasks], qm.models)[0]
+    except ValueError as e:
+        raise ValueError(f"router {checkpoint}: {e}") from None

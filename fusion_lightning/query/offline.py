@@ -81,17 +81,6 @@ class OfflineReport:
         return "\n".join(lines) + "\n"
 
 
-def _router_choices(router: Router, queries: list[str], tasks: list[str], models: list[str], lam: float) -> np.ndarray:
-    res = router.route(queries, tasks=tasks, lam=lam)
-    scores = np.full((len(queries), len(models)), -np.inf)
-    known = [m for m in models if m in res.candidates]
-    if not known:
-        raise ValueError(f"none of the router's models {res.candidates} is in the log {models}")
-    for m in known:
-        scores[:, models.index(m)] = res.scores[:, res.candidates.index(m)]
-    return choose(scores, np.isfinite(scores))
-
-
 def evaluate_offline(logs: LogTable, routers: Mapping[str, Any], split: str = "test", lam: float = 0.0,
                      encoder: str | None = None, embedding_cache: str | None = None, propensity: str = "logged",
                      n_boot: int = 1000, seed: int = 0) -> OfflineReport:
@@ -121,8 +110,8 @@ def evaluate_offline(logs: LogTable, routers: Mapping[str, Any], split: str = "t
     report = OfflineReport(split, len(ev), notes=list(bt.notes))
     policies: dict[str, np.ndarray] = {}
     for name, router in loaded.items():
-        choice = _router_choices(router, [qm.queries[i] for i in ev], [str(t) for t in qm.tasks[ev]], qm.models, lam)
-        policies[name] = one_hot(choice, m)
+        scores, _ = router.scores_over([qm.queries[i] for i in ev], [str(t) for t in qm.tasks[ev]], qm.models, lam)
+        policies[name] = one_hot(choose(scores, np.isfinite(scores)), m)
     # baselines learnt by DR from the other queries (all of them when split=all: then they saw the evaluated
     # queries, said in a note)
     learn = np.flatnonzero(train_rows) if train_rows.any() else ev

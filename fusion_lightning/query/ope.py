@@ -251,7 +251,7 @@ def ope_routing_metrics(router_scores: dict[str, np.ndarray], train: RoutingArra
     n, m = ev.perf.shape
     boot = Bootstrap(n, n_boot, seed)
     out: dict[str, float] = {"ope/queries": float(n)}
-    details: dict = {"estimates": {}, "queries": n, "setting": main_setting}
+    details: dict = {"estimates": {}, "queries": n, "setting": main_setting, "estimable": dv}
     for setting in REWARD_SETTINGS:
         if setting not in router_scores:
             continue

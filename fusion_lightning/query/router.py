@@ -98,6 +98,7 @@ class Router:
             known = {q: self._memo[q] for q in dict.fromkeys(queries) if q in self._memo}
             for q in known:
                 self._memo.move_to_end(q)
+            self.memo_hits += sum(q in known for q in queries)
         todo = [q for q in dict.fromkeys(queries) if q not in known]
         t0 = time.perf_counter()
         fresh = dict(zip(todo, self.encoder.encode(todo, batch_size=batch_size), strict=True)) if todo else {}
@@ -107,8 +108,6 @@ class Router:
                 self._memo.update(fresh)
                 while len(self._memo) > self.memo_size:
                     self._memo.popitem(last=False)
-        with self._memo_lock:
-            self.memo_hits += sum(q in known for q in queries)
         vectors = {**known, **fresh}
         if not queries:
             return np.zeros((0, self.encoder.dim), np.float32)
@@ -181,6 +180,20 @@ class Router:
         names = list(self.module.hparams.tasks)
         result.tasks = [names[i] if i else None for i in idx[:, 0].tolist()]  # task 0: the unknown task
         return result
+
+    def scores_over(self, queries: Sequence[str], tasks: Sequence[str | None] | None, models: Sequence[str],
+                    lam: float = 0.0) -> tuple[np.ndarray, RouteResult]:
+        """[N, len(models)] the predicted reward in `models`' order (a log's columns), −inf for models this
+        router does not know, with the route result; ValueError when it knows none of them."""
+        res = self.route(list(queries), tasks=tasks, lam=lam)
+        col = {m: i for i, m in enumerate(res.candidates)}
+        known = [j for j, m in enumerate(models) if m in col]
+        if not known:
+            raise ValueError(f"none of the router's models {res.candidates} is in the log {list(models)}")
+        scores = np.full((len(res.models), len(models)), -np.inf)
+        for j in known:
+            scores[:, j] = res.scores[:, col[models[j]]]
+        return scores, res
 
     def route_strong_weak(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None,
                           calibration: dict | None = None, batch_size: int = 256) -> RouteResult:
