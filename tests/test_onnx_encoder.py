@@ -151,3 +151,26 @@ def test_the_default_encoder_is_onnx_fp32_with_torchs_vectors_name_and_picks() -
     perf = rng.random((len(texts), 4))
     assert routing_agreement(b, a, perf, len(texts) // 2)["same_pick"] == 1.0
     assert isinstance(EncoderModule("minilm").encoder, OnnxEncoder)  # the embed job on a CPU keeps ONNX
+
+
+def test_length_batches_cap_rows_and_padded_tokens_longest_first() -> None:
+    from fusion_lightning.data.onnx_encoder import length_batches
+
+    lengths = [10, 256, 40, 40, 12, 300, 5]
+    batches = length_batches(lengths, batch_size=3, max_tokens=256)
+    assert [b.tolist() for b in batches] == [[5], [1], [2, 3, 4], [0, 6]]  # 256 // 40 = 6 rows, capped at 3
+    for b in batches:  # the padded width is the batch's first (longest) row; one over-long row runs alone
+        assert len(b) <= 3 and (len(b) == 1 or len(b) * lengths[b[0]] <= 256)
+        assert lengths[b[0]] == max(lengths[i] for i in b)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert length_batches([], 8, 1024) == []
+
+
+def test_onnx_vectors_do_not_depend_on_how_texts_are_batched(onnx_export: Path) -> None:
+    """Long and short texts together: the token-budget batches give each text the vector it gets alone."""
+    enc = build_encoder("minilm+onnx", export_dir=onnx_export)
+    texts = [*QUERIES, " ".join(QUERIES) * 8, "hi"]
+    together = enc.encode(texts, batch_size=64)
+    alone = np.concatenate([enc.encode([t]) for t in texts])
+    tight = build_encoder("minilm+onnx", export_dir=onnx_export, max_batch_tokens=64).encode(texts)
+    assert np.abs(together - alone).max() < 1e-5 and np.abs(tight - alone).max() < 1e-5
