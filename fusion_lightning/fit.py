@@ -178,6 +178,9 @@ def run(r: Run) -> dict[str, Any]:
     if to_check and str(to_check) not in ("best", "hpc", "registry"):
         check_checkpoint(to_check, model, cfg.recipe)
     try:
+        select = getattr(model, "select_before_fit", None)  # e.g. router_auto's cross-validated selection
+        if callable(select):
+            select(r, str(to_check) if to_check and Path(str(to_check)).is_file() else None)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         ckpt_cb = trainer.checkpoint_callback
         best = ckpt_cb.best_model_path if ckpt_cb is not None and getattr(ckpt_cb, "best_model_path", "") else None

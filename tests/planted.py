@@ -77,14 +77,17 @@ SUB_MODELS = {  # name -> P(correct) per sub-topic, price per M tokens
 }
 
 
-def write_subtopic_logs(folder: Path, n_per_subtopic: int = 120, seed: int = 0, price: float | None = None) -> Path:
+def write_subtopic_logs(folder: Path, n_per_subtopic: int = 120, seed: int = 0, price: float | None = None,
+                        models: dict | None = None) -> Path:
     """LLMRouter-format logs where which model is right depends on the sub-topic *within* each task
     (alpha on arithmetic and rivers, beta on geometry and capitals): task-best is stuck near 0.5,
-    a router that reads the query reaches ~0.95. `price` overrides every model's price (0: no costs)."""
+    a router that reads the query reaches ~0.95. `price` overrides every model's price (0: no costs);
+    `models` replaces SUB_MODELS (e.g. a weaker planted signal)."""
+    models = SUB_MODELS if models is None else models
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     catalog = {m: {"size": "7B", "feature": f"{m} model", "input_price": p if price is None else price,
-                   "output_price": p if price is None else price} for m, (_, p) in SUB_MODELS.items()}
+                   "output_price": p if price is None else price} for m, (_, p) in models.items()}
     (folder / "llm_candidates.json").write_text(json.dumps(catalog))
     for split, n in (("train", n_per_subtopic), ("test", n_per_subtopic // 2)):
         scores, queries = [], []
@@ -93,7 +96,7 @@ def write_subtopic_logs(folder: Path, n_per_subtopic: int = 120, seed: int = 0, 
                 for i in range(n):
                     q = f"{split} {task} {i}: " + " ".join(rng.choice(words, size=4)) + f" #{rng.integers(1_000_000)}"
                     scores.append({"question": q, "scores": {m: float(rng.random() < p[sub])
-                                                             for m, (p, _) in SUB_MODELS.items()}})
+                                                             for m, (p, _) in models.items()}})
                     queries.append({"task_name": task, "query": q, "ground_truth": "x", "metric": "em_mc"})
         (folder / f"scores_{split}.json").write_text(json.dumps(scores))
         (folder / f"queries_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in queries) + "\n")

@@ -222,7 +222,8 @@ def test_router_auto_selects_learners_by_dr_on_a_bandit_log(tmp_path):
     """On a bandit log the `off_policy: direct` candidates train on the logged calls (their twins on DR
     pseudo-rewards) and every candidate is scored by its DR estimate on val; on a full log they are skipped."""
     cfg = compose_recipe("router_auto", ["debug=fast", f"run_dir={tmp_path / 'b'}", "data.synthetic.models=4",
-                                         "trainer.max_epochs=2", "data.bandit.logger=uniform"])
+                                         "trainer.max_epochs=2", "data.bandit.logger=uniform",
+                                         "model.selection=holdout"])  # val rows: comparable to val's DR terms
     r = build(cfg)
     summary = run(r)
     rows = {row["candidate"]: row for row in r.model.selection["rows"]}

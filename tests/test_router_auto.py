@@ -140,10 +140,11 @@ def test_an_ensemble_winner_predicts_the_mean_of_its_members_and_survives_a_chec
 
 
 def test_resume_from_last_gives_the_uninterrupted_selection(tmp_path: Path) -> None:
-    """ckpt_path=last continues every candidate from its live weights (the checkpoint's state_dict holds the
+    """Holdout selection: ckpt_path=last continues every candidate from its live weights (the checkpoint's state_dict holds the
     best ones, for routing), with the same bookkeeping: the same selection and test metrics."""
-    full = fit(compose_recipe("router_auto", _subtopic(tmp_path / "a", *SMALL_SET, "trainer.max_epochs=4")))
-    part = _subtopic(tmp_path / "b", *SMALL_SET)
+    full = fit(compose_recipe("router_auto", _subtopic(tmp_path / "a", *SMALL_SET, "trainer.max_epochs=4",
+                                                       "model.selection=holdout")))
+    part = _subtopic(tmp_path / "b", *SMALL_SET, "model.selection=holdout")
     fit(compose_recipe("router_auto", [*part, "trainer.max_epochs=2"]))
     resumed = fit(compose_recipe("router_auto", [*part, "trainer.max_epochs=4", "ckpt_path=last"]))
     assert resumed["selection"] == full["selection"]
@@ -158,3 +159,69 @@ def test_bonferroni_threshold_grows_with_the_number_of_choices() -> None:
     assert selection_z("bonferroni", 13) == pytest.approx(2.638, abs=1e-3)  # 12 comparisons with the lookup
     with pytest.raises(ValueError, match="a number or 'bonferroni'"):
         selection_z("holm", 13)
+
+
+# a weaker sub-topic rule than write_subtopic_logs' default: a router reading the query gains ~0.12 a query
+WEAK_SIGNAL = {"alpha": ({"arithmetic": 0.7, "geometry": 0.45, "rivers": 0.7, "capitals": 0.45}, 0.3),
+               "beta": ({"arithmetic": 0.45, "geometry": 0.7, "rivers": 0.45, "capitals": 0.7}, 0.3)}
+
+
+def test_cross_validation_finds_a_planted_winner_that_one_val_split_misses(tmp_path: Path) -> None:
+    """40 val queries cannot tell a ~0.12 gain from noise at z = 1.96; 400 out-of-fold queries can. The
+    winner is refitted on train + val and beats the lookup on the (untouched) test split."""
+    folder = write_subtopic_logs(tmp_path / "weak", n_per_subtopic=100, models=WEAK_SIGNAL)
+    base = ["data=llmrouter", f"data.path={folder}", "datamodule.encoder=hashing",
+            f"datamodule.embedding_cache={tmp_path / 'cache'}", "logger=none", "~callbacks.progress_bar",
+            *SMALL_SET, "trainer.max_epochs=15"]
+    holdout = fit(compose_recipe("router_auto", [*base, f"run_dir={tmp_path / 'h'}", "model.selection=holdout"]))
+    assert holdout["selection"]["winner"] == "lookup", holdout["selection"]
+    cv = fit(compose_recipe("router_auto", [*base, f"run_dir={tmp_path / 'cv'}"]))
+    sel = cv["selection"]
+    assert (sel["winner"], sel["selection"], sel["folds"], sel["queries"]) == ("residual", "cv", 5, 400), sel
+    rows = {r["candidate"]: r for r in csv.DictReader((tmp_path / "cv" / "selection.csv").open())}
+    assert float(rows["residual"]["gain_over_reference"]) > sel["se_factor"] * float(rows["residual"]["gain_se"])
+    assert len(rows["residual"]["fold_gains"].split()) == 5
+    assert sel["refit_epochs"]["residual"] >= 1 and (tmp_path / "cv" / "cv" / "fold4" / "selection.md").is_file()
+    m = cv["metrics"]
+    assert m["test/perf"] >= m["test/task_best/perf"] + 0.05, m
+    assert "out-of-fold over 5-fold cross-validation" in (tmp_path / "cv" / "selection.md").read_text()
+    router = Router.load(tmp_path / "cv" / cv["artifacts"]["best_checkpoint"])
+    assert router.module.choices[int(router.module.winner)] == "residual"
+    assert float(router.module.candidates["residual"].alpha) > 0  # the folds' α, not the refit's in-sample pick
+
+
+def test_folds_are_stratified_by_task_and_never_hold_the_test_split() -> None:
+    import numpy as np
+
+    from fusion_lightning.query.auto_cv import SealedSplit, stratified_folds
+
+    tasks = np.repeat([0, 1, 2], [50, 23, 7])
+    folds = stratified_folds(tasks, 5, seed=0)
+    for t, n in ((0, 50), (1, 23)):
+        counts = np.bincount(folds[tasks == t], minlength=5)
+        assert counts.max() - counts.min() <= 1 and counts.sum() == n
+    assert np.array_equal(folds, stratified_folds(tasks, 5, seed=0))
+    assert not np.array_equal(folds, stratified_folds(tasks, 5, seed=1))
+    with pytest.raises(ValueError, match="at least 2"):
+        stratified_folds(tasks, 1, seed=0)
+    with pytest.raises(RuntimeError, match="read the test split"):
+        _ = SealedSplit().tensors
+
+
+def test_cv_resume_reuses_the_checkpoints_selection_without_refolding(tmp_path: Path, monkeypatch) -> None:
+    from fusion_lightning.query import auto_cv
+
+    part = _subtopic(tmp_path, *SMALL_SET)
+    first = fit(compose_recipe("router_auto", [*part, "trainer.max_epochs=4"]))
+
+    def no_folds(*a, **k):
+        raise AssertionError("the folds ran again on resume")
+
+    monkeypatch.setattr(auto_cv, "cross_validate", no_folds)
+    monkeypatch.setattr("fusion_lightning.query.auto.cross_validate", no_folds)
+    resumed = fit(compose_recipe("router_auto", [*part, "trainer.max_epochs=4", "ckpt_path=last"]))
+    assert resumed["selection"] == first["selection"]
+    assert resumed["metrics"]["test/perf"] == first["metrics"]["test/perf"]
+    with pytest.raises(ValueError, match="model.selection=holdout"):
+        fit(compose_recipe("router_auto", [*part, "trainer.max_epochs=4", "trainer.devices=2",
+                                           "strategy=ddp", f"run_dir={tmp_path / 'ddp'}"]))

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from fusion_lightning.io import atomic_open, atomic_write
+from fusion_lightning.query.auto_cv import SELECTIONS, concat_splits, cross_validate
 from fusion_lightning.query.base import RouterModule, split_arrays
 from fusion_lightning.query.metrics import (
     baseline_choices,
@@ -77,8 +78,10 @@ class AutoRouter(RouterModule):
                  normaliser: dict, model_sizes: list[float | None], candidates: dict[str, dict[str, Any]],
                  ensembles: dict[str, list[str]] | None = None, reference: str = "lookup",
                  setting: str = "performance_first", patience: int = 5, se_factor: float | str = "bonferroni",
-                 out_dir: str | None = None):
+                 out_dir: str | None = None, selection: str = "cv", folds: int = 5):
         super().__init__()
+        if selection not in SELECTIONS:
+            raise ValueError(f"model.selection={selection!r}; choose from: {', '.join(SELECTIONS)}")
         candidates = {n: _plain(s) for n, s in _plain(candidates).items()}  # Hydra passes configs with _recursive_=false
         ensembles = {e: list(m) for e, m in _plain(ensembles or {}).items()}
         self.save_hyperparameters(ignore=["candidates", "ensembles"])
@@ -120,6 +123,56 @@ class AutoRouter(RouterModule):
         self.selection: dict[str, Any] = {}
         self.artifacts: dict[str, str] = {}
         self._live: dict[str, torch.Tensor] | None = None
+        self.val_rewards: dict[str, np.ndarray] = {}  # per choice, per val query (cross-validation pools them)
+        self.ensemble_members: dict[str, list[str]] = {}
+        self.refit_epochs: dict[str, int] | None = None  # after cross-validation: the winner's refit plan
+
+    # cross-validated selection (query/auto_cv.py), before the main fit refits the winner -------------
+    def select_before_fit(self, r: Any, resume_from: str | None = None) -> None:
+        """`fit` calls this before `trainer.fit`: with `selection: cv`, select by K-fold cross-validation over
+        train + val, then make the fit a refit of the winner on train + val. Resuming, the selection and the
+        refit plan come from the checkpoint (the folds do not run again)."""
+        if self.hparams.selection != "cv":
+            return
+        if r.trainer.world_size > 1:
+            raise ValueError("model.selection=cv fits its folds in one process; run router_auto on one device "
+                             "(routers are small) or use model.selection=holdout with several")
+        if resume_from:
+            saved = torch.load(resume_from, map_location="cpu", weights_only=False).get("auto", {})
+            selection = dict(saved.get("selection") or {})
+            if selection.get("selection") != "cv":
+                raise ValueError(f"{resume_from} was not fitted with model.selection=cv: resume with the setting "
+                                 "it was fitted with")
+            dm = r.datamodule
+            dm.splits["train"] = type(dm.splits["train"])(concat_splits(
+                [dm.splits["train"].tensors, dm.splits["val"].tensors]))
+        else:
+            selection = cross_validate(self, r)
+        self._use_cv_selection(selection)
+
+    def _use_cv_selection(self, selection: dict[str, Any]) -> None:
+        self.selection, self.refit_epochs = selection, dict(selection["refit_epochs"])
+        self.winner.fill_(self.choices.index(selection["winner"]))
+        self.members.zero_()
+        if selection["members"]:
+            e_i = list(self.ensembles).index(selection["winner"])
+            for n in selection["members"]:
+                self.members[e_i, list(self.candidates).index(n)] = True
+
+    def needed_for(self, winner: str, fold_members: list[list[str]]) -> list[str]:
+        """The candidates a refit of `winner` trains: itself, or an ensemble's members (for a kind, the
+        candidate of that kind the most folds averaged)."""
+        if winner in self.candidates:
+            return [winner]
+        out = []
+        for m in self.ensembles[winner]:
+            if m in self.candidates:
+                out.append(m)
+                continue
+            picks = [n for chosen in fold_members for n in chosen if kind_of(self.candidates[n]) == m]
+            if picks:
+                out.append(max(dict.fromkeys(picks), key=picks.count))
+        return list(dict.fromkeys(out))
 
     # prediction: the selected candidate (or ensemble) ----------------------------------------------
     def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,6 +221,8 @@ class AutoRouter(RouterModule):
                 c.on_fit_start()
             finally:
                 train.tensors = full
+        if self.refit_epochs is not None:  # refitting the cross-validated winner: nothing else trains
+            self.stopped |= {n for n in self.candidates if n not in self.refit_epochs}
         if self._live is not None:  # resuming: continue from the live weights, not the best ones
             self.load_state_dict({**self.state_dict(), **self._live})
             self._live = None
@@ -213,6 +268,9 @@ class AutoRouter(RouterModule):
         """Score every live candidate on the whole val split, keep its best state, stop the stale ones."""
         if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
             return
+        if self.refit_epochs is not None:
+            self._refit_epoch()
+            return
         val = self.trainer.datamodule.splits["val"].tensors
         arrays = split_arrays(val)
         for name, c in self.candidates.items():
@@ -241,6 +299,23 @@ class AutoRouter(RouterModule):
         if all(n in self.stopped for n in self.candidates):
             self.trainer.should_stop = True
 
+    def _refit_epoch(self) -> None:
+        """A refit epoch: the winner's candidates keep their state after the epochs their fold copies needed
+        (the val split is in their training data now: it cannot early-stop them)."""
+        for name, target in self.refit_epochs.items():
+            if name in self.stopped:
+                continue
+            self.epochs[name] += 1
+            c = self.candidates[name]
+            for buf, value in self.selection.get("refit_values", {}).get(name, {}).items():
+                getattr(c, buf).fill_(value)
+            self.best[name] = {"reward": float("nan"), "epoch": int(self.current_epoch),
+                               "state": {k: v.detach().clone().cpu() for k, v in c.state_dict().items()}}
+            if self.epochs[name] >= target or not _trains(c):
+                self.stopped.add(name)
+        if all(n in self.stopped for n in self.candidates):
+            self.trainer.should_stop = True
+
     def _ensemble_members(self, members: list[str]) -> list[str]:
         """Candidate names of an ensemble: named candidates, and for each kind its val-best candidate."""
         out = []
@@ -265,12 +340,15 @@ class AutoRouter(RouterModule):
                 continue
             for n in chosen:
                 self.members[e_i, names.index(n)] = True
+            self.ensemble_members[e] = chosen
             perf_cost[e] = (np.mean([perf_cost[n][0] for n in chosen], 0), np.mean([perf_cost[n][1] for n in chosen], 0))
             rewards[e] = self._rewards(*perf_cost[e], arrays)
+        self.val_rewards = rewards
         z = selection_z(self.hparams.se_factor, len(rewards))
         winner = select_over_reference(rewards, self.hparams.reference, z)
         self.winner.fill_(self.choices.index(winner))
-        self.selection = {"winner": winner, "reference": self.hparams.reference, "setting": self.hparams.setting,
+        self.selection = {"winner": winner, "selection": "holdout", "reference": self.hparams.reference,
+                          "setting": self.hparams.setting,
                           "se_factor": z, "rule": str(self.hparams.se_factor),
                           "rows": self._rows(rewards, perf_cost, winner, arrays)}
 
@@ -319,8 +397,9 @@ class AutoRouter(RouterModule):
         if not self.selection:
             return {}
         rows = {r["candidate"]: round(r["val_reward"], 6) for r in self.selection["rows"]}
-        return {"selection": {k: self.selection[k] for k in ("winner", "reference", "setting", "rule", "se_factor")}
-                | {"val_reward": rows}}
+        keys = ("winner", "reference", "setting", "rule", "se_factor", "selection", "folds", "queries", "members",
+                "refit_epochs", "cv_seconds")
+        return {"selection": {k: self.selection[k] for k in keys if k in self.selection} | {"val_reward": rows}}
 
     # checkpoints: best states for routing, live states and bookkeeping for resuming ----------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -349,6 +428,8 @@ class AutoRouter(RouterModule):
         self.bad_epochs, self.progress = dict(auto["bad_epochs"]), dict(auto["progress"])
         self.epochs, self.train_seconds = dict(auto["epochs"]), dict(auto["train_seconds"])
         self.stopped, self.selection = set(auto["stopped"]), dict(auto["selection"])
+        if self.selection.get("selection") == "cv":
+            self.refit_epochs = dict(self.selection["refit_epochs"])
         self._live = auto["live"]
 
 
@@ -365,19 +446,28 @@ def write_selection(selection: dict[str, Any], out_dir: Path) -> dict[str, str]:
     def num(v: Any, fmt: str) -> str:
         return "—" if v is None else format(v, fmt)
 
-    lines = [f"# router_auto selection ({selection['setting']} val reward)", "",
-             f"Selected: **{selection['winner']}**. Rule: the best mean val reward among the candidates whose "
+    cv = selection.get("selection") == "cv"
+    where = (f"out-of-fold over {selection['folds']}-fold cross-validation of train + val "
+             f"({selection['queries']:,} queries, each scored by a copy that never trained on it)" if cv else "val")
+    lines = [f"# router_auto selection ({selection['setting']} reward, {where})", "",
+             f"Selected: **{selection['winner']}**. Rule: the best mean reward among the candidates whose "
              f"paired gain over `{selection['reference']}` exceeds {selection['se_factor']:.2f} standard errors "
              f"(se_factor={selection['rule']}); "
-             f"`{selection['reference']}` when none does.", "",
-             "| candidate | kind | val reward | val perf | val gap closed | gain over reference (± SE) "
-             "| best epoch | epochs | train s | settings |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"`{selection['reference']}` when none does."]
+    if cv:
+        plan = ", ".join(f"{n} {e} epoch(s)" for n, e in selection["refit_epochs"].items())
+        lines += ["", f"The winner was then refitted on all of train + val ({plan}: the median best epoch of its "
+                  "fold copies); val metrics after that are in-sample. Best epoch: the median over folds; epochs "
+                  "and train s: summed over folds."]
+    lines += ["", "| candidate | kind | reward | perf | gap closed | gain over reference (± SE) "
+              + ("| gain by fold " if cv else "") + "| best epoch | epochs | train s | settings |",
+              "|---|---|---:|---:|---:|---:|" + ("---|" if cv else "") + "---:|---:|---:|---|"]
     for r in sorted(rows, key=lambda r: -r["val_reward"]):
         name = f"**{r['candidate']}**" if r["selected"] else r["candidate"]
-        lines.append(f"| {name} | {r['kind']} | {r['val_reward']:.4f} | {r['val_perf']:.4f} | "
+        lines.append(f"| {name} | {r['kind']} | {r['val_reward']:.4f} | {num(r['val_perf'], '.4f')} | "
                      f"{num(r['val_gap_closed'], '.3f')} | {r['gain_over_reference']:+.4f} ± {r['gain_se']:.4f} | "
-                     f"{num(r['best_epoch'], 'd')} | {num(r['epochs'], 'd')} | {num(r['train_s'], '.1f')} | "
+                     + (f"{r['fold_gains']} | " if cv else "")
+                     + f"{num(r['best_epoch'], 'd')} | {num(r['epochs'], 'd')} | {num(r['train_s'], '.1f')} | "
                      f"{r['settings']} |")
     atomic_write(paths["selection_md"], "\n".join(lines) + "\n")
     return {k: str(v) for k, v in paths.items()}

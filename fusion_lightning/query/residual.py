@@ -23,6 +23,9 @@ from fusion_lightning.query.metrics import per_query_reward, select_over_referen
 class ResidualRouter(LogitRouter):
     """Task prior + α · MLP residual; α ∈ `alphas` chosen on val (`alphas: [0.0]` is the pure lookup)."""
 
+    # buffers chosen on val, not trained: router_auto's cross-validated refit takes their median over folds
+    val_selected = ("alpha",)
+
     def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
                  normaliser: dict, model_sizes: list[float | None], hidden_dims: Sequence[int] = (128,),
                  task_embedding_dim: int = 0, dropout: float = 0.1, lr: float = 3e-3, weight_decay: float = 1e-4,

@@ -1,0 +1,181 @@
+"""router_auto's cross-validated selection (`model.selection=cv`, the default).
+
+One val split of a few hundred queries gives a paired test too little power: with a dozen candidates
+the Bonferroni threshold (z = 2.64) is rarely cleared, and router_auto was the per-task lookup on every
+log we hold. K-fold cross-validation over train + val scores every candidate on every one of those
+queries (each once, by a copy of it that never trained on it), so the same paired test against the
+lookup runs on K times the queries. The winner is then refitted on all of train + val for the number
+of epochs its copies needed (the median of their best epochs), with what they chose on val (a
+candidate's `val_selected` buffers, e.g. the residual router's α: the median over folds), and only
+it is tested.
+
+Folds are by query and stratified by task (each task's queries dealt round-robin after a seeded
+shuffle). The test split is never part of a fold: selection reads train and val only. What stays
+fitted on the original train split: the per-task normaliser, the task classifier and, on a bandit
+log, the reward model behind the DR terms (the datamodule's, built once); the candidates themselves
+(kNN's index, the lookup's task means, every trained weight) see only their fold's training rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from fusion_lightning.query.metrics import select_over_reference
+
+if TYPE_CHECKING:  # the fit Run and the AutoRouter only as types: no import cycle
+    from fusion_lightning.fit import Run
+    from fusion_lightning.query.auto import AutoRouter
+
+SELECTIONS = ("cv", "holdout")
+
+
+def stratified_folds(tasks: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """[n] fold of each row: within each task a seeded shuffle dealt round-robin, so every fold holds each
+    task in proportion (a task with fewer than k queries is in fewer folds)."""
+    if k < 2:
+        raise ValueError(f"model.folds must be at least 2 for cross-validated selection, got {k}")
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(tasks), np.int64)
+    offset = 0
+    for t in np.unique(tasks):
+        rows = rng.permutation(np.flatnonzero(tasks == t))
+        out[rows] = (np.arange(len(rows)) + offset) % k  # the offset spreads small tasks' remainders
+        offset += len(rows)
+    return out
+
+
+def concat_splits(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One split's tensors from several (rows appended in order); `index` renumbered for the new split."""
+    keys = set(parts[0])
+    if any(set(p) != keys for p in parts):
+        raise ValueError("cannot join splits with different tensors")
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "index"}
+    if "index" in keys:
+        out["index"] = torch.arange(len(next(iter(out.values()))))
+    return out
+
+
+def take(tensors: dict[str, torch.Tensor], rows: np.ndarray) -> dict[str, torch.Tensor]:
+    idx = torch.from_numpy(rows)
+    out = {k: v[idx] for k, v in tensors.items() if k != "index"}
+    if "index" in tensors:
+        out["index"] = torch.arange(len(rows))
+    return out
+
+
+class SealedSplit:
+    """A fold's test split: empty, and reading it is an error (selection must never see the test split)."""
+
+    n = 0
+
+    def __len__(self) -> int:
+        return 0
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise RuntimeError("cross-validated selection read the test split")
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        raise RuntimeError("cross-validated selection read the test split")
+
+
+def fold_datamodule(dm: Any, pool: dict[str, torch.Tensor], fold: np.ndarray, k: int) -> Any:
+    """A shallow copy of the router datamodule whose train is the pool minus fold k and val is fold k; its
+    test split is sealed, so nothing in a fold's fit can read one."""
+    from fusion_lightning.query.datamodule import RouterSplit
+
+    out = copy.copy(dm)
+    out.splits = {"train": RouterSplit(take(pool, np.flatnonzero(fold != k))),
+                  "val": RouterSplit(take(pool, np.flatnonzero(fold == k))), "test": SealedSplit()}
+    out.trainer = None
+    return out
+
+
+def cross_validate(model: AutoRouter, r: Run) -> dict[str, Any]:
+    """Fit a holdout-selecting copy of `model` on each fold, pool their out-of-fold rewards, pick the winner by
+    the paired test over all of train + val, and return the selection (rows as `write_selection` reads them)
+    and the refit plan. Per-fold selection tables are written under <run_dir>/cv/fold<k>/."""
+    from fusion_lightning.query.datamodule import RouterSplit
+
+    hp = model.hparams
+    dm = r.datamodule
+    pool = concat_splits([dm.splits["train"].tensors, dm.splits["val"].tensors])
+    k = int(hp.folds)
+    fold = stratified_folds(pool["task"].numpy(), k, int(r.cfg.seed))
+    oof: dict[str, list[np.ndarray]] = {}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    best_epochs: dict[str, list[int]] = {}
+    chosen_on_val: dict[str, dict[str, list[float]]] = {}  # per candidate, its `val_selected` buffers per fold
+    members: dict[str, list[list[str]]] = {}  # per ensemble, the candidates each fold averaged
+    seconds = time.perf_counter()
+    for i in range(k):
+        fdm = fold_datamodule(dm, pool, fold, i)
+        fmodel = type(model)(**{**dict(hp), "selection": "holdout", "out_dir": None})
+        out_dir = Path(r.run_dir) / "cv" / f"fold{i}"
+        trainer = instantiate(r.cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
+                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out_dir),
+                              devices=1, num_nodes=1, strategy="auto", _convert_="all")
+        torch.manual_seed(int(r.cfg.seed) + i)
+        trainer.fit(fmodel, datamodule=fdm)
+        for name, rew in fmodel.val_rewards.items():
+            oof.setdefault(name, []).append(rew)
+        for row in fmodel.selection["rows"]:
+            rows.setdefault(row["candidate"], []).append(row)
+        for name, b in fmodel.best.items():
+            if b["epoch"] >= 0:
+                best_epochs.setdefault(name, []).append(int(b["epoch"]))
+                for buf in getattr(fmodel.candidates[name], "val_selected", ()):
+                    chosen_on_val.setdefault(name, {}).setdefault(buf, []).append(float(b["state"][buf]))
+        for e, chosen in fmodel.ensemble_members.items():
+            members.setdefault(e, []).append(chosen)
+        print(f"router_auto cv: fold {i + 1}/{k} selected {fmodel.selection['winner']} "
+              f"({int((fold == i).sum())} queries, {time.perf_counter() - seconds:.0f}s so far)", flush=True)
+    # only choices every fold scored (an ensemble whose members a fold lacked is left out, not half-scored)
+    oof_all = {n: np.concatenate(v) for n, v in oof.items() if len(v) == k}
+    from fusion_lightning.query.auto import selection_z
+
+    z = selection_z(hp.se_factor, len(oof_all))
+    winner = select_over_reference(oof_all, hp.reference, z)
+    ref = oof_all[hp.reference]
+    sizes = np.array([(fold == i).sum() for i in range(k)], float)
+    table = []
+    for name in model.choices:
+        if name not in oof_all:
+            continue
+        diff = oof_all[name] - ref
+        fr = rows[name]
+
+        def mean_of(key: str, fr: list[dict] = fr) -> float | None:
+            vals = [row[key] for row in fr]
+            return None if any(v is None for v in vals) else float(np.average(vals, weights=sizes))
+
+        epochs = best_epochs.get(name)
+        table.append({
+            **{key: fr[0][key] for key in ("candidate", "kind", "settings")},
+            "selected": name == winner, "val_reward": float(oof_all[name].mean()), "val_perf": mean_of("val_perf"),
+            "val_cost": mean_of("val_cost"), "val_gap_closed": mean_of("val_gap_closed"),
+            "gain_over_reference": float(diff.mean()),
+            "gain_se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0,
+            "fold_gains": " ".join(f"{row['gain_over_reference']:+.4f}" for row in fr),
+            "best_epoch": int(np.median(epochs)) if epochs else None,
+            "epochs": int(sum(row["epochs"] for row in fr)) if fr[0]["epochs"] is not None else None,
+            "train_s": round(sum(row["train_s"] or 0.0 for row in fr), 3) if fr[0]["train_s"] is not None else None,
+        })
+    needed = model.needed_for(winner, members.get(winner, []))
+    refit = {n: int(np.median(best_epochs[n])) + 1 for n in needed if n in best_epochs}
+    # what the folds chose on val (e.g. the residual router's α): the refit has no held-out val to choose on
+    refit_values = {n: {buf: float(np.median(v)) for buf, v in chosen_on_val[n].items()}
+                    for n in needed if n in chosen_on_val}
+    dm.splits["train"] = RouterSplit(pool)  # the refit trains on train + val; val stays for the loop (in-sample)
+    return {"winner": winner, "reference": hp.reference, "setting": hp.setting, "se_factor": z,
+            "rule": str(hp.se_factor), "selection": "cv", "folds": k, "queries": int(len(fold)),
+            "members": needed if winner not in model.candidates else [], "refit_epochs": refit,
+            "refit_values": refit_values, "rows": table,
+            "cv_seconds": round(time.perf_counter() - seconds, 1)}
