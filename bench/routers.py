@@ -46,10 +46,10 @@ from fusion_lightning.fit import build, run  # noqa: E402
 from fusion_lightning.query.base import split_arrays  # noqa: E402
 from fusion_lightning.query.metrics import (  # noqa: E402
     cost_to_match,
+    decision_choices,
     gap_closed,
     outcome,
     routing_metrics,
-    sweep_choices,
     sweep_points,
 )
 from fusion_lightning.query.peer_metrics import strong_weak_metrics  # noqa: E402
@@ -132,7 +132,7 @@ def evaluate(perf_hat: np.ndarray, cost_hat: np.ndarray | None, train, ev, sizes
     m = routing_metrics({"performance_first": perf_hat}, train, ev, sizes)
     row = {"perf": m["perf"], "gap_closed": m["gap_closed"], "cost": m["cost"]}
     if cost_hat is not None and known:
-        pts = sweep_points(sweep_choices(perf_hat, cost_hat, ev.mask), ev)
+        pts = sweep_points(decision_choices(perf_hat, cost_hat, ev.mask), ev)
         row["cost_to_match"] = cost_to_match(pts, m["best_single/perf"], m["best_single/cost"])
     return row
 

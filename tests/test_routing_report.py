@@ -147,6 +147,8 @@ def test_router_run_writes_the_routing_report(tmp_path: Path):
     assert float(rows[-1]["oracle_cost"]) == pytest.approx(m["test/oracle/cost"], rel=1e-5)
     md = (run / "routing_table.md").read_text()
     assert "| arithmetic | " in md and "AIQ" in md and "cost to match best single" in md
+    assert 0.0 <= m["test/ece"] < 0.5 and "calibration error of the predicted success probabilities" in md
+    assert "alpha 0." in md.split("calibration error")[1]  # per model
     logged = (run / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "test/aiq" in logged and "val/aiq" in logged
 
@@ -161,3 +163,57 @@ def test_synthetic_run_reports_the_judge_setting(tmp_path: Path):
         assert k in m, k
     assert m["test/judge/oracle/reward"] >= m["test/judge/best_single/reward"] - 1e-9
     assert all(np.isfinite(v) for v in m.values())
+
+
+def test_tolerance_choices_take_the_cheapest_model_predicted_near_the_best() -> None:
+    from fusion_lightning.query.metrics import decision_choices, tolerance_choices
+
+    perf_hat = np.array([[0.80, 0.79, 0.50], [0.40, 0.90, 0.89]])
+    cost_hat = np.array([[10.0, 1.0, 0.1], [0.1, 5.0, 5.0]])
+    mask = np.array([[True, True, True], [True, True, True]])
+    got = tolerance_choices(perf_hat, cost_hat, mask, np.array([0.0, 0.01, 0.3, 1.0]))
+    # q1: models 1 and 2 cost the same, so within 0.01 the better prediction (1) wins; 0.4 is 0.5 below
+    assert got.T.tolist() == [[0, 1, 2, 2], [1, 1, 1, 0]]  # per query, per τ
+    unlogged = mask.copy()
+    unlogged[0, 1] = False  # a model the query has no answer from is never chosen
+    assert tolerance_choices(perf_hat, cost_hat, unlogged, np.array([0.01]))[0, 0] == 0
+    assert decision_choices(perf_hat, cost_hat, mask).shape[0] == len(LAMBDAS) + 14
+
+
+def test_the_tolerance_sweep_reaches_best_single_cheaper_where_cost_gaps_differ() -> None:
+    """Two tasks: the cheap model saves 0.99 a call on A but 0.01 on B. On the queries where it is predicted
+    close (and is right) a tolerance routes it everywhere; λ must stay below A's wrong switch (0.3 / 0.99)
+    and so never reaches B's (0.005 / 0.01): the tolerance sweep matches best single at a lower cost."""
+    from fusion_lightning.query.metrics import cost_to_match, decision_choices
+
+    close = np.tile(np.repeat([True, False], 100), 2)  # per task: 100 close, 100 not
+    task = np.repeat([0, 1], 200)
+    perf = np.stack([np.ones(400), close.astype(float)], 1)  # strong always right, cheap right where close
+    cost = np.where(task[:, None] == 0, [1.0, 0.01], [0.02, 0.01])
+    perf_hat = np.stack([np.full(400, 0.9), np.where(close, 0.895, 0.6)], 1)
+    ev = RoutingArrays(perf, cost, perf, cost, np.ones_like(perf, bool), task)
+    best_cost = cost[:, 0].mean()  # best single: the strong model, perf 1.0
+    lam_only = cost_to_match(sweep_points(sweep_choices(perf_hat, cost, ev.mask), ev), 1.0, best_cost)
+    both = cost_to_match(sweep_points(decision_choices(perf_hat, cost, ev.mask), ev), 1.0, best_cost)
+    assert lam_only == pytest.approx((0.01 + 1.0 + 0.02 + 0.02) / 4 / best_cost)
+    assert both == pytest.approx((0.01 + 1.0 + 0.01 + 0.02) / 4 / best_cost) and both < lam_only
+
+
+def test_calibration_errors_per_model_on_hand_examples() -> None:
+    from fusion_lightning.query.metrics import calibration_errors
+
+    perf = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+    mask = np.array([[True, True], [True, True], [True, True], [True, False]])
+    # model 0: predictions 0.75 everywhere (one bin), success rate 3/4 -> calibrated
+    # model 1: 0.95 on its 3 logged queries (one bin), rate 1/3 -> |0.95 - 1/3|
+    hat = np.array([[0.75, 0.95], [0.75, 0.95], [0.75, 0.95], [0.75, 0.1]])
+    ev = RoutingArrays(perf, np.zeros_like(perf), perf, np.zeros_like(perf), mask, np.zeros(4, np.int64))
+    np.testing.assert_allclose(calibration_errors(hat, ev), [0.0, 0.95 - 1 / 3])
+    # two bins for model 0: [0.1, 0.1] against 0/0 and [0.9, 0.9] against 1/1 -> 0.1 in each
+    hat2 = np.array([[0.1, 0.5], [0.1, 0.5], [0.9, 0.5], [0.9, 0.5]])
+    perf2 = np.array([[0.0, 1.0], [0.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+    ev2 = RoutingArrays(perf2, np.zeros_like(perf2), perf2, np.zeros_like(perf2), np.ones_like(mask), np.zeros(4, np.int64))
+    np.testing.assert_allclose(calibration_errors(hat2, ev2), [0.1, 0.0])
+    graded = RoutingArrays(perf2 * 0.5, np.zeros_like(perf2), perf2, np.zeros_like(perf2), np.ones_like(mask),
+                           np.zeros(4, np.int64))
+    assert calibration_errors(hat2, graded) is None  # not 0/1 scores: nothing to calibrate against

@@ -29,9 +29,9 @@ from fusion_lightning.query.metrics import (
     choose,
     cost_quality_scalars,
     costs_known,
+    decision_choices,
     model_points,
     per_task_rows,
-    sweep_choices,
     sweep_points,
 )
 from fusion_lightning.query.ope import ESTIMATORS
@@ -46,7 +46,7 @@ def compute_bandit(out: dict[str, Any], hparams: Any, lambdas: np.ndarray = LAMB
     dv = out["ope"]["estimable"]  # DR pseudo-values: the mean at a policy's choices is its DR estimate
     models = [str(x) for x in (getattr(hparams, "models", None) or range(ev.perf.shape[1]))]
     sizes = getattr(hparams, "model_sizes", None) or [None] * len(models)
-    points = sweep_points(sweep_choices(out["perf_hat"], out["cost_hat"], dv.mask, lambdas), dv)
+    points = sweep_points(decision_choices(out["perf_hat"], out["cost_hat"], dv.mask, lambdas), dv)
     singles = model_points(dv)
     best = (m["ope/best_single/dr/cost"], m["ope/best_single/dr/perf"])
     known = costs_known(train, ev)
@@ -60,7 +60,7 @@ def compute_bandit(out: dict[str, Any], hparams: Any, lambdas: np.ndarray = LAMB
             "oracle": None, "costs_known": known, "metrics": m, "details": out["ope"],
             "rows": per_task_rows(choices, dv, getattr(hparams, "tasks", None)), "choices": list(choices),
             "title": "cost vs performance, estimated off-policy (DR) on a bandit log",
-            "sweep_label": "router (λ sweep, DR estimates)"}
+            "sweep_label": "router (λ and tolerance sweeps, DR estimates)"}
 
 
 def _ci(est) -> str:
@@ -110,7 +110,7 @@ def markdown(report: dict[str, Any], stage: str) -> str:
               f"chose on that task, {supp['rare']:.1%} to models it chose for under 1% of that task's queries"]
     if report["costs_known"]:
         match = (f"{s['ope/cost_to_match_best']:.3g}× best single's cost" if "ope/cost_to_match_best" in s
-                 else "never reached on the λ grid")
+                 else "never reached on the λ and tolerance grids")
         lines.append(f"- cost–quality (DR estimates): AIQ {s['ope/aiq']:.4f} (single models' hull "
                      f"{s['ope/single_models/aiq']:.4f}); cost to match best single: {match}")
     names = report["choices"]

@@ -25,13 +25,14 @@ from fusion_lightning.io import atomic_open, atomic_write
 from fusion_lightning.query.metrics import (
     LAMBDAS,
     baseline_choices,
+    calibration_errors,
     choose,
     cost_quality_scalars,
     costs_known,
+    decision_choices,
     model_points,
     nondecreasing_hull,
     per_task_rows,
-    sweep_choices,
     sweep_points,
 )
 from fusion_lightning.query.peer_metrics import strong_weak_pair
@@ -41,7 +42,7 @@ TABLE_CHOICES = ("router", "router_task_blind", "best_single", "task_best", "ora
 
 
 class RoutingReport(Callback):
-    """λ sweep, AIQ, cost to match best single and the per-task table, on val (scalars) and test (files)."""
+    """λ and tolerance sweeps, AIQ, cost to match best single and the per-task table, on val (scalars) and test (files)."""
 
     def __init__(self, out_dir: str | None = None, lambdas: list[float] | None = None, on_validation: bool = True):
         self.out_dir = out_dir
@@ -84,13 +85,16 @@ class RoutingReport(Callback):
         tasks = getattr(hparams, "tasks", None)
         sizes = getattr(hparams, "model_sizes", None) or [None] * len(models)
         points = out["points"] if "points" in out else sweep_points(  # a router's own sweep (the cascade's
-            sweep_choices(out["perf_hat"], out["cost_hat"], ev.mask, self.lambdas), ev)  # thresholds), else λ
+            decision_choices(out["perf_hat"], out["cost_hat"], ev.mask, self.lambdas), ev)  # thresholds), else λ and τ
         singles = model_points(ev)
         best = (metrics["best_single/cost"], metrics["best_single/perf"])
         known = costs_known(train, ev)
         scalars: dict[str, float] = {}
         if known:  # without costs there is no cost axis: no sweep, AIQ or cost to match
             scalars = cost_quality_scalars(points, singles, best)
+        ece = calibration_errors(out["perf_hat"], ev) if "perf_hat" in out else None
+        if ece is not None and np.isfinite(ece).any():
+            scalars["ece"] = float(np.nanmean(ece))
         base = baseline_choices(train, ev, MAIN_SETTING, sizes)
         choices = {"router": choose(out["scores"][MAIN_SETTING], ev.mask)}
         if "blind_scores" in out:
@@ -101,8 +105,8 @@ class RoutingReport(Callback):
                 "pair": None if pair is None else tuple(str(models[i]) for i in pair),
                 "best": best, "oracle": (metrics["oracle/cost"], metrics["oracle/perf"]), "costs_known": known,
                 "rows": per_task_rows(choices, ev, tasks, out.get("choice_costs")), "choices": list(choices),
-                "metrics": metrics, "sweep_rows": out.get("sweep_rows"),
-                "sweep_label": out.get("sweep_label", "router (λ sweep)")}
+                "metrics": metrics, "sweep_rows": out.get("sweep_rows"), "ece": ece,
+                "sweep_label": out.get("sweep_label", "router (λ and tolerance sweeps)")}
 
     def write(self, report: dict[str, Any], run_dir: Path, stage: str) -> dict[str, str]:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +133,7 @@ def _markdown(report: dict[str, Any], stage: str) -> str:
     lines = [f"# Routing on {stage} ({MAIN_SETTING})", ""]
     if report["costs_known"]:
         match = (f"{s['cost_to_match_best']:.3g}× best single's cost" if "cost_to_match_best" in s
-                 else "never reached on the λ grid")
+                 else "never reached on the λ and tolerance grids")
         lines += [f"- AIQ: {s['aiq']:.4f} (single models' hull: {s['single_models/aiq']:.4f})",
                   f"- cost to match best single: {match}"]
     else:
@@ -145,6 +149,10 @@ def _markdown(report: dict[str, Any], stage: str) -> str:
                      f"correct): perf {m['task_blind/perf']:.4f}, gap closed {m['task_blind/gap_closed']:.4f} "
                      f"(the lookup keyed by the inferred task: {m['task_blind/task_best/gap_closed']:.4f})")
     lines += _peer_lines(report)
+    if report.get("ece") is not None:
+        per = ", ".join(f"{n} {e:.3f}" for n, e in zip(report["models"], report["ece"], strict=True) if e == e)
+        lines.append(f"- calibration error of the predicted success probabilities (ECE, 10 bins): mean "
+                     f"{report['scalars']['ece']:.3f}; {per}")
     cols = [k for c in names for k in ("perf", "cost") if report["costs_known"] or k == "perf"]
     head = [f"{c} {k}" for c in names for k in ("perf", "cost") if report["costs_known"] or k == "perf"]
     lines += ["", "| task | queries | " + " | ".join(h.replace("_", " ") for h in head) + " |",
@@ -193,7 +201,7 @@ def _plot(report: dict[str, Any], path: Path, stage: str) -> None:
     for (c, p), name in zip(singles, report["models"], strict=True):
         ax.annotate(name, (c, p), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.plot(points[:, 0], points[:, 1], "o", c="tab:blue", ms=3, alpha=0.5, label=report.get("sweep_label",
-                                                                                           "router (λ sweep)"))
+                                                                                           "router (λ and tolerance sweeps)"))
     ax.plot(hull[:, 0], hull[:, 1], "-", c="tab:blue", label=f"router hull (AIQ {report['scalars'].get('aiq', report['scalars'].get('ope/aiq')):.3f})")
     c_hi = float(singles[:, 0].max())
     if hull[-1, 0] < c_hi:  # AIQ extends the hull flat to the dearest single model

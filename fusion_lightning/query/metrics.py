@@ -171,6 +171,54 @@ def sweep_choices(perf_hat: np.ndarray, cost_hat: np.ndarray, mask: np.ndarray,
     return np.stack([choose(perf_hat - lam * cost_hat, mask) for lam in lambdas])
 
 
+# the cheapest model predicted within τ of the best: where costs differ by orders of magnitude and the
+# predictions are close, λ (a price per unit of score) jumps from the best model to the cheapest; a
+# tolerance on the score itself reaches the cheap-but-nearly-as-good operating points in between
+TOLERANCES = np.array([0.0, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0])
+
+
+def tolerance_choices(perf_hat: np.ndarray, cost_hat: np.ndarray, mask: np.ndarray,
+                      tolerances: np.ndarray = TOLERANCES) -> np.ndarray:
+    """[T, N] per τ, the model of lowest predicted cost among those whose predicted performance is within τ
+    of the query's best prediction (ties in cost: the better prediction)."""
+    p = np.where(mask, perf_hat, -np.inf)
+    best = p.max(axis=1, keepdims=True)
+    # lexicographic (cost, -perf) through one key: the cost, nudged by the prediction far below any cost step
+    key = np.asarray(cost_hat, float) - 1e-9 * np.nan_to_num(perf_hat)
+    return np.stack([np.where(p >= best - t, key, np.inf).argmin(axis=1) for t in tolerances])
+
+
+def decision_choices(perf_hat: np.ndarray, cost_hat: np.ndarray, mask: np.ndarray,
+                     lambdas: np.ndarray = LAMBDAS, tolerances: np.ndarray = TOLERANCES) -> np.ndarray:
+    """[L + T, N] every operating point one router checkpoint offers: the λ sweep and the tolerance sweep."""
+    return np.concatenate([sweep_choices(perf_hat, cost_hat, mask, lambdas),
+                           tolerance_choices(perf_hat, cost_hat, mask, tolerances)])
+
+
+def calibration_errors(perf_hat: np.ndarray, ev: RoutingArrays, bins: int = 10) -> np.ndarray | None:
+    """[M] expected calibration error of each model's predicted success probability on its logged 0/1
+    scores: the query-weighted mean |mean prediction − success rate| over `bins` equal-width bins. None
+    when the scores are not 0/1 (a probability has nothing to be calibrated against) or nothing is logged.
+
+    Why it matters: the tolerance and λ rules compare predictions across models, so a model whose
+    predictions run high takes queries from a cheaper one that is as good."""
+    logged = ev.mask
+    y = ev.perf[logged]
+    if y.size == 0 or not np.isin(y, (0.0, 1.0)).all():
+        return None
+    out = np.full(perf_hat.shape[1], np.nan)
+    for m in range(perf_hat.shape[1]):
+        rows = logged[:, m]
+        if not rows.any():
+            continue
+        p, t = np.clip(perf_hat[rows, m], 0.0, 1.0), ev.perf[rows, m]
+        b = np.minimum((p * bins).astype(int), bins - 1)
+        n = np.bincount(b, minlength=bins)
+        gap = np.abs(np.bincount(b, p, bins) - np.bincount(b, t, bins))  # per bin |Σp − Σy| = n·|mean p − rate|
+        out[m] = float(gap.sum() / n.sum())
+    return out
+
+
 def sweep_points(choices: np.ndarray, ev: RoutingArrays) -> np.ndarray:
     """[L, 2] (mean actual cost, mean actual performance) of each row of choices."""
     rows = np.arange(choices.shape[1])
