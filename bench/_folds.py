@@ -160,6 +160,17 @@ def rate(fn: Callable[[int], object], n_max: int, budget_s: float = 4.0, probe: 
     return n / best
 
 
+def mean_ci(values: list[float], fmt: str = "{:.2f}", level: float = 0.95) -> str:
+    """'mean [lo, hi]': a t interval over folds (the folds share training data, so it is a rough one)."""
+    from scipy import stats
+
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    if len(v) < 2:
+        return fmt.format(v[0]) if v else "—"
+    half = stats.t.ppf((1 + level) / 2, len(v) - 1) * np.std(v, ddof=1) / np.sqrt(len(v))
+    return f"{fmt.format(np.mean(v))} [{fmt.format(np.mean(v) - half)}, {fmt.format(np.mean(v) + half)}]"
+
+
 def mean_std(values: list[float], fmt: str = "{:.3f}") -> str:
     v = [x for x in values if x is not None and np.isfinite(x)]
     if not v:

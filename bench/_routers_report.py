@@ -10,15 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _folds import mean_std, rate, sklearn_routers
+from _folds import mean_ci, mean_std, rate, sklearn_routers
 
 from fusion_lightning.data.embeddings import SentenceTransformerEncoder
 from fusion_lightning.query.router import Router
 
 BASELINES = ("best_single", "task_best", "oracle", "random")
-ROUTER_ORDER = ("auto", "residual", "mlp", "knn", "mf", "irt", "graph", "encoder", "bt", "dc", "cascade", "ensemble")
+ROUTER_ORDER = ("auto", "auto_holdout", "residual", "mlp", "knn", "mf", "irt", "graph", "encoder", "bt", "dc", "cascade", "ensemble")
 NOTES = {
-    "auto": "router_auto (selected per fold: {winners})",
+    "auto": "router_auto, 5-fold cross-validated selection (selected per fold: {winners})",
+    "auto_holdout": "router_auto selecting on the one val split (model.selection=holdout; per fold: {winners_holdout})",
     "residual": "per-task lookup + α·MLP residual, α on val",
     "encoder": "MiniLM fine-tuned: {ep} epoch(s), max_length 64{folds}; cached = token ids",
     "ensemble": "mean predicted score/cost of mlp, knn, mf, irt, graph",
@@ -91,7 +92,12 @@ def _order(rows: dict) -> list[str]:
 
 def log_table(name: str, result: dict, tp: dict, args: argparse.Namespace) -> tuple[str, list[dict]]:
     rows, known = result["rows"], result["costs_known"]
-    winners = ", ".join(f"{w} ×{c}" for w, c in result["winners"].most_common()) or "—"
+    def named(holdout: bool) -> str:
+        picks = [(w.removeprefix("holdout:"), c) for w, c in result["winners"].most_common()
+                 if w.startswith("holdout:") == holdout]
+        return ", ".join(f"{w} ×{c}" for w, c in picks) or "—"
+
+    winners, winners_holdout = named(False), named(True)
     peer = any(r.get("apgr") is not None for rs in rows.values() for r in rs)  # RouteLLM's metrics measured
     head = ["router", "folds", "perf", "gap closed", "task-blind gap closed", "cost (µ$/query)",
             "cost to match best single", *(["APGR", "CPT(50%)", "CPT(80%)"] if peer else []), "fit s",
@@ -105,10 +111,10 @@ def log_table(name: str, result: dict, tp: dict, args: argparse.Namespace) -> tu
         if not known:
             ctm_s = "costs unknown" if n not in BASELINES else "—"
         else:
-            ctm_s = "—" if not ctm else mean_std([c for c in ctm if c is not None], "{:.2f}") + \
+            ctm_s = "—" if not ctm else mean_ci([c for c in ctm if c is not None], "{:.2f}") + \
                 ("" if reached == len(ctm) else f" (reached {reached}/{len(ctm)})")
         note = NOTES.get(n, PEER_NOTE.format(r=n.removeprefix("llmrouter_")) if n.startswith("llmrouter_") else "")
-        note = note.format(ep=args.encoder_epochs, winners=winners,
+        note = note.format(ep=args.encoder_epochs, winners=winners, winners_holdout=winners_holdout,
                            folds="" if len(rs) == args.folds else f"; {len(rs)} of {args.folds} folds")
         costs = [r["cost"] * 1e6 for r in rs if r.get("cost") is not None]
         rec = {"router": f"**{n}**" if n == "auto" else n, "folds": len(rs),
@@ -148,7 +154,7 @@ def verdicts(rows: dict, result: dict) -> list[str]:
     if result["costs_known"]:
         ctm = [r.get("cost_to_match") for r in rows["auto"]]
         ok = [c for c in ctm if c is not None]
-        out.append(f"- router_auto reaches best single's performance at {mean_std(ok, '{:.2f}')}× its cost "
+        out.append(f"- router_auto reaches best single's performance at {mean_ci(ok, '{:.2f}')}× its cost (95% CI) "
                    f"(reached on {len(ok)} of {len(ctm)} folds; target ≤ 0.5×)")
     tb = [r.get("task_blind_gap_closed") for r in rows["auto"]]
     need = [0.7 * r["gap_closed"] for r in rows["task_best"]]

@@ -54,8 +54,8 @@ from fusion_lightning.query.metrics import (  # noqa: E402
 )
 from fusion_lightning.query.peer_metrics import strong_weak_metrics  # noqa: E402
 
-ROUTERS = ("mlp", "knn", "mf", "irt", "graph", "residual", "auto", "encoder", "bt", "dc", "cascade")
-DEFAULT_ROUTERS = ("mlp", "knn", "mf", "irt", "graph", "residual", "auto")
+ROUTERS = ("mlp", "knn", "mf", "irt", "graph", "residual", "auto", "auto_holdout", "encoder", "bt", "dc", "cascade")
+DEFAULT_ROUTERS = ("mlp", "knn", "mf", "irt", "graph", "residual", "auto", "auto_holdout")
 ENSEMBLE = ("mlp", "knn", "mf", "irt", "graph")  # every embedding router; mean predicted score and cost
 OUT = Path(__file__).resolve().parent / "out"
 PEER_METRICS = ("apgr", "cpt@50", "cpt@80")  # RouteLLM's, from each router's own test metrics
@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-texts", type=int, default=2000)
     p.add_argument("--no-throughput", action="store_true", help="skip the decisions/s measurements")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CI machine has 2 shared cores)")
+    p.add_argument("--encoder", default=None, help="the routers' query encoder (default: the recipes', minilm), e.g. "
+                                                   "hf:smollm2-135m or [minilm,hf:smollm2-135m]; name a --tag too")
     p.add_argument("--tag", default="", help="name the outputs routers_<tag>.md / .csv / fold cache (a second "
                                                  "study beside the main table)")
     p.add_argument("--resume", action="store_true", help="reuse the finished folds of an interrupted run "
@@ -108,7 +110,10 @@ def data_overrides(spec: str) -> list[str]:
 def recipe(name: str, data: str, run_dir: str, args: argparse.Namespace):
     """The router's recipe as `fit` composes it; the bench only trims epochs in --quick / for the encoder."""
     over = [*data_overrides(data), "logger=none", f"run_dir={run_dir}", f"seed={args.seed}",
-            "~callbacks.progress_bar", "~callbacks.routing_report", "+trainer.enable_progress_bar=false"]
+            "~callbacks.progress_bar", "~callbacks.routing_report", "+trainer.enable_progress_bar=false",
+            *([f"encoder={args.encoder}"] if getattr(args, "encoder", None) else [])]
+    if name == "auto_holdout":  # router_auto selecting on the one val split, beside its default (cross-validation)
+        name, over = "auto", [*over, "model.selection=holdout"]
     if name == "encoder":
         over += [f"trainer.max_epochs={args.encoder_epochs}", "datamodule.max_length=64"]
     elif args.quick and name != "knn":
@@ -204,8 +209,8 @@ def run_log(data: str, args: argparse.Namespace, saved: Path):
             row.update({k: out["metrics"].get(k) for k in PEER_METRICS})
             row["task_blind_gap_closed"] = out["metrics"].get("task_blind/gap_closed")
             m = out["metrics"]
-            if name == "auto":
-                fold_winners.append(module.selection["winner"])
+            if name in ("auto", "auto_holdout"):
+                fold_winners.append(("holdout:" if name == "auto_holdout" else "") + module.selection["winner"])
             report(name, row, sec)
             last[name] = module
         members = [n for n in ENSEMBLE if n in preds]
