@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import fusion_lightning.zoo  # noqa: F401  registers the zoo's model names with the hf: encoders (a checkpoint's)
 from fusion_lightning.data.embeddings import Encoder, build_encoder
 from fusion_lightning.query.base import RouterModule
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusion_lightning.data.prefill_encoder import register_model_resolver
 from fusion_lightning.io import file_lock
 from fusion_lightning.zoo.builders import (
     build_gemma3_270m,
@@ -116,6 +117,14 @@ def resolve(name_or_path: str, progress: bool = True) -> str:
     if lookup(s) is None or Path(s).exists():
         return s
     return str(fetch(s, progress=progress))
+
+
+def _resolve_zoo_name(name: str) -> str | None:
+    """The `hf:NAME` encoders' resolver (data/prefill_encoder.py): a zoo name's directory, else None."""
+    return resolve(name) if lookup(name) is not None else None
+
+
+register_model_resolver(_resolve_zoo_name)  # data may not import the zoo: the zoo tells data its names
 
 
 def _dir_mb(path: Path) -> float:
