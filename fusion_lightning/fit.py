@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import fusion_lightning.zoo  # noqa: F401  registers the zoo's model names with the hf: encoders
 from fusion_lightning import tracking
 from fusion_lightning.checkpointing import (
     EXIT_INTERRUPTED,
@@ -102,6 +103,11 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         console.print(f"[bold]embed[/]: {e['unique']:,} unique texts, {e['cached']:,} already cached, "
                       f"{e['embedded']:,} embedded in {e['shards_written']} shard(s) "
                       f"({e['texts_per_s'] or 0:,.1f} texts/s) -> {e['dir']}")
+        if "probe" in summary:
+            p = summary["probe"]
+            console.print(f"[bold]layer probe[/]: picked layer {p['layer']} ({p['criterion']} {p[p['criterion']]:.4g}, "
+                          f"{p['queries']:,} train queries) -> encoder={p['encoder']}; table and curve: "
+                          f"{run_dir / 'probe.csv'}, {run_dir / 'probe.png'}")
         return
     table = Table(title=f"{summary['recipe']} — test metrics", show_lines=False)
     table.add_column("metric")
@@ -231,8 +237,11 @@ def _run_predict(r: Run) -> dict[str, Any]:
     if r.trainer.is_global_zero:
         artifacts.update({k: str(Path(v).resolve().relative_to(r.run_dir))
                           for k, v in r.datamodule.write_artifacts(r.run_dir).items()})
+        # what the module made of the job (the layer probe's table and pick)
+        artifacts.update({k: str(Path(v).resolve().relative_to(r.run_dir))
+                          for k, v in (getattr(r.model, "artifacts", {}) or {}).items()})
     summary = {"recipe": r.cfg.recipe, "seed": int(r.cfg.seed), "data": r.datamodule.summary(), "metrics": {},
-               "embed": report, "artifacts": artifacts}
+               "embed": report, "artifacts": artifacts, **(getattr(r.model, "summary_fields", {}) or {})}
     if r.trainer.is_global_zero:
         atomic_write(r.run_dir / "summary.json", json.dumps(summary, indent=2))
     tracking.finish(r.loggers)
