@@ -192,9 +192,14 @@ def run(r: Run) -> dict[str, Any]:
         best = ckpt_cb.best_model_path if ckpt_cb is not None and getattr(ckpt_cb, "best_model_path", "") else None
         metrics = _float_metrics(trainer.callback_metrics)  # train/* of the last epoch
         # val/* and test/* both from the checkpoint that test uses, so the numbers belong together
-        for stage in (trainer.validate, trainer.test):
-            stage(model, datamodule=datamodule, ckpt_path=best, verbose=False)
-            metrics.update(_float_metrics(trainer.callback_metrics))
+        evaluated = _zero3_full_weights(trainer, best)
+        try:
+            for stage in (trainer.validate, trainer.test):
+                stage(model, datamodule=datamodule, ckpt_path=evaluated or best, verbose=False)
+                metrics.update(_float_metrics(trainer.callback_metrics))
+        finally:
+            if evaluated and trainer.is_global_zero:
+                Path(evaluated).unlink(missing_ok=True)
     except SIGTERMException:  # Lightning stopped at a safe point; FaultTolerance saved last.ckpt
         tracking.finish(r.loggers, exit_code=EXIT_INTERRUPTED)
         raise RunInterrupted(r.fault.signal_name, r.fault.saved, trainer.current_epoch, trainer.global_step,
@@ -226,6 +231,29 @@ def run(r: Run) -> dict[str, Any]:
     tracking.log_artifacts(r.loggers, run_dir, summary)
     tracking.finish(r.loggers)
     return summary
+
+
+def _zero3_full_weights(trainer: L.Trainer, ckpt: str | None) -> str | None:
+    """A ZeRO-3 checkpoint directory as one consolidated fp32 file that validate/test can load, or None.
+
+    DeepSpeed cannot restore a ZeRO-3 checkpoint into an engine built without an optimizer (what
+    `trainer.validate`/`test` build): its `load_checkpoint` ends in `'DeepSpeedZeRoOffload' object has no
+    attribute '_restore_from_bit16_weights'` (DeepSpeed issue 7272). Lightning's own way round is a
+    single-file checkpoint loaded with `load_full_weights`, which gathers each partitioned parameter while
+    loading it; rank 0 writes that file beside the checkpoint (the caller deletes it after test)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = trainer.strategy
+    if not (ckpt and isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3 and Path(ckpt).is_dir()):
+        return None
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    out = str(Path(ckpt).with_name(Path(ckpt).name + ".fp32.pt"))
+    if trainer.is_global_zero:
+        convert_zero_checkpoint_to_fp32_state_dict(ckpt, out)
+    strategy.barrier("zero3_full_weights")
+    strategy.load_full_weights = True
+    return out
 
 
 def _run_predict(r: Run) -> dict[str, Any]:

@@ -3,6 +3,9 @@
 Run as a script (one fresh process per ZeRO stage, since DeepSpeed keeps global state):
     python tests/deepspeed_cpu.py STAGE RUN_DIR
 It trains the distill_top_k recipe's student for a few steps under ZeRO-STAGE on CPU and prints JSON.
+    python tests/deepspeed_cpu.py fit STAGE RUN_DIR
+runs the fit command's whole path instead (fit, validate and test on the best checkpoint, the student
+evaluation), once without DeepSpeed and once under ZeRO-STAGE, and prints both runs' metrics as JSON.
 """
 
 from __future__ import annotations
@@ -66,5 +69,25 @@ def main(stage: int, run_dir: str) -> None:
                       "losses": losses}))
 
 
+FIT_OVERRIDES = ["trainer=cpu", "logger=none", "model=student_full", "model.lr=1e-3", "model.warmup_ratio=0",
+                 "data.synthetic.n_queries=60", "data.synthetic.models=3", "datamodule.max_length=64",
+                 "datamodule.batch_size=4", "trainer.max_epochs=1", "+trainer.limit_train_batches=6",
+                 "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
+                 "callbacks.student_eval.max_queries=2", "callbacks.student_eval.max_new_tokens=8"]
+
+
+def fit_main(stage: int, run_dir: str) -> None:
+    from fusion_lightning.fit import fit
+
+    plain = fit(compose_recipe("distill_top_k", [*FIT_OVERRIDES, f"run_dir={run_dir}/plain"]))
+    zero = fit(compose_recipe("distill_top_k", [
+        *FIT_OVERRIDES, f"strategy=deepspeed_zero{stage}", "strategy._target_=deepspeed_cpu.CPUDeepSpeedStrategy",
+        "strategy.process_group_backend=gloo", f"run_dir={run_dir}/zero"]))
+    print(json.dumps({"plain": plain["metrics"], "zero": zero["metrics"], "zero_artifacts": zero["artifacts"]}))
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
+    if sys.argv[1] == "fit":
+        fit_main(int(sys.argv[2]), sys.argv[3])
+    else:
+        main(int(sys.argv[1]), sys.argv[2])

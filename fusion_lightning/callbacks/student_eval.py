@@ -50,25 +50,27 @@ class StudentEvaluation(L.Callback):
         return [get_scorer(q["metric"])(g.text, q["ground_truth"]) for q, g in zip(queries, gens, strict=True)]
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not hasattr(pl_module, "trainable_names"):
+        if not hasattr(pl_module, "trainable_names"):
             return
         if trainer.fast_dev_run:
-            print("student evaluation skipped under fast_dev_run (a smoke run)")
+            if trainer.is_global_zero:
+                print("student evaluation skipped under fast_dev_run (a smoke run)")
             return
         from fusion_lightning.serving.local import LocalBackend
 
-        queries = self._queries(trainer)
-        if not queries:
-            return
+        queries = self._queries(trainer) if trainer.is_global_zero else []
         base_path = pl_module.hparams.name_or_path
         device = str(pl_module.device)
         with tempfile.TemporaryDirectory() as tmp:
+            with _gathered(pl_module.model):  # every rank, before rank 0 alone goes on
+                if queries:
+                    pl_module.model.save_pretrained(tmp)  # LoRA: the adapter only
+            if not queries:
+                return
             if pl_module.hparams.lora:
-                pl_module.model.save_pretrained(tmp)  # the adapter only
                 student = LocalBackend(base_path, adapter=tmp, name="student", device=device,
                                        batch_size=self.batch_size, progress=False)
             else:
-                pl_module.model.save_pretrained(tmp)
                 student = LocalBackend(tmp, tokenizer=base_path, name="student", device=device,
                                        batch_size=self.batch_size, progress=False)
             student_scores = self._score(student, queries)
@@ -105,3 +107,17 @@ class StudentEvaluation(L.Callback):
         atomic_write(out / "student_eval.md", "\n".join(lines) + "\n")
         self.artifacts = {"student_eval_md": str(out / "student_eval.md"),
                           "student_eval_csv": str(out / "student_eval.csv")}
+
+
+def _gathered(model: torch.nn.Module):
+    """Whole parameters for the duration (`save_pretrained` of a student trained under DeepSpeed ZeRO-3,
+    whose parameters are partitioned: empty tensors outside this); a no-op for any other model. A
+    collective under ZeRO-3: every rank must enter it."""
+    import contextlib
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
