@@ -152,7 +152,7 @@ def test_resume_from_last_gives_the_uninterrupted_selection(tmp_path: Path) -> N
 
 
 def test_bonferroni_threshold_grows_with_the_number_of_choices() -> None:
-    from fusion_lightning.query.auto import selection_z
+    from fusion_lightning.query.auto_selection import selection_z
 
     assert selection_z(1.5, 13) == 1.5
     assert selection_z("bonferroni", 2) == pytest.approx(1.645, abs=1e-3)  # one comparison: one-sided 5%
@@ -193,7 +193,7 @@ def test_cross_validation_finds_a_planted_winner_that_one_val_split_misses(tmp_p
 def test_folds_are_stratified_by_task_and_never_hold_the_test_split() -> None:
     import numpy as np
 
-    from fusion_lightning.query.auto_cv import SealedSplit, stratified_folds
+    from fusion_lightning.query.auto_selection import SealedSplit, stratified_folds
 
     tasks = np.repeat([0, 1, 2], [50, 23, 7])
     folds = stratified_folds(tasks, 5, seed=0)
@@ -209,7 +209,7 @@ def test_folds_are_stratified_by_task_and_never_hold_the_test_split() -> None:
 
 
 def test_cv_resume_reuses_the_checkpoints_selection_without_refolding(tmp_path: Path, monkeypatch) -> None:
-    from fusion_lightning.query import auto_cv
+    from fusion_lightning.query import auto_selection
 
     part = _subtopic(tmp_path, *SMALL_SET)
     first = fit(compose_recipe("router_auto", [*part, "trainer.max_epochs=4"]))
@@ -217,7 +217,7 @@ def test_cv_resume_reuses_the_checkpoints_selection_without_refolding(tmp_path: 
     def no_folds(*a, **k):
         raise AssertionError("the folds ran again on resume")
 
-    monkeypatch.setattr(auto_cv, "cross_validate", no_folds)
+    monkeypatch.setattr(auto_selection, "cross_validate", no_folds)
     monkeypatch.setattr("fusion_lightning.query.auto.cross_validate", no_folds)
     resumed = fit(compose_recipe("router_auto", [*part, "trainer.max_epochs=4", "ckpt_path=last"]))
     assert resumed["selection"] == first["selection"]

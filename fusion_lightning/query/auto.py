@@ -10,7 +10,11 @@ candidate of each named kind. The winner is the best mean val reward among the c
 paired gain over the reference (the per-task lookup) exceeds `se_factor` standard errors; the lookup
 when none does. The default `se_factor: bonferroni` is a one-sided 5% test corrected for the number
 of comparisons (z = 2.64 for the default 13 choices): with a dozen candidates, one of them beats the
-lookup on a few hundred val queries by more than one SE by luck alone (bench/auto_selection.py). The test split is never read before the selection is final; only the winner is tested.
+lookup on a few hundred val queries by more than one SE by luck alone (bench/auto_selection.py).
+With `selection: cv` (the default) that test runs on out-of-fold rewards over K-fold cross-validation
+of train + val, and the fit itself refits the winner (query/auto_selection.py); `selection: holdout`
+selects on the val split as above. The test split is never read before the selection is final; only
+the winner is tested.
 
 Checkpoints hold every candidate's *best* state and the selection, so `Router.load` routes with the
 winner; the live training weights ride along for `ckpt_path=last`.
@@ -18,10 +22,8 @@ winner; the live training weights ride along for `ckpt_path=last`.
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -30,8 +32,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from fusion_lightning.io import atomic_open, atomic_write
-from fusion_lightning.query.auto_cv import SELECTIONS, concat_splits, cross_validate
+from fusion_lightning.query.auto_selection import (
+    SELECTIONS,
+    concat_splits,
+    cross_validate,
+    selection_z,
+    write_selection,
+)
 from fusion_lightning.query.base import RouterModule, split_arrays
 from fusion_lightning.query.metrics import (
     baseline_choices,
@@ -50,16 +57,6 @@ def kind_of(router: RouterModule) -> str:
     """'MLPRouter' -> 'mlp': the name ensembles use for "the val-best candidate of this kind"."""
     name = type(router).__name__
     return (name[:-len("Router")] if name.endswith("Router") else name).lower()
-
-
-def selection_z(se_factor: float | str, n_choices: int, level: float = 0.05) -> float:
-    """The paired standard errors a winner must beat the reference by: `se_factor` itself, or for
-    "bonferroni" the one-sided `level` test corrected for the n_choices − 1 comparisons with the reference."""
-    if isinstance(se_factor, str):
-        if se_factor != "bonferroni":
-            raise ValueError(f"model.se_factor={se_factor!r}: a number or 'bonferroni'")
-        return NormalDist().inv_cdf(1 - level / max(n_choices - 1, 1))
-    return float(se_factor)
 
 
 def _plain(node: Any) -> Any:
@@ -127,7 +124,7 @@ class AutoRouter(RouterModule):
         self.ensemble_members: dict[str, list[str]] = {}
         self.refit_epochs: dict[str, int] | None = None  # after cross-validation: the winner's refit plan
 
-    # cross-validated selection (query/auto_cv.py), before the main fit refits the winner -------------
+    # cross-validated selection (query/auto_selection.py), before the main fit refits the winner -------------
     def select_before_fit(self, r: Any, resume_from: str | None = None) -> None:
         """`fit` calls this before `trainer.fit`: with `selection: cv`, select by K-fold cross-validation over
         train + val, then make the fit a refit of the winner on train + val. Resuming, the selection and the
@@ -431,43 +428,3 @@ class AutoRouter(RouterModule):
         if self.selection.get("selection") == "cv":
             self.refit_epochs = dict(self.selection["refit_epochs"])
         self._live = auto["live"]
-
-
-def write_selection(selection: dict[str, Any], out_dir: Path) -> dict[str, str]:
-    """selection.csv (every column) and selection.md (a table people read) in the run dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = selection["rows"]
-    paths = {"selection_csv": out_dir / "selection.csv", "selection_md": out_dir / "selection.md"}
-    with atomic_open(paths["selection_csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-    def num(v: Any, fmt: str) -> str:
-        return "—" if v is None else format(v, fmt)
-
-    cv = selection.get("selection") == "cv"
-    where = (f"out-of-fold over {selection['folds']}-fold cross-validation of train + val "
-             f"({selection['queries']:,} queries, each scored by a copy that never trained on it)" if cv else "val")
-    lines = [f"# router_auto selection ({selection['setting']} reward, {where})", "",
-             f"Selected: **{selection['winner']}**. Rule: the best mean reward among the candidates whose "
-             f"paired gain over `{selection['reference']}` exceeds {selection['se_factor']:.2f} standard errors "
-             f"(se_factor={selection['rule']}); "
-             f"`{selection['reference']}` when none does."]
-    if cv:
-        plan = ", ".join(f"{n} {e} epoch(s)" for n, e in selection["refit_epochs"].items())
-        lines += ["", f"The winner was then refitted on all of train + val ({plan}: the median best epoch of its "
-                  "fold copies); val metrics after that are in-sample. Best epoch: the median over folds; epochs "
-                  "and train s: summed over folds."]
-    lines += ["", "| candidate | kind | reward | perf | gap closed | gain over reference (± SE) "
-              + ("| gain by fold " if cv else "") + "| best epoch | epochs | train s | settings |",
-              "|---|---|---:|---:|---:|---:|" + ("---|" if cv else "") + "---:|---:|---:|---|"]
-    for r in sorted(rows, key=lambda r: -r["val_reward"]):
-        name = f"**{r['candidate']}**" if r["selected"] else r["candidate"]
-        lines.append(f"| {name} | {r['kind']} | {r['val_reward']:.4f} | {num(r['val_perf'], '.4f')} | "
-                     f"{num(r['val_gap_closed'], '.3f')} | {r['gain_over_reference']:+.4f} ± {r['gain_se']:.4f} | "
-                     + (f"{r['fold_gains']} | " if cv else "")
-                     + f"{num(r['best_epoch'], 'd')} | {num(r['epochs'], 'd')} | {num(r['train_s'], '.1f')} | "
-                     f"{r['settings']} |")
-    atomic_write(paths["selection_md"], "\n".join(lines) + "\n")
-    return {k: str(v) for k, v in paths.items()}

@@ -1,4 +1,5 @@
-"""router_auto's cross-validated selection (`model.selection=cv`, the default).
+"""How router_auto selects: the threshold of its paired test, cross-validated selection
+(`model.selection=cv`, the default), and the selection table it writes.
 
 One val split of a few hundred queries gives a paired test too little power: with a dozen candidates
 the Bonferroni threshold (z = 2.64) is rarely cleared, and router_auto was the per-task lookup on every
@@ -19,21 +20,33 @@ log, the reward model behind the DR terms (the datamodule's, built once); the ca
 from __future__ import annotations
 
 import copy
+import csv
 import time
 from pathlib import Path
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
 
+from fusion_lightning.io import atomic_open, atomic_write
 from fusion_lightning.query.metrics import select_over_reference
 
-if TYPE_CHECKING:  # the fit Run and the AutoRouter only as types: no import cycle
-    from fusion_lightning.fit import Run
+if TYPE_CHECKING:  # the AutoRouter only as a type: no import cycle
     from fusion_lightning.query.auto import AutoRouter
 
 SELECTIONS = ("cv", "holdout")
+
+
+def selection_z(se_factor: float | str, n_choices: int, level: float = 0.05) -> float:
+    """The paired standard errors a winner must beat the reference by: `se_factor` itself, or for
+    "bonferroni" the one-sided `level` test corrected for the n_choices − 1 comparisons with the reference."""
+    if isinstance(se_factor, str):
+        if se_factor != "bonferroni":
+            raise ValueError(f"model.se_factor={se_factor!r}: a number or 'bonferroni'")
+        return NormalDist().inv_cdf(1 - level / max(n_choices - 1, 1))
+    return float(se_factor)
 
 
 def stratified_folds(tasks: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -98,8 +111,8 @@ def fold_datamodule(dm: Any, pool: dict[str, torch.Tensor], fold: np.ndarray, k:
     return out
 
 
-def cross_validate(model: AutoRouter, r: Run) -> dict[str, Any]:
-    """Fit a holdout-selecting copy of `model` on each fold, pool their out-of-fold rewards, pick the winner by
+def cross_validate(model: AutoRouter, r: Any) -> dict[str, Any]:
+    """`r`: the `fit` Run (its config, run dir and datamodule). Fit a holdout-selecting copy of `model` on each fold, pool their out-of-fold rewards, pick the winner by
     the paired test over all of train + val, and return the selection (rows as `write_selection` reads them)
     and the refit plan. Per-fold selection tables are written under <run_dir>/cv/fold<k>/."""
     from fusion_lightning.query.datamodule import RouterSplit
@@ -139,8 +152,6 @@ def cross_validate(model: AutoRouter, r: Run) -> dict[str, Any]:
               f"({int((fold == i).sum())} queries, {time.perf_counter() - seconds:.0f}s so far)", flush=True)
     # only choices every fold scored (an ensemble whose members a fold lacked is left out, not half-scored)
     oof_all = {n: np.concatenate(v) for n, v in oof.items() if len(v) == k}
-    from fusion_lightning.query.auto import selection_z
-
     z = selection_z(hp.se_factor, len(oof_all))
     winner = select_over_reference(oof_all, hp.reference, z)
     ref = oof_all[hp.reference]
@@ -179,3 +190,43 @@ def cross_validate(model: AutoRouter, r: Run) -> dict[str, Any]:
             "members": needed if winner not in model.candidates else [], "refit_epochs": refit,
             "refit_values": refit_values, "rows": table,
             "cv_seconds": round(time.perf_counter() - seconds, 1)}
+
+
+def write_selection(selection: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """selection.csv (every column) and selection.md (a table people read) in the run dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = selection["rows"]
+    paths = {"selection_csv": out_dir / "selection.csv", "selection_md": out_dir / "selection.md"}
+    with atomic_open(paths["selection_csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    def num(v: Any, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    cv = selection.get("selection") == "cv"
+    where = (f"out-of-fold over {selection['folds']}-fold cross-validation of train + val "
+             f"({selection['queries']:,} queries, each scored by a copy that never trained on it)" if cv else "val")
+    lines = [f"# router_auto selection ({selection['setting']} reward, {where})", "",
+             f"Selected: **{selection['winner']}**. Rule: the best mean reward among the candidates whose "
+             f"paired gain over `{selection['reference']}` exceeds {selection['se_factor']:.2f} standard errors "
+             f"(se_factor={selection['rule']}); "
+             f"`{selection['reference']}` when none does."]
+    if cv:
+        plan = ", ".join(f"{n} {e} epoch(s)" for n, e in selection["refit_epochs"].items())
+        lines += ["", f"The winner was then refitted on all of train + val ({plan}: the median best epoch of its "
+                  "fold copies); val metrics after that are in-sample. Best epoch: the median over folds; epochs "
+                  "and train s: summed over folds."]
+    lines += ["", "| candidate | kind | reward | perf | gap closed | gain over reference (± SE) "
+              + ("| gain by fold " if cv else "") + "| best epoch | epochs | train s | settings |",
+              "|---|---|---:|---:|---:|---:|" + ("---|" if cv else "") + "---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: -r["val_reward"]):
+        name = f"**{r['candidate']}**" if r["selected"] else r["candidate"]
+        lines.append(f"| {name} | {r['kind']} | {r['val_reward']:.4f} | {num(r['val_perf'], '.4f')} | "
+                     f"{num(r['val_gap_closed'], '.3f')} | {r['gain_over_reference']:+.4f} ± {r['gain_se']:.4f} | "
+                     + (f"{r['fold_gains']} | " if cv else "")
+                     + f"{num(r['best_epoch'], 'd')} | {num(r['epochs'], 'd')} | {num(r['train_s'], '.1f')} | "
+                     f"{r['settings']} |")
+    atomic_write(paths["selection_md"], "\n".join(lines) + "\n")
+    return {k: str(v) for k, v in paths.items()}
