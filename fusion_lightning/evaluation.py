@@ -8,8 +8,10 @@ sample of `max_per_task` queries per task), so the numbers are comparable:
 - query level: a router checkpoint routes each query; the recorded score and cost of the model it
   picks are counted (offline, no generation);
 - thought level (live): a backend answers each query zero-shot, few-shot (k random solved train
-  examples of the same task, chosen by `data.select`) and, with a template library, template-augmented
-  (prompts from `thought.prompt`);
+  examples of the same task, chosen by `data.select`) and, with a template library, in the thought
+  stage's modes (`templates`, `exemplars`: the retrieved solved examples, `both`; prompts from
+  `thought.prompt`, their demonstrations within `budget_tokens` of the backend's tokenizer; a query
+  never sees its own template or answer); a prompt several columns share is generated once;
 - model level (live): a student directory (LocalBackend) answers zero-shot.
 Live columns are scored with the task's scorer against the ground truth; cost is the backend's
 token counts × the catalog's prices where the catalog has the model, else missing (NaN).
@@ -28,7 +30,8 @@ from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
 from fusion_lightning.query.metrics import RoutingArrays, baseline_choices, choose, gap_closed
 from fusion_lightning.scoring.formats import zero_shot_prompt
 
-THOUGHT_KEYS = ("backend", "shots", "library", "retriever_ckpt", "k", "task_filter", "modes")
+THOUGHT_KEYS = ("backend", "shots", "library", "retriever_ckpt", "k", "task_filter", "modes", "budget_tokens")
+THOUGHT_COLUMNS = ("zero_shot", "few_shot", "templates", "exemplars", "both")  # `none` is zero_shot
 
 
 @dataclass
@@ -85,10 +88,17 @@ def _solved_examples(train: LogTable) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def _generate(backend, prompts: list[str], golds: list, metrics: list, catalog, sampling) -> tuple[np.ndarray, np.ndarray]:
+def _generate(backend, prompts: list[str], golds: list, metrics: list, catalog, sampling,
+              memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and costs of `prompts` through `backend`; `memo` (prompt -> generation) answers prompts
+    another column already sent, so each distinct prompt is generated once."""
     from fusion_lightning.scoring import score
 
-    gens = backend.generate(prompts, **(sampling or {}))
+    memo = {} if memo is None else memo
+    todo = [p for p in dict.fromkeys(prompts) if p not in memo]
+    if todo:
+        memo.update(zip(todo, backend.generate(todo, **(sampling or {})), strict=True))
+    gens = [memo[p] for p in prompts]
     perf = np.array([np.nan if g.error else score(g.text, gt, m) for g, gt, m in zip(gens, golds, metrics, strict=True)])
     info = catalog.models.get(backend.name)
     cost = np.array([np.nan if info is None or (c := info.call_cost(g.input_tokens, g.output_tokens)) is None else c
@@ -166,9 +176,13 @@ def _live(out: Evaluation, logs: LogTable, ev: QueryMatrix, thought, student, sa
             raise ValueError(f"thought config needs 'backend'; valid keys {list(THOUGHT_KEYS)}; unknown: {unknown}")
         backend = build_backend(cfg["backend"])
         modes = list(cfg.get("modes") or (["zero_shot", "few_shot"] + (["templates"] if cfg.get("library") else [])))
-        bad = sorted(set(modes) - {"zero_shot", "few_shot", "templates"})
+        modes = ["zero_shot" if m == "none" else m for m in modes]
+        bad = sorted(set(modes) - set(THOUGHT_COLUMNS))
         if bad:
-            raise ValueError(f"thought.modes {bad} unknown; choose from zero_shot, few_shot, templates")
+            raise ValueError(f"thought.modes {bad} unknown; choose from {', '.join(THOUGHT_COLUMNS)}")
+        library_modes = [m for m in modes if m in ("templates", "exemplars", "both")]
+        if library_modes and not cfg.get("library"):
+            raise ValueError(f"thought.modes {library_modes} need a template library (thought.library=DIR)")
         prompts: dict[str, list[str]] = {}
         if "zero_shot" in modes:
             prompts["zero_shot"] = [zero_shot_prompt(q, m) for q, m in zip(ev.queries, metrics, strict=True)]
@@ -186,14 +200,20 @@ def _live(out: Evaluation, logs: LogTable, ev: QueryMatrix, thought, student, sa
             if no_pool:
                 out.notes.append(f"few-shot: no solved train example for task(s) {no_pool}: zero-shot there")
             prompts["few_shot"] = few
-        if "templates" in modes:
-            from fusion_lightning.thought.prompt import TemplateAugmenter
+        if library_modes:
+            from fusion_lightning.thought.prompt import TemplateAugmenter, ThoughtSettings, token_counter
 
-            aug = TemplateAugmenter.load(cfg["library"], cfg.get("retriever_ckpt"), k=int(cfg.get("k", 3)),
-                                         task_filter=bool(cfg.get("task_filter", True)))
-            prompts["templates"] = aug.prompts(list(ev.queries), tasks, metrics)
-        for mode, ps in prompts.items():
-            out.add(f"thought:{mode}", "thought", *_generate(backend, ps, golds, metrics, logs.catalog, sampling))
+            k, budget = int(cfg.get("k") or 3), cfg.get("budget_tokens", 1024)
+            aug = TemplateAugmenter.load(cfg["library"], cfg.get("retriever_ckpt"), k=k,
+                                         task_filter=bool(cfg.get("task_filter", True)), mode=library_modes[0],
+                                         budget_tokens=budget)
+            count, own = token_counter(backend), [{q} for q in ev.query_ids.tolist()]
+            for mode in library_modes:  # a query never sees its own template or answer
+                prompts[mode] = aug.render(list(ev.queries), tasks, metrics, ThoughtSettings(mode, k, budget), count, own)
+        memo: dict = {}
+        for mode in [m for m in modes if m in prompts]:
+            out.add(f"thought:{mode}", "thought",
+                    *_generate(backend, prompts[mode], golds, metrics, logs.catalog, sampling, memo))
         out.info["thought_backend"] = backend.name
     if student:
         backend = build_backend({"type": "local", **dict(student)})

@@ -86,7 +86,7 @@ def test_student_only_pipeline_from_config_runs_the_local_model(tiny_dir, tmp_pa
 class _StubAugmenter:
     """Stands in for the thought stage when fusion_lightning.thought.prompt is not there."""
 
-    def prompts(self, queries, tasks, metrics):
+    def prompts(self, queries, tasks, metrics, model=None):
         return [f"TEMPLATE[{t}] {q}" for q, t in zip(queries, tasks, strict=True)]
 
 

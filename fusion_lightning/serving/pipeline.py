@@ -8,10 +8,16 @@ read):
     backends: [{type: openai_compatible, base_url: ..., model: ..., name: qwen2.5-7b-instruct}, ...]
     router:   {ckpt: RUN/checkpoints/best-07.ckpt, lam: 0.0,              # optional
                explore: none, epsilon: 0.1, temperature: 1.0, floor: 0.0, seed: null}
-    thought:  {library: DIR, retriever_ckpt: CKPT, k: 3, task_filter: true}  # optional
+    thought:  {library: DIR, retriever_ckpt: CKPT, k: 3, task_filter: true,  # optional
+               mode: templates, budget_tokens: 1024}
     default:  NAME            # the backend without a router (default: the first)
     catalog:  FILE            # optional: prices, for per-call cost
     sampling: {max_new_tokens: 256}
+
+The thought stage (`TemplateAugmenter`, fusion_lightning/thought/prompt.py) writes each prompt for the
+backend that will answer it: `mode` (none | templates | exemplars | both) and `k` apply to every
+backend, and the demonstrations' length budget (`budget_tokens`) is counted in that backend's own
+tokenizer where it has one (a local model's), else in approximate tokens (UTF-8 bytes / 4).
 
 Backend names must be the router's model names (the names in the log it was trained on); the
 router chooses among the models that have a backend, through an explicit policy (`explore`:
@@ -48,12 +54,14 @@ from fusion_lightning.serving.explore import (
 
 PIPELINE_KEYS = ("backends", "router", "thought", "default", "catalog", "sampling")
 ROUTER_KEYS = ("ckpt", "lam", *EXPLORE_KEYS)
+THOUGHT_KEYS = ("library", "retriever_ckpt", "k", "task_filter", "mode", "budget_tokens")
 
 
 class Augmenter(Protocol):
     """The thought stage (fusion_lightning.thought.prompt.TemplateAugmenter)."""
 
-    def prompts(self, queries: list[str], tasks: list[str | None], metrics: list[str | None]) -> list[str]: ...
+    def prompts(self, queries: list[str], tasks: list[str | None], metrics: list[str | None],
+                model: str | None = None) -> list[str]: ...
 
 
 @dataclass
@@ -138,6 +146,11 @@ class FusedPipeline:
             raise ValueError(f"explore: {explore.kind} needs a router (there is nothing to choose among)")
         # one generator for every routing call; its lock keeps draws whole when plans come from several threads
         self._rng, self._rng_lock = np.random.default_rng(self.explore.seed), threading.Lock()
+        if augmenter is not None and hasattr(augmenter, "set_token_counter"):
+            from fusion_lightning.thought.prompt import token_counter
+
+            for name, b in self.backends.items():  # the demonstrations' budget in each model's own tokens
+                augmenter.set_token_counter(name, token_counter(b))
         # in-process models are not thread-safe; HTTP backends run their own pool
         self._locks = {n: threading.Lock() for n, b in self.backends.items() if not isinstance(b, OpenAICompatibleBackend)}
 
@@ -168,12 +181,14 @@ class FusedPipeline:
             from fusion_lightning.thought.prompt import TemplateAugmenter
 
             t = dict(cfg["thought"])
-            bad = sorted(set(t) - {"library", "retriever_ckpt", "k", "task_filter"})
+            bad = sorted(set(t) - set(THOUGHT_KEYS))
             if bad or "library" not in t:
-                raise ValueError(f"thought config takes 'library' (required), 'retriever_ckpt', 'k', 'task_filter'; "
-                                 f"got {sorted(t)}")
-            augmenter = TemplateAugmenter.load(t["library"], t.get("retriever_ckpt"), k=int(t.get("k", 3)),
-                                               task_filter=bool(t.get("task_filter", True)))
+                raise ValueError(f"thought config takes 'library' (required), "
+                                 f"{', '.join(map(repr, THOUGHT_KEYS[1:]))}; got {sorted(t)}")
+            augmenter = TemplateAugmenter.load(t["library"], t.get("retriever_ckpt"), k=int(t.get("k") or 3),
+                                               task_filter=bool(t.get("task_filter", True)),
+                                               mode=t.get("mode") or "templates",
+                                               budget_tokens=t.get("budget_tokens", 1024))
         catalog = ModelCatalog.from_json_file(cfg["catalog"]) if cfg.get("catalog") else None
         return cls(backends, router, augmenter, cfg.get("default"), lam, catalog, cfg.get("sampling"), explore,
                    router_id)
@@ -220,11 +235,28 @@ class FusedPipeline:
             return None
         return self.catalog[model].call_cost(input_tokens, output_tokens)
 
-    def prompts(self, queries: Sequence[str], tasks: Sequence[str | None], metrics: Sequence[str | None]) -> list[str]:
-        """The thought stage's template-augmented prompts, else the zero-shot prompt."""
-        if self.augmenter is not None:
-            return list(self.augmenter.prompts(list(queries), list(tasks), list(metrics)))
-        return [zero_shot_prompt(q, m) for q, m in zip(queries, metrics, strict=True)]
+    def prompts(self, queries: Sequence[str], tasks: Sequence[str | None], metrics: Sequence[str | None],
+                models: Sequence[str | None] | None = None) -> list[str]:
+        """The thought stage's prompts, each written for the backend that answers it (`models[i]`; None:
+        the augmenter's default settings), else the zero-shot prompt."""
+        if self.augmenter is None:
+            return [zero_shot_prompt(q, m) for q, m in zip(queries, metrics, strict=True)]
+        models = list(models) if models is not None else [None] * len(queries)
+        out: list[str] = [""] * len(queries)
+        for name in dict.fromkeys(models):
+            idx = [i for i, m in enumerate(models) if m == name]
+            got = self.augmenter.prompts([queries[i] for i in idx], [tasks[i] for i in idx],
+                                         [metrics[i] for i in idx], model=name)
+            for i, p in zip(idx, got, strict=True):
+                out[i] = p
+        return out
+
+    def _rewrites(self, model: str) -> bool:
+        """Whether the thought stage changes `model`'s prompts (mode none: it does not)."""
+        if self.augmenter is None:
+            return False
+        mode_for = getattr(self.augmenter, "mode_for", None)
+        return mode_for is None or mode_for(model) != "none"
 
     def plan(self, queries: Sequence[str] | None = None, tasks: Sequence[str | None] | None = None,
              metrics: Sequence[str | None] | None = None, *,
@@ -255,13 +287,12 @@ class FusedPipeline:
         for j, i in enumerate(todo):
             chosen[i], known[i] = routing.models[j], routing.tasks[j]
             propensity[i], explored[i], policy[i] = routing.propensity[j], routing.explored[j], self.policy_id
-        texts = self.prompts(queries, tasks, metrics)
+        texts = self.prompts(queries, tasks, metrics, chosen)
         prompts: list[str | list[dict]] = list(texts)
         if conversations is not None:
-            rewrite = self.augmenter is not None
             for i, conv in enumerate(conversations):
                 msgs = [dict(m) for m in conv]
-                if rewrite or metrics[i]:
+                if self._rewrites(chosen[i]) or metrics[i]:
                     j = max(k for k, m in enumerate(msgs) if m.get("role") == "user")
                     msgs[j]["content"] = texts[i]
                 prompts[i] = msgs

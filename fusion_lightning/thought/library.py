@@ -1,4 +1,5 @@
-"""The template library on disk: `templates.jsonl` + `embeddings.npy` + `library.json` (+ `failures.jsonl`).
+"""The template library on disk: `templates.jsonl` + `embeddings.npy` + `library.json` (+ `failures.jsonl`,
+`exemplars.jsonl`).
 
 Each template has a content-hash id (sha1 of task + text), task, domain, text, and its provenance:
 the source query ids, questions and models, the summariser(s) that wrote it, and the scores of the
@@ -6,6 +7,13 @@ source responses. Adding a template whose embedding has cosine above `dedup_thre
 existing template of the same task merges it into that one (provenance concatenated), so the
 library can be appended to without rebuilding. Rows of `embeddings.npy` are the L2-normalised
 template texts under `library.json`'s `encoder`; retrieval and dedup both use them.
+
+`exemplars.jsonl` holds one solved example per source query (`Exemplar`: the question and the log's
+best response to it, uncut, with the model that wrote it and its score): what the thought level's
+`exemplars` and `both` modes show, reached through the templates a query retrieves (a template's
+`query_ids` name its exemplars). A library written before exemplars existed has none; building it
+again from its log (`python -m fusion_lightning.templates build`, resumable) adds them without a
+summariser call.
 """
 
 from __future__ import annotations
@@ -21,7 +29,20 @@ import numpy as np
 
 from fusion_lightning.io import atomic_open, atomic_write
 
-FILES = ("templates.jsonl", "embeddings.npy", "library.json")
+FILES = ("templates.jsonl", "embeddings.npy", "library.json")  # required; failures/exemplars are optional
+
+
+@dataclass
+class Exemplar:
+    """A solved train question and the log's best response to it (the highest score among those its
+    template was built from; ties: the selection's order)."""
+
+    query_id: str
+    task: str
+    question: str
+    response: str
+    model: str
+    score: float | None = None
 
 
 @dataclass
@@ -57,7 +78,8 @@ class Template:
 
 class TemplateLibrary:
     def __init__(self, encoder: str, dedup_threshold: float = 0.95, templates: list[Template] | None = None,
-                 embeddings: np.ndarray | None = None, failures: list[dict] | None = None):
+                 embeddings: np.ndarray | None = None, failures: list[dict] | None = None,
+                 exemplars: Sequence[Exemplar] | None = None):
         if not 0 < dedup_threshold <= 1:
             raise ValueError(f"dedup_threshold must be in (0, 1], got {dedup_threshold}")
         self.encoder, self.dedup_threshold = encoder, float(dedup_threshold)
@@ -65,6 +87,7 @@ class TemplateLibrary:
         self.embeddings = np.zeros((0, 0), np.float32) if embeddings is None else np.asarray(embeddings, np.float32)
         self.failures = list(failures or [])
         self._by_id = {t.id: i for i, t in enumerate(self.templates)}
+        self.exemplars: dict[str, Exemplar] = {e.query_id: e for e in exemplars or []}
 
     def __len__(self) -> int:
         return len(self.templates)
@@ -114,6 +137,15 @@ class TemplateLibrary:
         assert len(self.embeddings) == len(self.templates) == n0 + added
         return {"added": added, "merged": merged}
 
+    def add_exemplars(self, new: Sequence[Exemplar]) -> int:
+        """Store each source query's exemplar (a query already there keeps its own); returns how many were new."""
+        added = 0
+        for e in new:
+            if e.query_id not in self.exemplars:
+                self.exemplars[e.query_id] = e
+                added += 1
+        return added
+
     # -- disk -----------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write all files atomically (each complete or untouched)."""
@@ -124,8 +156,10 @@ class TemplateLibrary:
         with atomic_open(d / "embeddings.npy") as f:
             np.save(f, self.embeddings)
         atomic_write(d / "failures.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in self.failures))
+        atomic_write(d / "exemplars.jsonl", "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n"
+                                                    for e in self.exemplars.values()))
         meta = {"encoder": self.encoder, "dedup_threshold": self.dedup_threshold, "templates": len(self),
-                "summarisers": self.summarisers, "failures": len(self.failures),
+                "summarisers": self.summarisers, "failures": len(self.failures), "exemplars": len(self.exemplars),
                 "tasks": sorted({t.task for t in self.templates})}
         atomic_write(d / "library.json", json.dumps(meta, indent=2))  # last: a complete library.json means complete files
         return d
@@ -159,4 +193,8 @@ class TemplateLibrary:
         failures = []
         if (d / "failures.jsonl").is_file():
             failures = [json.loads(x) for x in (d / "failures.jsonl").read_text().splitlines() if x.strip()]
-        return cls(meta["encoder"], meta.get("dedup_threshold", 0.95), templates, emb, failures)
+        exemplars = []
+        if (d / "exemplars.jsonl").is_file():  # split on "\n" only: a response may hold U+2028
+            exemplars = [Exemplar(**json.loads(x)) for x in (d / "exemplars.jsonl").read_text(encoding="utf-8").split("\n")
+                         if x.strip()]
+        return cls(meta["encoder"], meta.get("dedup_threshold", 0.95), templates, emb, failures, exemplars)

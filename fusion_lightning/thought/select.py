@@ -30,7 +30,7 @@ class TemplateSelection:
     max_chars: int | None = 2000  # length cap per response (None: no cap)
 
 
-def _cap(text: str, max_chars: int | None) -> str:
+def cap_response(text: str, max_chars: int | None) -> str:
     if max_chars is None or len(text) <= max_chars:
         return text
     return text[:max_chars].rstrip() + " …"
@@ -55,7 +55,7 @@ def select_for_templates(logs: LogTable, cfg: TemplateSelection) -> tuple[dict[s
         if cfg.strategy == "hybrid":  # re-rank the performance pool by judge (unjudged last), then cost
             items = sorted(items, key=lambda e: (-(e.judge if e.judge is not None else -1.0),
                                                  e.cost if e.cost is not None else float("inf")))
-        by_query[qid] = [replace(e, rank=r, response=_cap(e.response, cfg.max_chars))
+        by_query[qid] = [replace(e, rank=r, response=cap_response(e.response, cfg.max_chars))
                          for r, e in enumerate(items[: cfg.n], start=1)]
     kept = [e for v in by_query.values() for e in v]
     report.examples = len(kept)
