@@ -38,9 +38,14 @@ def test_every_recipe_composes_with_every_data_source(recipe: str) -> None:
 @pytest.mark.parametrize("recipe", sorted(list_recipes()))
 def test_every_recipe_smoke_runs_with_debug_fast(recipe: str, tmp_path: Path) -> None:
     """debug=fast: a tiny synthetic log, the hashing encoder, one epoch, through checkpoints and test."""
-    summary = fit(compose_recipe(recipe, ["debug=fast", f"run_dir={tmp_path / 'run'}"]))
+    # the layer probe reads a causal LM's layers (the zoo's tiny one); its pick stays out of the user's cache
+    probe = ["encoder=hf:tiny-llama", "model.cache_pick=false"] if recipe == "layer_probe" else []
+    summary = fit(compose_recipe(recipe, ["debug=fast", f"run_dir={tmp_path / 'run'}", *probe]))
     assert summary["recipe"] == recipe and summary["data"]["queries"] == 240
-    if "embed" in summary:  # recipe=embed runs trainer.predict: shards, not test metrics
+    if "probe" in summary:  # the train split's queries, every layer of tiny-llama (0..2) in one pass
+        train = summary["data"]["train_queries"]
+        assert summary["embed"]["unique"] == train and summary["probe"]["layer"] in (0, 1, 2)
+    elif "embed" in summary:  # recipe=embed runs trainer.predict: shards, not test metrics
         assert summary["embed"]["unique"] == 240 and summary["embed"]["cached"] + summary["embed"]["embedded"] == 240
     else:
         assert any(k.startswith("test/") for k in summary["metrics"])

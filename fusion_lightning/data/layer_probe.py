@@ -55,17 +55,19 @@ def fisher_separability(z: np.ndarray, y: np.ndarray, eps: float = 1e-3) -> floa
     return float(d @ np.linalg.solve(sw + ridge * np.eye(len(sw)), d))
 
 
-def participation_ratio(x: np.ndarray) -> float:
-    """(sum lambda)^2 / sum lambda^2 of the covariance eigenvalues of rows `x` (1 .. dim)."""
-    s = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
+def participation_ratio(x: np.ndarray, singular_values: np.ndarray | None = None) -> float:
+    """(sum lambda)^2 / sum lambda^2 of the covariance eigenvalues of rows `x` (1 .. dim); the centred
+    rows' singular values may be given instead of computed."""
+    sv = np.linalg.svd(x - x.mean(0), compute_uv=False) if singular_values is None else singular_values
+    s = sv ** 2
     return float(s.sum() ** 2 / max(float((s ** 2).sum()), 1e-30))
 
 
-def pca(x: np.ndarray, k: int) -> np.ndarray:
-    """Rows of `x` in its top `k` principal components."""
+def pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of `x` in its top `k` principal components, the centred rows' singular values)."""
     xc = x - x.mean(0)
-    _, _, vt = np.linalg.svd(xc, full_matrices=False)
-    return xc @ vt[:k].T
+    _, sv, vt = np.linalg.svd(xc, full_matrices=False)
+    return xc @ vt[:k].T, sv
 
 
 def layer_scores(x: np.ndarray, correct: np.ndarray, tasks: np.ndarray, models: Sequence[str],
@@ -75,7 +77,7 @@ def layer_scores(x: np.ndarray, correct: np.ndarray, tasks: np.ndarray, models: 
     `correct`: [Q, M] 1.0 / 0.0, NaN where the log has no call."""
     x = np.asarray(x, np.float64)
     k = max(1, min(int(pca_dim), x.shape[1], len(x) - 2))
-    z = pca(x, k)
+    z, sv = pca(x, k)
     zt = z.copy()
     for t in np.unique(tasks):
         zt[tasks == t] -= zt[tasks == t].mean(0)
@@ -87,7 +89,7 @@ def layer_scores(x: np.ndarray, correct: np.ndarray, tasks: np.ndarray, models: 
             continue
         per_model[m] = {"fisher": fisher_separability(z[seen], y),
                         "fisher_within_task": fisher_separability(zt[seen], y)}
-    pr = participation_ratio(x)
+    pr = participation_ratio(x, sv)
     row: dict[str, Any] = {c: float(np.mean([v[c] for v in per_model.values()])) if per_model else float("nan")
                            for c in CRITERIA}
     row.update(participation_ratio=pr, pr_per_dim=pr / x.shape[1], models=len(per_model), pca_dim=k,
@@ -229,7 +231,7 @@ class LayerProbe(EncoderModule):
             self.artifacts = write_probe(table, pick, self.out_dir, meta)
             meta["run_dir"] = str(self.out_dir)
         if self.cache_pick:
-            cache = probe_pick_path(self.base.path, self.base.pool)
+            cache = probe_pick_path(self.base.path, self.base.pool).resolve()
             atomic_write(cache, json.dumps({**meta, "layer": pick}, indent=2, default=str))
             meta["cached_at"] = str(cache)
         best = next(r for r in table if r["layer"] == pick)
