@@ -3,6 +3,7 @@
     python bench/embed.py [--limit 1000] [--data DIR] [--threads 2] [--repeats 3]
     python bench/embed.py --format routellm --data ../shared/data/routellm_gsm8k
     python bench/embed.py --device cuda --limit 6108     # the GPU check, when a GPU is lent
+    python bench/embed.py --routing-batches --threads 1  # serve's encode: one padded batch vs token budget
 
 Rows (texts/s, and the ratio to the baseline):
 - baseline: plain sentence-transformers fp32 `model.encode(texts)` (MiniLM at its defaults: batch 32,
@@ -116,6 +117,34 @@ def median_run(repeats: int, run: Callable[[int], tuple[float, np.ndarray]]) -> 
     return float(np.median(times)), vecs
 
 
+def routing_batches(texts: list[str], sizes: tuple[int, ...] = (8, 32, 64), rounds: int = 12) -> None:
+    """What `serve` pays per routing batch: the default encoder on batches of new prompts as the MicroBatcher
+    hands them over, in one padded batch (the encoder before issue 25's fix: `max_batch_tokens` unlimited)
+    and in length-sorted batches within 1,024 padded tokens (the default). The two alternate on the same
+    batches, so a busy machine slows both alike."""
+    from fusion_lightning.data.embeddings import build_encoder
+
+    padded, budget = build_encoder("minilm+onnx", max_batch_tokens=10**9), build_encoder("minilm+onnx")
+    padded.encode(texts[:8]), budget.encode(texts[:8])  # exports and sessions made before timing
+    rng = np.random.default_rng(0)
+    print("| batch | one padded batch, ms/query | token budget 1,024, ms/query | ratio | max abs diff |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for size in sizes:
+        times: dict[str, list[float]] = {"padded": [], "budget": []}
+        diff = 0.0
+        for r in range(rounds):
+            batch = [texts[i] for i in rng.choice(len(texts), size, replace=False)]
+            order = [("padded", padded), ("budget", budget)][:: 1 if r % 2 else -1]
+            out = {}
+            for name, enc in order:
+                t0 = time.perf_counter()
+                out[name] = enc.encode(batch, batch_size=size)
+                times[name].append((time.perf_counter() - t0) / size * 1000)
+            diff = max(diff, float(np.abs(out["padded"] - out["budget"]).max()))
+        a, b = np.median(times["padded"]), np.median(times["budget"])
+        print(f"| {size} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {diff:.1e} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=SHARED / "llmrouter")
@@ -126,11 +155,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of each single-process row (median time)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: the GPU check (baseline, tuned baseline at the GPU batch rule, job fp32 and bf16)")
+    ap.add_argument("--routing-batches", action="store_true",
+                    help="only serve's routing batches: one padded batch against the token budget (the default)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     texts, perf, n_train = sample_queries(args.data, args.limit, args.format)
+    if args.routing_batches:
+        print(f"{len(texts)} {args.format} queries, {args.threads} thread(s); load average {os.getloadavg()[0]:.2f}")
+        routing_batches(texts)
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        return
     gpu = f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     print(f"{len(texts)} {args.format} queries (of {args.data}); {args.threads} threads{gpu}; "
           f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
