@@ -12,6 +12,8 @@ import tomllib
 
 from fusion_lightning.cli import COMMANDS, argv_for
 
+pytestmark = pytest.mark.integration  # starts processes or servers (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -12,6 +12,8 @@ from hydra.utils import instantiate
 
 from fusion_lightning.config import compose_recipe
 
+pytestmark = pytest.mark.integration  # starts processes or servers (tests/conftest.py)
+
 pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install -e '.[deepspeed]')")
 
 PRESETS = {  # preset -> (stage, optimizer offloaded, parameters offloaded)

@@ -15,6 +15,8 @@ import pytest
 
 from fusion_lightning.config import group_options, list_recipes, recipes_dir
 
+pytestmark = pytest.mark.integration  # starts processes or servers (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 # the short README: the draft until it replaces README.md, then README.md itself

@@ -133,6 +133,7 @@ def test_killed_job_resumes_without_recomputing_finished_shards(tmp_path: Path, 
     assert kv.keys() == cv.keys() and all(np.array_equal(kv[k], cv[k]) for k in cv)
 
 
+@pytest.mark.integration
 def test_two_ddp_processes_cover_every_text_once_equal_to_one_process_and_log_progress(tmp_path: Path) -> None:
     """trainer.devices=2 on CPU (Lightning's DDP launcher starts the second rank): each rank writes its own
     shards; together they are exactly the single-process run's shards. stdout is a file, not a terminal:
@@ -158,6 +159,7 @@ def test_two_ddp_processes_cover_every_text_once_equal_to_one_process_and_log_pr
     assert re.search(r"embedded in 5 shard\(s\)", text)  # the summary counts both ranks' shards
 
 
+@pytest.mark.integration
 def test_two_ddp_processes_with_one_shard_between_them_finish_and_write_it_once(tmp_path: Path) -> None:
     """Fewer shards than ranks: rank 1 gets no shard, reports one empty batch and must not hang DDP."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

@@ -45,6 +45,7 @@ def router_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return tmp, fit(compose_recipe("router_mlp", _router(tmp, "full")))
 
 
+@pytest.mark.integration
 def test_sigterm_to_a_fit_subprocess_saves_last_and_resume_matches_an_uninterrupted_run(router_runs) -> None:
     tmp, full = router_runs
     marker = tmp / "training"

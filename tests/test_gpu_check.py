@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # starts processes or servers (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_gpu_check", ROOT / "bench" / "_gpu_check.py")
 g = importlib.util.module_from_spec(_spec)

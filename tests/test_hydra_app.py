@@ -26,6 +26,7 @@ def _summaries(root: Path) -> list[Path]:
     return sorted(root.rglob("summary.json"))
 
 
+@pytest.mark.integration
 def test_two_process_ddp_run_leaves_one_run_dir(tmp_path: Path) -> None:
     """Lightning's launcher re-runs the command for rank 1; Hydra hands it rank 0's run dir."""
     r = _fit(["recipe=router_mlp", "debug=fast", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
@@ -93,6 +94,7 @@ def test_a_bad_model_setting_is_one_line_naming_the_class(tmp_path: Path) -> Non
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.integration
 def test_two_process_deepspeed_zero2_run_leaves_one_run_dir(tmp_path: Path) -> None:
     """The same launch path under ZeRO-2, through the test-only CPU DeepSpeed strategy."""
     r = _fit(["recipe=distill_top_k", "debug=fast", "strategy=deepspeed_zero2", "model=student_full",

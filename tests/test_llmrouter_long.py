@@ -4,7 +4,6 @@ as logged or priced from token counts, and errors that name file, row and field.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ from fusion_lightning.data.errors import LogFormatError, LogValidationError
 from fusion_lightning.data.logtable import load_logs
 from fusion_lightning.data.readers import ReaderOptions
 
-SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CATALOG = {"small-7b": {"size": "7B", "input_price": 0.2, "output_price": 0.2},
            "big-70b": {"size": "70B", "input_price": 1.0, "output_price": 3.0}}
 
@@ -29,12 +27,10 @@ def _row(query: str, model: str, perf, **extra) -> dict:
             "response": f"{model} says 4", "performance": perf, "embedding_id": 0, **extra}
 
 
-def test_long_format_reads_to_the_same_matrix_as_the_wide_shared_files(tmp_path: Path) -> None:
+def test_long_format_reads_to_the_same_matrix_as_the_wide_shared_files(tmp_path: Path, shared_data) -> None:
     """A slice of the shared LLMRouter data (wide: scores_*.json + queries_*.jsonl), converted row by row to the
     long format its pipeline writes, reads to the same queries × models performance matrix, tasks and splits."""
-    d = SHARED / "llmrouter"
-    if not d.is_dir():
-        pytest.skip(f"real data {d} not present (set FUSION_LIGHTNING_SHARED_DATA to the shared/data folder)")
+    d = shared_data("llmrouter")
     wide, long_dir = tmp_path / "wide", tmp_path / "long"
     wide.mkdir()
     long_dir.mkdir()

@@ -11,7 +11,6 @@ routed score at most 0.02 below fp32's) and the README reports it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from fusion_lightning.data.onnx_encoder import routing_agreement
 
 pytest.importorskip("onnxruntime", reason="the +onnx encoders need the onnx extra (onnxruntime, onnx)")
 
-SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +41,8 @@ def test_encoder_spec_round_trips_through_the_name(tmp_path: Path) -> None:
         build_encoder("hashing+onnx")
 
 
-def test_onnx_int8_agrees_with_fp32_on_llmrouter_queries_and_routes_the_same(onnx_export: Path) -> None:
-    d = SHARED / "llmrouter"
-    if not d.is_dir():
-        pytest.skip(f"real data {d} not present (set FUSION_LIGHTNING_SHARED_DATA to the shared/data folder)")
+def test_onnx_int8_agrees_with_fp32_on_llmrouter_queries_and_routes_the_same(onnx_export: Path, shared_data) -> None:
+    d = shared_data("llmrouter")
     from fusion_lightning.data.logtable import load_logs
 
     m = load_logs("llmrouter", d).matrix()

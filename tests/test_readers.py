@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,6 @@ from fusion_lightning.data.readers.llmfusionbench import (
     source_query_embeddings,
 )
 from fusion_lightning.data.schema import make_query_id
-
-SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 # --------------------------------------------------------------------------------------------- LLMFusionBench
 
@@ -325,25 +322,19 @@ def test_routellm_with_and_without_gold_answers(tmp_path, gold):
 
 # --------------------------------------------------------------------------------------------- real files
 
-def _real(name: str) -> Path:
-    d = SHARED / name
-    if not d.is_dir():
-        pytest.skip(f"real data {d} not present (set FUSION_LIGHTNING_SHARED_DATA to the shared/data folder)")
-    return d
+
+@pytest.fixture(scope="module")
+def llmrouter_logs(shared_data):
+    return load_logs("llmrouter", shared_data("llmrouter"))
 
 
 @pytest.fixture(scope="module")
-def llmrouter_logs():
-    return load_logs("llmrouter", _real("llmrouter"))
+def routellm_logs(shared_data):
+    return load_logs("routellm", shared_data("routellm_gsm8k"))
 
 
-@pytest.fixture(scope="module")
-def routellm_logs():
-    return load_logs("routellm", _real("routellm_gsm8k"))
-
-
-def test_real_llmrouter_logs(llmrouter_logs):
-    logs, d = llmrouter_logs, SHARED / "llmrouter"
+def test_real_llmrouter_logs(llmrouter_logs, shared_data):
+    logs, d = llmrouter_logs, shared_data("llmrouter")
     n_train_file = len(json.loads((d / "scores_train.json").read_text()))
     n_test_file = len(json.loads((d / "scores_test.json").read_text()))
     assert (n_train_file, n_test_file) == (5608, 500)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from planted import planted_overrides
 
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.data.matrix import QueryMatrix
@@ -23,7 +24,6 @@ from fusion_lightning.query.bt import (
     similarity_weights,
     win_rates,
 )
-from tests.planted import planted_overrides
 
 
 def _battles(strength: np.ndarray, n: int, seed: int, tie_rate: float = 0.1) -> tuple[np.ndarray, ...]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from planted import planted_overrides
 
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.data.matrix import REWARD_SETTINGS
@@ -25,7 +26,6 @@ from fusion_lightning.query.metrics import (
     sweep_choices,
     sweep_points,
 )
-from tests.planted import planted_overrides
 
 nan = np.nan
 # a concave frontier (0, .2) (1, .6) (2, .8) (4, .9), a point under it and a dearer, worse point

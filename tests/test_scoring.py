@@ -23,7 +23,6 @@ from fusion_lightning.scoring.latex import equivalent, last_boxed
 from fusion_lightning.scoring.numeric import gsm8k, gsm8k_answer, math_equiv
 from fusion_lightning.scoring.text import cem, choice_letter, commongen_coverage, em_mc, f1, normalize_answer
 
-SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FAST = SandboxLimits(timeout_s=2.0, cpu_s=2, memory_mb=512)
 
 # ------------------------------------------------------------------------------------------------ text
@@ -268,10 +267,8 @@ def test_registry_names_aliases_and_errors():
 # ---------------------------------------------------------------------------------------- real flags
 
 
-def test_gsm8k_scorer_agrees_with_routellm_recorded_flags():
-    d = SHARED / "routellm_gsm8k"
-    if not d.exists():
-        pytest.skip(f"real data {d} not present (set FUSION_LIGHTNING_SHARED_DATA to the shared/data folder)")
+def test_gsm8k_scorer_agrees_with_routellm_recorded_flags(shared_data):
+    d = shared_data("routellm_gsm8k")
     t = load_logs("routellm", d).table
     pairs = zip(t["response"].to_pylist(), as_objects(t["ground_truth"]), t["performance"].to_pylist(), strict=True)
     agree = [gsm8k(r, g) == flag for r, g, flag in pairs]

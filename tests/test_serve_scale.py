@@ -25,6 +25,8 @@ from fusion_lightning import serve
 from fusion_lightning.serve import MODEL_NAME, ServerThread, app_from_config, compose, pipeline_config
 from fusion_lightning.serving import OpenAICompatibleBackend, QueueFull
 
+pytestmark = pytest.mark.integration  # starts processes or servers (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -22,6 +22,8 @@ from fusion_lightning.submit import SubmitError, build, expand_sweep, main
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: E402,F401 - registers the fixture
 
+pytestmark = pytest.mark.integration  # starts processes or servers (tests/conftest.py)
+
 # the tiny router every cluster job runs: 300 queries, hashing encoder, one batch per epoch
 TINY = ["data.synthetic.n_queries=300", "data.synthetic.models=6", "datamodule.encoder=hashing",
         "datamodule.batch_size=512", "trainer.max_epochs=10", "callbacks.early_stopping.patience=100",
