@@ -3,9 +3,9 @@ a fast recipe override, and the `integration` marker's meaning.
 
 - `shared_data(name)`: the folder `$FUSION_LIGHTNING_SHARED_DATA/<name>` (default `../shared/data`, beside
   the checkout), or a skip that says how to point at it; session-scoped, so module fixtures can use it.
-- `planted_log`: a folder with the planted LLMRouter-format log (tests/planted.py: a routing rule a router
-  that reads the query must learn); `fast_overrides`: the overrides that run any router recipe on it in
-  seconds (hashing encoder, a cache and run dir under tmp_path).
+- `fast_overrides`: the overrides that run any router recipe in seconds on the planted LLMRouter-format log
+  (tests/planted.py: a routing rule a router that reads the query must learn), with the hashing encoder,
+  no logger, 3 epochs, and the cache and run dir under tmp_path.
 - `@pytest.mark.integration`: a test that starts processes or servers (DDP, DeepSpeed, SLURM, the embed job,
   subprocess CLIs, HTTP servers). The default run takes them; `python -m pytest -m "not integration"` is
   the quick loop of unit tests.
@@ -32,13 +32,6 @@ def shared_path(name: str) -> Path:
 @pytest.fixture(scope="session")
 def shared_data() -> Callable[[str], Path]:
     return shared_path
-
-
-@pytest.fixture
-def planted_log(tmp_path: Path) -> Path:
-    from planted import write_planted_logs
-
-    return write_planted_logs(tmp_path / "planted")
 
 
 @pytest.fixture

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import pytest
 from lightning.pytorch.callbacks import TQDMProgressBar
-from planted import planted_overrides
 
 from fusion_lightning.callbacks.progress import LineProgressBar, progress_bar
 from fusion_lightning.config import compose_recipe
@@ -23,8 +21,8 @@ def test_the_default_progress_is_lines_without_a_terminal_and_a_bar_on_one(monke
         LineProgressBar(interval=0)
 
 
-def test_a_fit_writes_one_line_per_epoch_and_per_interval(tmp_path: Path) -> None:
-    r = build(compose_recipe("router_mlp", planted_overrides(tmp_path, "trainer.max_epochs=3", "logger=none")))
+def test_a_fit_writes_one_line_per_epoch_and_per_interval(fast_overrides: list[str]) -> None:
+    r = build(compose_recipe("router_mlp", fast_overrides))
     bars = [c for c in r.trainer.callbacks if isinstance(c, LineProgressBar)]
     assert len(bars) == 1  # pytest's captured stdout is not a terminal: the line printer, not TQDM
     bars[0].stream, bars[0].interval = io.StringIO(), 1e-9  # every step gets its line
