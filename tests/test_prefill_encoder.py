@@ -116,6 +116,19 @@ def test_batch_size_padding_side_and_a_fresh_load_give_the_same_vectors(pool: st
     np.testing.assert_allclose(left, one, atol=1e-5)
     np.testing.assert_array_equal(build_encoder(spec).encode(TEXTS, batch_size=8), eight)  # deterministic
     np.testing.assert_array_equal(enc.encode(TEXTS[::-1], batch_size=8), eight[::-1])  # order-free
+    enc.max_batch_tokens = 24  # long texts alone, short ones together
+    np.testing.assert_allclose(enc.encode(TEXTS, batch_size=8), one, atol=1e-5)
+
+
+def test_token_batches_cap_rows_and_padded_tokens() -> None:
+    lengths = [5, 40, 3, 3, 12, 0, 30, 7]
+    batches = pe.token_batches(lengths, batch_size=3, max_tokens=40)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat)  # by length: batches pad little
+    assert all(len(b) <= 3 for b in batches)
+    assert all(len(b) * max(lengths[i] for i in b) <= 40 or len(b) == 1 for b in batches)
+    assert batches[-1] == [1] and [6] in batches  # 30 and 40 tokens: a batch each
 
 
 def test_max_seq_length_truncates(tiny_dir: str) -> None:

@@ -148,6 +148,7 @@ class PrefillEncoder:
         self.model, self.pool, self.device = str(model), pool, device
         self.max_seq_length = int(max_seq_length or DEFAULT_MAX_SEQ_LENGTH)
         self.dtype, self.padding_side = dtype, padding_side
+        self.max_batch_tokens = 8192  # padded tokens a forward pass holds at most (see token_batches)
         self._layer = layer if layer is not None and layer >= 0 else None
         self._given_layer = layer
         self._path: str | None = None
@@ -167,11 +168,10 @@ class PrefillEncoder:
     @property
     def config(self) -> Any:
         if self._config is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from transformers import AutoConfig
 
             try:
-                cfg = AutoConfig.from_pretrained(self.path)
+                cfg = AutoConfig.from_pretrained(self.path, local_files_only=True)  # no hub here
             except OSError as e:
                 raise ValueError(f"encoder hf:{self.model}: {self.model!r} is neither a local directory nor a zoo "
                                  f"model name (zoo names resolve once fusion_lightning.zoo is imported): {e}") from None
@@ -227,17 +227,16 @@ class PrefillEncoder:
         """The same model at another layer or pool (the name resolved and config read once; not the weights)."""
         other = PrefillEncoder(self.model, layer, pool or self.pool, self.max_seq_length, self.device, self.dtype,
                                self.padding_side)
-        other._path, other._config = self._path, self._config
+        other._path, other._config, other.max_batch_tokens = self._path, self._config, self.max_batch_tokens
         return other
 
     # --- the model ------------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(self.path)
+            tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
             if tok.pad_token is None:  # the attention mask decides what is read: any id pads
                 tok.pad_token = tok.eos_token or tok.unk_token or tok.convert_ids_to_tokens(0)
             if self.padding_side is not None:
@@ -252,11 +251,10 @@ class PrefillEncoder:
 
         need = self.layer if up_to is None else int(up_to)
         if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from transformers import AutoModel
 
             dtype = self.dtype or ("bfloat16" if str(self.device).startswith("cuda") else "float32")
-            model = AutoModel.from_pretrained(self.path, dtype=getattr(torch, dtype))
+            model = AutoModel.from_pretrained(self.path, dtype=getattr(torch, dtype), local_files_only=True)
             self._model = model.to(self.device).eval()
             self._kept_layers = None
         if self._kept_layers is not None and need > self._kept_layers:
@@ -290,15 +288,14 @@ class PrefillEncoder:
         model = self._load(max(layer for layer, _ in outputs))
         device = next(model.parameters()).device
         tok = self.tokenizer
-        order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))  # similar lengths pad little
-        steps: Any = range(0, len(order), max(1, int(batch_size)))
+        lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=self.max_seq_length)["input_ids"]]
+        steps: Any = token_batches(lengths, int(batch_size), self.max_batch_tokens)
         if show_progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"embed hf:{self.model}", unit="batch")
         with torch.inference_mode():
-            for s in steps:
-                idx = order[s:s + max(1, int(batch_size))]
+            for idx in steps:
                 enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_seq_length,
                           return_tensors="pt", return_special_tokens_mask=True)
                 mask = enc["attention_mask"].to(device)
@@ -314,6 +311,23 @@ class PrefillEncoder:
                     v = pool_hidden(hidden[layer], mask, special, pool)
                     outs[j][idx] = v.cpu().numpy()
         return outs
+
+
+def token_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Indices by length (then position), cut into batches of at most `batch_size` rows and, past a
+    batch's first row, at most `max_tokens` padded tokens: every layer's hidden states of a batch are
+    kept at once (`output_hidden_states`), so a serving call's batch of 256 long prompts must not be
+    one forward pass."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            last = batches[-1]
+            if len(last) < max(1, batch_size) and (len(last) + 1) * max(lengths[i], 1) <= max_tokens:
+                last.append(i)
+                continue
+        batches.append([i])
+    return batches
 
 
 def pool_hidden(h: Any, mask: Any, special: Any, pool: str) -> Any:
