@@ -18,7 +18,9 @@ Keys: split=test, lam=0 (router cost weight), tasks=[...], max_per_task=N (seede
 columns), seed=0 (also the bootstrap's), bootstrap=1000 (resamples; 0: no intervals), ci_level=0.95,
 sampling={max_new_tokens: 256}; live levels:
   thought={backend:{type:openai_compatible,base_url:...,model:...}, shots:3, library:DIR, retriever_ckpt:CKPT, k:3,
-           modes:[zero_shot,few_shot,templates,exemplars,both], budget_tokens:1024}
+           modes:[zero_shot,few_shot,templates,exemplars,both,selected], budget_tokens:1024}
+  (selected: the mode and k recipe=thought_auto chose for this backend on val, from the library's
+  thought_selection.json)
   student={model:STUDENT_DIR, name:student}
 The keys and their defaults are recipes/evaluate.yaml (composed by Hydra, as `fit` is; `data=NAME`
 picks a recipes/data/ entry).

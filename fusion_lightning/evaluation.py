@@ -11,7 +11,9 @@ sample of `max_per_task` queries per task), so the numbers are comparable:
   examples of the same task, chosen by `data.select`) and, with a template library, in the thought
   stage's modes (`templates`, `exemplars`: the retrieved solved examples, `both`; prompts from
   `thought.prompt`, their demonstrations within `budget_tokens` of the backend's tokenizer; a query
-  never sees its own template or answer); a prompt several columns share is generated once;
+  never sees its own template or answer), and `selected`: the mode and k val chose for this backend
+  (`thought_auto`'s `thought_selection.json` next to the library, or `selection`); a prompt several
+  columns share is generated once;
 - model level (live): a student directory (LocalBackend) answers zero-shot.
 Live columns are scored with the task's scorer against the ground truth; cost is the backend's
 token counts × the catalog's prices where the catalog has the model, else missing (NaN).
@@ -30,8 +32,9 @@ from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
 from fusion_lightning.query.metrics import RoutingArrays, baseline_choices, choose, gap_closed
 from fusion_lightning.scoring.formats import zero_shot_prompt
 
-THOUGHT_KEYS = ("backend", "shots", "library", "retriever_ckpt", "k", "task_filter", "modes", "budget_tokens")
-THOUGHT_COLUMNS = ("zero_shot", "few_shot", "templates", "exemplars", "both")  # `none` is zero_shot
+THOUGHT_KEYS = ("backend", "shots", "library", "retriever_ckpt", "k", "task_filter", "modes", "budget_tokens",
+                "selection")
+THOUGHT_COLUMNS = ("zero_shot", "few_shot", "templates", "exemplars", "both", "selected")  # `none` is zero_shot
 
 
 @dataclass
@@ -180,7 +183,7 @@ def _live(out: Evaluation, logs: LogTable, ev: QueryMatrix, thought, student, sa
         bad = sorted(set(modes) - set(THOUGHT_COLUMNS))
         if bad:
             raise ValueError(f"thought.modes {bad} unknown; choose from {', '.join(THOUGHT_COLUMNS)}")
-        library_modes = [m for m in modes if m in ("templates", "exemplars", "both")]
+        library_modes = [m for m in modes if m in ("templates", "exemplars", "both", "selected")]
         if library_modes and not cfg.get("library"):
             raise ValueError(f"thought.modes {library_modes} need a template library (thought.library=DIR)")
         prompts: dict[str, list[str]] = {}
@@ -205,11 +208,24 @@ def _live(out: Evaluation, logs: LogTable, ev: QueryMatrix, thought, student, sa
 
             k, budget = int(cfg.get("k") or 3), cfg.get("budget_tokens", 1024)
             aug = TemplateAugmenter.load(cfg["library"], cfg.get("retriever_ckpt"), k=k,
-                                         task_filter=bool(cfg.get("task_filter", True)), mode=library_modes[0],
-                                         budget_tokens=budget)
+                                         task_filter=bool(cfg.get("task_filter", True)), mode="auto",
+                                         budget_tokens=budget, selection=cfg.get("selection"))
+            if {"exemplars", "both"} & set(library_modes) and not aug.library.exemplars:
+                raise ValueError(f"thought library {cfg['library']} has no exemplars (built before they existed): build "
+                                 "it again from its log (python -m fusion_lightning.templates build ... out=LIB)")
             count, own = token_counter(backend), [{q} for q in ev.query_ids.tolist()]
             for mode in library_modes:  # a query never sees its own template or answer
-                prompts[mode] = aug.render(list(ev.queries), tasks, metrics, ThoughtSettings(mode, k, budget), count, own)
+                if mode == "selected":
+                    if backend.name not in aug.selection:
+                        raise ValueError(f"thought.modes has 'selected' but val chose nothing for {backend.name!r} "
+                                         f"(selected: {sorted(aug.selection) or 'none'}): run recipe=thought_auto "
+                                         f"with this backend on the library first")
+                    chosen = aug.selection[backend.name]
+                    out.info.setdefault("thought_selected", {})[backend.name] = chosen.name
+                    settings = chosen
+                else:
+                    settings = ThoughtSettings(mode, k, budget)
+                prompts[mode] = aug.render(list(ev.queries), tasks, metrics, settings, count, own)
         memo: dict = {}
         for mode in [m for m in modes if m in prompts]:
             out.add(f"thought:{mode}", "thought",

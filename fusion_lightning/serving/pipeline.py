@@ -9,15 +9,18 @@ read):
     router:   {ckpt: RUN/checkpoints/best-07.ckpt, lam: 0.0,              # optional
                explore: none, epsilon: 0.1, temperature: 1.0, floor: 0.0, seed: null}
     thought:  {library: DIR, retriever_ckpt: CKPT, k: 3, task_filter: true,  # optional
-               mode: templates, budget_tokens: 1024}
+               mode: auto, budget_tokens: 1024, selection: null}
     default:  NAME            # the backend without a router (default: the first)
     catalog:  FILE            # optional: prices, for per-call cost
     sampling: {max_new_tokens: 256}
 
 The thought stage (`TemplateAugmenter`, fusion_lightning/thought/prompt.py) writes each prompt for the
-backend that will answer it: `mode` (none | templates | exemplars | both) and `k` apply to every
-backend, and the demonstrations' length budget (`budget_tokens`) is counted in that backend's own
-tokenizer where it has one (a local model's), else in approximate tokens (UTF-8 bytes / 4).
+backend that will answer it. `mode: auto` (the default): each backend gets the mode and k val chose
+for it (`selection`, default `<library>/thought_selection.json`, written by the `thought_auto`
+recipe; `none` where nothing beat zero-shot), a backend without an entry `templates` with `k`; an
+explicit `mode` (none | templates | exemplars | both) applies to every backend. The demonstrations'
+length budget (`budget_tokens`) is counted in that backend's own tokenizer where it has one (a
+local model's), else in approximate tokens (UTF-8 bytes / 4).
 
 Backend names must be the router's model names (the names in the log it was trained on); the
 router chooses among the models that have a backend, through an explicit policy (`explore`:
@@ -54,7 +57,7 @@ from fusion_lightning.serving.explore import (
 
 PIPELINE_KEYS = ("backends", "router", "thought", "default", "catalog", "sampling")
 ROUTER_KEYS = ("ckpt", "lam", *EXPLORE_KEYS)
-THOUGHT_KEYS = ("library", "retriever_ckpt", "k", "task_filter", "mode", "budget_tokens")
+THOUGHT_KEYS = ("library", "retriever_ckpt", "k", "task_filter", "mode", "budget_tokens", "selection")
 
 
 class Augmenter(Protocol):
@@ -187,8 +190,8 @@ class FusedPipeline:
                                  f"{', '.join(map(repr, THOUGHT_KEYS[1:]))}; got {sorted(t)}")
             augmenter = TemplateAugmenter.load(t["library"], t.get("retriever_ckpt"), k=int(t.get("k") or 3),
                                                task_filter=bool(t.get("task_filter", True)),
-                                               mode=t.get("mode") or "templates",
-                                               budget_tokens=t.get("budget_tokens", 1024))
+                                               mode=t.get("mode") or "auto",
+                                               budget_tokens=t.get("budget_tokens", 1024), selection=t.get("selection"))
         catalog = ModelCatalog.from_json_file(cfg["catalog"]) if cfg.get("catalog") else None
         return cls(backends, router, augmenter, cfg.get("default"), lam, catalog, cfg.get("sampling"), explore,
                    router_id)

@@ -22,8 +22,10 @@ and the next (nearer-last) ones are still tried. The tokenizer is the backend's 
 (a `LocalBackend`'s `tokenizer`), else `approx_tokens`: ceil(UTF-8 bytes / 4), the usual size of an
 English BPE token (an OpenAI-compatible server does not expose its tokenizer).
 
-Per target model: `TemplateAugmenter.selection` maps backend names to their own settings;
-`prompts(..., model=NAME)` uses them, other models the default.
+Per target model: `TemplateAugmenter.selection` maps backend names to the settings val chose for
+them (`thought_selection.json` next to the library, written by the `thought_auto` recipe; see
+`fusion_lightning.thought.auto`); `prompts(..., model=NAME)` uses them, other models the default.
+`mode: auto` (`load_settings`) is how a config asks for that.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class ThoughtSettings:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"thought.mode={self.mode!r}; choose from: {', '.join(MODES)}")
+            raise ValueError(f"thought.mode={self.mode!r}; choose from: {', '.join(MODES)} (or auto)")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"thought.k must be an integer >= 1, got {self.k!r}")
         if self.budget_tokens is not None and (isinstance(self.budget_tokens, bool) or self.budget_tokens < 1):
@@ -153,6 +155,23 @@ def render(query: str, demos: Sequence[Demonstration], mode: str, metric: str | 
     return both_prompt(query, [(d.question, d.template or "", d.solution or "") for d in demos], metric)
 
 
+def load_settings(mode: str = "auto", k: int = 3, budget_tokens: int | None = DEFAULT_BUDGET_TOKENS,
+                  selection: str | Path | None = None, library_dir: str | Path | None = None
+                  ) -> tuple[ThoughtSettings, dict[str, ThoughtSettings]]:
+    """(default settings, per-model selection) of a thought config. `mode: auto`: the models val chose
+    for (`selection`, default `<library>/thought_selection.json`, when it exists) get their choice, the
+    others `templates` with `k`; any other mode applies to every model."""
+    from fusion_lightning.thought.auto import SELECTION_FILE, read_selection
+
+    if mode != "auto":
+        return ThoughtSettings(mode, int(k), budget_tokens), {}
+    default = ThoughtSettings("templates", int(k), budget_tokens)
+    path = Path(selection) if selection else (Path(library_dir) / SELECTION_FILE if library_dir else None)
+    if selection and not path.is_file():
+        raise FileNotFoundError(f"thought.selection {path} not found")
+    return default, (read_selection(path) if path is not None and path.is_file() else {})
+
+
 class TemplateAugmenter:
     """Retrieve from a template library for each query and build the thought stage's prompt.
 
@@ -178,10 +197,11 @@ class TemplateAugmenter:
 
     @classmethod
     def load(cls, library_dir: str | Path, retriever_ckpt: str | Path | None = None, k: int = 3,
-             task_filter: bool = True, mode: str = "templates",
-             budget_tokens: int | None = DEFAULT_BUDGET_TOKENS) -> TemplateAugmenter:
-        """`retriever_ckpt` None: the frozen encoder the library was embedded with (cosine top-k)."""
-        default, chosen = ThoughtSettings(mode, int(k), budget_tokens), {}
+             task_filter: bool = True, mode: str = "templates", budget_tokens: int | None = DEFAULT_BUDGET_TOKENS,
+             selection: str | Path | None = None) -> TemplateAugmenter:
+        """`retriever_ckpt` None: the frozen encoder the library was embedded with (cosine top-k).
+        `mode: auto` applies the val selection (see `load_settings`)."""
+        default, chosen = load_settings(mode, k, budget_tokens, selection, library_dir)
         lib = TemplateLibrary.load(library_dir)
         if len(lib) == 0:
             raise ValueError(f"template library {library_dir} is empty")

@@ -1,0 +1,210 @@
+"""Thought level, selection per target model on val (recipe thought_auto): a planted better mode is
+chosen, zero-shot when nothing beats it beyond noise (router_auto's paired test), and the choice in
+`thought_selection.json` is what the fused pipeline, `serve` and `evaluate` apply."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from pathlib import Path
+from statistics import NormalDist
+
+import pytest
+from openai_server import FakeOpenAIServer, last_user
+from test_thought_exemplars import QUERY, hand_library
+
+from fusion_lightning.callbacks.thought_selection import select_thought
+from fusion_lightning.serving.base import Generation
+from fusion_lightning.serving.pipeline import FusedPipeline
+from fusion_lightning.thought.auto import SELECTION_FILE, Question, read_selection, write_selection
+from fusion_lightning.thought.prompt import TemplateAugmenter, ThoughtSettings
+
+N = 40  # val questions
+
+
+def questions(n: int = N) -> list[Question]:
+    return [Question(f"v{i}", f"{QUERY} item {i}", "t", "GSM8K", f"#### {i}") for i in range(n)]
+
+
+class RuleBackend:
+    """Answers question i right when `right(i, prompt)`; the prompt's last 'item N' is the question."""
+
+    def __init__(self, right, name: str = "rule"):
+        self.right, self.name, self.prompts = right, name, []
+
+    def generate(self, prompts, **sampling):
+        self.prompts += list(prompts)
+        out = []
+        for p in prompts:
+            i = int(re.findall(r"item (\d+)", p)[-1])
+            out.append(Generation(f"#### {i}" if self.right(i, p) else "#### -1", 1, 1, 0.0))
+        return out
+
+
+def augmenter() -> TemplateAugmenter:
+    lib = hand_library()
+    from fusion_lightning.data.embeddings import build_encoder
+
+    enc = build_encoder(lib.encoder)
+    return TemplateAugmenter(lib, lambda texts: enc.encode(list(texts)), lib.embeddings)
+
+
+def test_selection_picks_the_planted_better_mode() -> None:
+    # right on 4 in 5 questions with a solved example (exemplars, both) and on 1 in 5 without
+    def right(i: int, prompt: str) -> bool:
+        return (i % 5 != 0) == ("Solution:" in prompt and "Thought template" not in prompt)
+
+    entry = select_thought(augmenter(), RuleBackend(right), questions(), ks=(1, 3), budget_tokens=None)
+    assert (entry["mode"], entry["k"]) == ("exemplars", 1)  # exemplars@1 and @3 tie: the first listed
+    rows = {r["candidate"]: r for r in entry["rows"]}
+    assert list(rows) == ["none", "templates@1", "templates@3", "exemplars@1", "exemplars@3", "both@1", "both@3"]
+    assert rows["none"]["val_perf"] == 0.2 and rows["exemplars@3"]["val_perf"] == 0.8
+    assert rows["both@1"]["val_perf"] == rows["templates@3"]["val_perf"] == 0.2
+    assert rows["exemplars@1"]["gain"] == pytest.approx(0.6) and rows["exemplars@1"]["selected"]
+    assert entry["z"] == pytest.approx(NormalDist().inv_cdf(1 - 0.05 / 6))  # bonferroni over 6 comparisons
+
+
+def test_selection_keeps_zero_shot_when_nothing_beats_it_beyond_noise() -> None:
+    aug = augmenter()
+    flat = select_thought(aug, RuleBackend(lambda i, p: i % 2 == 0), questions(), ks=(2,), budget_tokens=None)
+    assert flat["mode"] == "none" and all(r["gain"] == 0 for r in flat["rows"])
+    # templates help on 3 more questions of 40: +0.075 with SE 0.042, under z = 2.13 SEs -> still zero-shot
+    noisy = select_thought(aug, RuleBackend(lambda i, p: i % 2 == 0 or (i < 6 and "Thought template" in p)),
+                           questions(), ks=(2,), budget_tokens=None)
+    rows = {r["candidate"]: r for r in noisy["rows"]}
+    assert rows["templates@2"]["gain"] == pytest.approx(0.075) and noisy["mode"] == "none"
+    assert rows["templates@2"]["gain"] < noisy["z"] * rows["templates@2"]["gain_se"]
+    with pytest.raises(ValueError, match="needs val questions"):
+        select_thought(aug, RuleBackend(lambda i, p: True), [])
+
+
+def test_a_val_question_never_sees_its_own_answer() -> None:
+    backend = RuleBackend(lambda i, p: True)
+    qs = [Question("qa", QUERY + " item 0", "t", "GSM8K", "#### 0")]  # the library holds qa's answer
+    select_thought(augmenter(), backend, qs, modes=("exemplars", "both", "templates"), ks=(3,), budget_tokens=None)
+    assert backend.prompts and not any("Answer A" in p or "alpha beta gamma delta walk" in p for p in backend.prompts)
+
+
+def test_the_file_merges_models_and_the_pipeline_applies_each_ones_choice(tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    hand_library(lib)
+    entry = {"budget_tokens": None, "reference": "none", "z": 2.0, "rule": "bonferroni", "questions": 40,
+             "retriever": None, "rows": [{"candidate": "none", "mode": "none", "k": 1, "val_perf": 0.2, "gain": 0.0,
+                                          "gain_se": 0.0, "prompt_tokens": 10.0, "selected": False}]}
+    write_selection({**entry, "mode": "exemplars", "k": 1}, "alpha", lib, tmp_path / "run")
+    write_selection({**entry, "mode": "none", "k": 1}, "beta", lib)
+    assert read_selection(lib / SELECTION_FILE) == {"alpha": ThoughtSettings("exemplars", 1, None),
+                                                     "beta": ThoughtSettings("none", 1, None)}
+    md = (lib / "thought_selection.md").read_text()
+    assert "## alpha: **exemplars@1**" in md and "## beta: **none**" in md and (tmp_path / "run" / "thought_selection.md").is_file()
+
+    backends = {n: RuleBackend(lambda i, p: True, n) for n in ("alpha", "beta", "gamma")}
+    pipe = FusedPipeline(list(backends.values()), augmenter=TemplateAugmenter.load(lib, mode="auto", k=2))
+    for n in backends:
+        pipe.run([QUERY + " item 1"], tasks=["t"], metrics=["GSM8K"], model=n)
+    assert backends["alpha"].prompts[0].count("Solution:") == 1 and "Thought template" not in backends["alpha"].prompts[0]
+    assert backends["beta"].prompts[0] == f"{QUERY} item 1\n\n" + backends["beta"].prompts[0].split("\n\n", 1)[1]
+    assert "Question:" not in backends["beta"].prompts[0]  # val chose zero-shot for beta
+    assert backends["gamma"].prompts[0].count("Thought template:") == 2  # no entry: templates with k
+    explicit = FusedPipeline([backends["alpha"]], augmenter=TemplateAugmenter.load(lib, mode="both", k=2))
+    explicit.run([QUERY + " item 1"], tasks=["t"], metrics=["GSM8K"], model="alpha")
+    assert backends["alpha"].prompts[-1].count("Solution:") == 2  # an explicit mode wins over the file
+    with pytest.raises(FileNotFoundError, match="thought.selection"):
+        TemplateAugmenter.load(lib, mode="auto", selection=tmp_path / "nope.json")
+
+
+def hydra(d: dict) -> str:
+    """A flat dict as a Hydra override value."""
+    def v(x):
+        return "null" if x is None else str(x).lower() if isinstance(x, bool) else f"'{x}'"
+    return "{" + ",".join(f"{k}:{v(x)}" for k, x in d.items()) + "}"
+
+
+def _sum_answer(text: str) -> str:
+    a, b = re.findall(r"What is (\d+) plus (\d+)", text)[-1]
+    return f"#### {int(a) + int(b)}"
+
+
+def letters(n: int) -> str:
+    return "".join("abcdefghij"[int(c)] for c in str(n))  # a tag the summariser does not abstract as a number
+
+
+def _gsm_log(folder: Path) -> None:
+    """GSM8K-style sums: model `solver` right with worked answers, `weak` wrong; train, val, test files."""
+    from fusion_lightning.serving import OpenAICompatibleBackend
+    from fusion_lightning.serving.collect import QueryRecord, collect
+
+    def worked(messages):  # a distinct tag per question, so the rule summariser's templates do not all merge
+        text = last_user(messages)
+        tag = re.findall(r"tag(\w+)", text)[-1]
+        return f"Add the two numbers of {tag}. {_sum_answer(text)}"
+
+    solver = FakeOpenAIServer(api_key=None, answer=worked).start()
+    weak = FakeOpenAIServer(api_key=None, answer=lambda m: "#### 0").start()
+    try:
+        backends = [OpenAICompatibleBackend(s.base_url, "m", name=n, cache_dir=None, progress=False)
+                    for n, s in (("solver", solver), ("weak", weak))]
+        for split, n, start in (("train", 30, 1), ("val", 12, 100), ("test", 4, 200)):
+            qs = [QueryRecord(f"{split}{a}", "gsm8k", f"What is {a} plus {a + 1} for tag{letters(a)}?", f"#### {2 * a + 1}", "GSM8K", 0)
+                  for a in range(start, start + n)]
+            collect(qs, backends, folder / f"calls_{split}.jsonl", progress=False)
+    finally:
+        solver.stop()
+        weak.stop()
+
+
+def test_thought_auto_recipe_writes_the_choice_that_serve_and_evaluate_apply(tmp_path: Path, monkeypatch) -> None:
+    from fusion_lightning.config import compose_recipe
+    from fusion_lightning.evaluation import evaluate
+    from fusion_lightning.fit import fit
+    from fusion_lightning.serve import compose, pipeline_config, serve_in_thread
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    _gsm_log(tmp_path / "log")
+
+    def needs_an_example(messages):  # the target model: right only with a solved example in the prompt
+        text = last_user(messages)
+        return _sum_answer(text) if "Solution:" in text else "#### -1"
+
+    with FakeOpenAIServer(api_key=None, answer=needs_an_example) as target:
+        backend = {"type": "openai_compatible", "base_url": target.base_url, "model": "m", "name": "target",
+                   "cache_dir": None, "progress": False}
+        run = tmp_path / "run"
+        summary = fit(compose_recipe("thought_auto", [
+            "data=llmfusionbench", f"data.path={tmp_path / 'log'}", "encoder=hashing", "model.mode=head",
+            "trainer.max_epochs=1", "logger=none", f"run_dir={run}", "callbacks.thought_selection.ks=[1,2]",
+            f"callbacks.thought_selection.backend={hydra(backend)}"]))
+        chosen = summary["thought_selection"]
+        assert (chosen["model"], chosen["mode"], chosen["k"], chosen["questions"]) == ("target", "exemplars", 1, 12)
+        data = json.loads((run / "library" / SELECTION_FILE).read_text())["models"]["target"]
+        assert {r["candidate"]: r["val_perf"] for r in data["rows"]} == {
+            "none": 0.0, "templates@1": 0.0, "templates@2": 0.0, "exemplars@1": 1.0, "exemplars@2": 1.0,
+            "both@1": 1.0, "both@2": 1.0}
+        assert summary["artifacts"]["thought_selection_md"] == "thought_selection.md"
+
+        # serve: thought={library} (mode auto by default) applies the file's choice for this backend
+        cfg = compose([f"backends=[{hydra(backend)}]", f"thought={{library: '{run / 'library'}'}}"])
+        pipe = FusedPipeline.from_config(pipeline_config(cfg))
+        server, url = serve_in_thread(pipe, api_key_env=None)
+        try:
+            body = json.dumps({"model": "target", "messages": [{"role": "user", "content": "What is 7 plus 8 for taghi?"}],
+                               "task": "gsm8k", "metric": "GSM8K"}).encode()
+            req = urllib.request.Request(f"{url}/chat/completions", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            reply = json.loads(urllib.request.urlopen(req, timeout=30).read())
+        finally:
+            server.shutdown()
+            server.server_close()
+        sent = last_user(target.bodies[-1]["messages"])
+        assert sent.count("Solution:") == 1 and "Thought template" not in sent
+        assert reply["choices"][0]["message"]["content"] == "#### 15"
+
+        # evaluate: the `selected` column is exemplars@1 for this backend
+        from fusion_lightning.data.datamodule import load_from_config
+
+        logs = load_from_config({"format": "llmfusionbench", "path": str(tmp_path / "log")})
+        ev = evaluate(logs, thought={"backend": backend, "library": str(run / "library"),
+                                     "modes": ["zero_shot", "selected"]})
+        assert ev.info["thought_selected"] == {"target": "exemplars@1"}
+        assert ev.columns["thought:selected"][0].mean() == 1.0 and ev.columns["thought:zero_shot"][0].mean() == 0.0
