@@ -218,6 +218,7 @@ def test_embed_job_writes_the_encoders_vectors_at_any_batch_size(tmp_path: Path)
     assert again["planned"] == 0 and again["embedded"] == 0
 
 
+@pytest.mark.integration
 def test_two_ddp_processes_embed_a_concatenation_like_one_process(tmp_path: Path, tiny_dir: str) -> None:
     """trainer.devices=2 on CPU with `encoder=[hashing,hf:tiny-llama@1]`: each part lands in its own cache
     folder, every text once, and the prefill vectors equal one process's (and the encoder's own)."""
