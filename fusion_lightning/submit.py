@@ -144,9 +144,9 @@ def build(argv: list[str]) -> tuple[str, list[str], Path]:
 
     template = args.template or ("cpu" if not args.gpus_per_node else
                                  "deepspeed" if (args.nodes or 1) > 1 else "ddp")
-    if template == "deepspeed" and str(cfg.model.get("_target_", "")).endswith(".EncoderModule") \
+    if template == "deepspeed" and str(cfg.model.get("_target_", "")).endswith((".EncoderModule", ".LayerProbe")) \
             and not any(o.startswith("strategy=") for o in fixed):
-        fixed = [*fixed, "strategy=ddp"]  # recipe=embed predicts: DDP across the nodes, no sharded optimizer
+        fixed = [*fixed, "strategy=ddp"]  # recipe=embed / layer_probe predict: DDP across the nodes, no sharded optimizer
     if template == "cpu" and args.gpus_per_node:
         raise SubmitError("--gpus-per-node with --template cpu: pick ddp or deepspeed for GPUs")
     options: dict[str, str | None] = {}

@@ -362,3 +362,11 @@ def test_layer_probe_ranks_the_planted_layer_first_and_hf_name_then_uses_it(
     assert build_encoder(TINY).name == f"hf:tiny-llama@{planted}"
     cache = EmbeddingCache(tmp_path / "emb", build_encoder(TINY))
     assert len(cache.cached_keys()) == train
+
+
+def test_submit_sends_the_layer_probe_with_ddp_across_nodes() -> None:
+    from fusion_lightning.submit import build as submit_build
+
+    script, argv, _ = submit_build(["recipe=layer_probe", "--nodes", "2", "--gpus-per-node", "8", "data=llmrouter",
+                                    "encoder=hf:smollm2-135m"])
+    assert "--nodes=2" in script and argv[-1] == "strategy=ddp"  # a predict job: not the template's DeepSpeed
