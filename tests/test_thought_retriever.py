@@ -141,7 +141,8 @@ def test_template_retriever_recipe_smoke(tmp_path):
         "datamodule.encoder=hashing", "model.mode=head", f"run_dir={tmp_path / 'run'}",
         "data.synthetic.n_queries=200", "data.synthetic.models=4", "trainer.max_epochs=1", "trainer.accelerator=cpu"])
     summary = fit(cfg)
-    for k in ("test/ndcg@3", "test/frozen/ndcg@3", "test/bm25/ndcg@3", "test/recall@3", "test/mrr", "val/ndcg@3"):
+    for k in ("test/ndcg@3", "test/frozen/ndcg@3", "test/bm25/ndcg@3", "test/recall@3", "test/mrr", "val/ndcg@3",
+              "val/outcome@3", "test/outcome@3", "test/frozen/outcome@3", "test/bm25/outcome@3"):
         assert 0.0 <= summary["metrics"][k] <= 1.0, k
     assert summary["data"]["templates"] > 0 and (tmp_path / "run" / "summary.json").is_file()
     assert summary["artifacts"]["template_library"] == "library"

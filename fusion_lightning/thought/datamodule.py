@@ -8,6 +8,19 @@ Evaluation (val/test queries): the index is the whole library minus the query's 
 other tasks' with `task_filter`); a template's gain is the similarity of its closest source query
 to the query (same task only, clipped at 0); "relevant" (Recall, MRR) means a source among the
 query's `n_relevant` nearest same-task queries. Frozen-encoder and BM25 scores ride in the batch.
+
+What the retriever is trained for (`objective`): similarity of source queries says a template is
+*about* a similar question, not that showing it helps. With `objective: outcome` (the default) a
+template's worth for a query is also its *skill* there: the logged score, on that query, of the models
+whose answers the template (and its exemplar) came from (their mean; unknown where the log has no
+such call). A train row's positives are its own templates and its neighbours' (templates of related
+queries); it samples one with probability proportional to that template's skill on the row's query
+(would the models behind it have answered this question?), so a neighbour's template from a model
+that fails on this question is no longer pulled closer; a row whose positives all score 0 there is
+left out. The distillation teacher's gains are weighted the same way. Evaluation adds `outcome@k` (`metrics.outcome_at_k`): the mean skill,
+on the held-out query, of the top-k retrieved templates (0 for another task's) — the template_retriever
+recipe early-stops and checkpoints on `val/outcome@3`; nDCG, recall and MRR stay as diagnostics.
+`objective: similarity` is the earlier behaviour (uniform positives).
 """
 
 from __future__ import annotations
@@ -33,14 +46,19 @@ from fusion_lightning.thought.metrics import bm25_scores
 from fusion_lightning.thought.select import TemplateSelection
 from fusion_lightning.thought.summarise import build_summariser
 
+OBJECTIVES = ("outcome", "similarity")
+
 
 class _Triples(Dataset):
     """Train rows: one positive and `n_hard` hard negatives resampled from each row's pools at every draw."""
 
     def __init__(self, rows: list[int], positives: list[list[int]], hard: list[list[int]],
-                 pools: list[tuple[np.ndarray, np.ndarray]] | None = None, n_hard: int = 0):
+                 pools: list[tuple[np.ndarray, np.ndarray]] | None = None, n_hard: int = 0,
+                 weights: list[np.ndarray] | None = None):
         self.rows, self.positives, self.hard = rows, positives, hard
         self.pools, self.n_hard = pools, n_hard
+        # per row, its positives' sampling weights (objective outcome); None: uniform
+        self.weights = None if weights is None else [torch.as_tensor(w, dtype=torch.float64) for w in weights]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -53,7 +71,11 @@ class _Triples(Dataset):
             hard = [int(other[int(torch.randint(len(other), ()))])] if len(other) else []
             if len(mid):
                 hard += [int(mid[int(j)]) for j in torch.randperm(len(mid))[: self.n_hard]]
-        return self.rows[i], pos[int(torch.randint(len(pos), ()))], hard, set(pos)
+        if self.weights is not None:
+            pick = int(torch.multinomial(self.weights[i], 1))
+        else:
+            pick = int(torch.randint(len(pos), ()))
+        return self.rows[i], pos[pick], hard, set(pos)
 
 
 class TemplateDataModule(LogDataModule):
@@ -63,7 +85,7 @@ class TemplateDataModule(LogDataModule):
                  embedding_cache: str | None = None, n_neighbors: int = 3, n_relevant: int = 3,
                  task_filter: bool = True, batch_size: int = 32, eval_batch_size: int = 128,
                  num_workers: int = 0, n_hard: int = 0, hard_band: tuple[int, int] = (10, 100),
-                 own_positive: bool = True):
+                 own_positive: bool = True, objective: str = "outcome"):
         super().__init__(data, logs)
         self.library_dir = Path(library_dir) if library_dir else None
         self.encoder_name, self.summariser_cfg = encoder, dict(summariser or {"type": "rule"})
@@ -72,6 +94,9 @@ class TemplateDataModule(LogDataModule):
         self.n_neighbors, self.n_relevant, self.task_filter = n_neighbors, n_relevant, task_filter
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.n_hard, self.hard_band, self.own_positive = int(n_hard), tuple(int(x) for x in hard_band), own_positive
+        if objective not in OBJECTIVES:
+            raise ValueError(f"datamodule.objective={objective!r}; choose from: {', '.join(OBJECTIVES)}")
+        self.objective = objective
         self.library: TemplateLibrary | None = None
         self._built = None
 
@@ -129,6 +154,7 @@ class TemplateDataModule(LogDataModule):
         sim = qv @ qv.T
         np.fill_diagonal(sim, -np.inf)
         same = tasks[:, None] == tasks[None, :]
+        self._skill_tables(ids, lib)
         is_train = splits == "train"
         self._train = self._triples(np.flatnonzero(is_train), sim, same, is_train & has_t, by_source,
                                     t_tasks, tasks, sources)
@@ -139,13 +165,43 @@ class TemplateDataModule(LogDataModule):
         self._qv, self._sources, self._q_tasks, self._t_tasks = np.asarray(qv, np.float32), sources, tasks, t_tasks
         self._texts, self._built = texts, True
 
+    def _skill_tables(self, ids, lib: TemplateLibrary) -> None:
+        """The log's per-model scores on every query (rows in query-table order; 0 + unknown where not
+        logged) and each template's models, for `skill`."""
+        qm = self.logs.matrix()
+        where = {q: i for i, q in enumerate(qm.query_ids.tolist())}
+        order = np.array([where.get(q, -1) for q in ids], np.int64)
+        known = order >= 0
+        perf = np.where(qm.mask, np.nan_to_num(qm.performance), 0.0).astype(np.float32)
+        self._perf = np.zeros((len(ids), len(qm.models)), np.float32)
+        self._known = np.zeros((len(ids), len(qm.models)), np.float32)
+        self._perf[known], self._known[known] = perf[order[known]], qm.mask[order[known]]
+        col = {m: i for i, m in enumerate(qm.models)}
+        self._t_models = np.zeros((len(lib), len(qm.models)), np.float32)
+        for j, t in enumerate(lib.templates):
+            for m in t.models:
+                if m in col:
+                    self._t_models[j, col[m]] = 1.0
+        if self.objective == "outcome" and not (self._known @ self._t_models.T).any():
+            raise ValueError("datamodule.objective=outcome needs the log's scores of the models the templates were "
+                             "built from, and this log has none of them; use datamodule.objective=similarity")
+
+    def skill(self, rows, cols) -> np.ndarray:
+        """[rows, cols]: the mean logged score, on each row's query, of the models template `col` was built
+        from; NaN where the log has none of their calls on that query."""
+        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        w = self._t_models[cols].T
+        num, den = self._perf[rows] @ w, self._known[rows] @ w
+        return np.divide(num, den, out=np.full(num.shape, np.nan, np.float32), where=den > 0)
+
     def _triples(self, rows, sim, same, eligible, by_source, t_tasks, tasks, sources):
         """Positives: the row's own templates (`own_positive`) and its `n_neighbors` nearest same-task
         train queries'. Hard negatives: with `n_hard` = 0, one other-task template and one template of a
         far same-task query, fixed; with `n_hard` > 0, pools resampled at every draw: other-task
         templates and templates of the same-task queries ranked `hard_band` (near but not neighbours)."""
         rng = np.random.default_rng(0)
-        keep, positives, hard, pools = [], [], [], []
+        keep, positives, hard, pools, weights = [], [], [], [], []
+        outcome = self.objective == "outcome"
         other_by_task: dict = {}
         lo, hi = self.hard_band
         for i in rows:
@@ -155,6 +211,11 @@ class TemplateDataModule(LogDataModule):
             pos = sorted({j for n in ([i] if self.own_positive else []) + near for j in by_source.get(int(n), [])})
             if not pos:
                 continue
+            if outcome:  # each positive's skill on the row's query: would its models have answered it?
+                w = np.nan_to_num(self.skill([int(i)], pos)[0], nan=1.0)
+                if not (w > 0).any():
+                    continue  # every positive comes from models that fail here: nothing to pull closer
+                weights.append(w)
             if tasks[i] not in other_by_task:  # other-task templates: one array per task, shared by its rows
                 other_by_task[tasks[i]] = np.flatnonzero(t_tasks != tasks[i])
             other = other_by_task[tasks[i]]
@@ -172,7 +233,8 @@ class TemplateDataModule(LogDataModule):
             keep.append(int(i))
             positives.append(pos)
             hard.append(negs)
-        return _Triples(keep, positives, hard, pools if self.n_hard else None, self.n_hard)
+        return _Triples(keep, positives, hard, pools if self.n_hard else None, self.n_hard,
+                        weights if outcome else None)
 
     def _teacher_gains(self, rows: list[int], cols: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """[rows, cols] gains as in evaluation (similarity of a template's closest other source query,
@@ -189,6 +251,8 @@ class TemplateDataModule(LogDataModule):
             sim = np.where(is_self, -np.inf, qv[r_idx] @ qv[s].T).max(1)
             own[:, c] = is_self.any(1)
             gains[:, c] = np.where(np.isfinite(sim) & (tasks[r_idx] == t_tasks[j]), np.maximum(sim, 0.0), 0.0)
+        if self.objective == "outcome":  # a similar source counts as much as its models' score on the row
+            gains *= np.nan_to_num(self.skill(r_idx, cols), nan=1.0)
         return torch.from_numpy(gains), torch.from_numpy(own)
 
     def _eval_rows(self, rows, sim, same, has_t, sources, t_tasks, tasks, texts, frozen) -> dict[str, Any]:
@@ -209,9 +273,13 @@ class TemplateDataModule(LogDataModule):
             if self.task_filter:
                 exclude[r] |= t_tasks != tasks[i]
         bm25 = bm25_scores(texts, self.index_texts)
+        # outcome@k's values: the templates' skill on the query, 0 for another task's (never helpful)
+        outcome = self.skill(rows, np.arange(n_t)) if len(rows) else np.zeros((0, n_t), np.float32)
+        outcome[t_tasks[None, :] != tasks[np.asarray(rows, np.int64)][:, None]] = 0.0
         return {"query": texts, "frozen": torch.from_numpy(np.asarray(frozen, np.float32)),
                 "bm25": torch.from_numpy(bm25), "exclude": torch.from_numpy(exclude),
-                "relevant": torch.from_numpy(relevant), "gains": torch.from_numpy(gains)}
+                "relevant": torch.from_numpy(relevant), "gains": torch.from_numpy(gains),
+                "outcome": torch.from_numpy(outcome)}
 
     # -- loaders --------------------------------------------------------------------------------
     def _collate_train(self, items):

@@ -1,4 +1,5 @@
-"""Retrieval metrics per query row (torchmetrics' functional retrieval metrics), plus BM25 scores.
+"""Retrieval metrics per query row (torchmetrics' functional retrieval metrics), the outcome of what
+is retrieved (`outcome_at_k`), plus BM25 scores.
 
 `scores`, `relevant` (bool), `gains` (graded relevance) are [queries, templates]; `-inf` scores
 (excluded templates: the query's own, other tasks under the task filter) are never retrieved.
@@ -36,6 +37,22 @@ def retrieval_metrics(scores: torch.Tensor, relevant: torch.Tensor, gains: torch
             out[f"recall@{k}"].append(retrieval_recall(s, r, top_k=k))
             out[f"ndcg@{k}"].append(retrieval_normalized_dcg(s, g, top_k=k))
     return {name: torch.stack(v).mean() if v else torch.tensor(float("nan")) for name, v in out.items()}
+
+
+def outcome_at_k(scores: torch.Tensor, outcome: torch.Tensor, ks: Sequence[int] = (3,)) -> dict[str, torch.Tensor]:
+    """`outcome@k`: the mean over query rows of the mean `outcome` (the logged score, on that query, of the
+    models whose answers a template was built from; NaN: unknown) of the top-k retrieved templates.
+    `-inf` scores are never retrieved; a row whose retrieved templates are all unknown is skipped."""
+    out: dict[str, list[float]] = {f"outcome@{k}": [] for k in ks}
+    for s, o in zip(scores.float(), outcome.float(), strict=True):
+        keep = torch.isfinite(s)
+        s, o = s[keep], o[keep]
+        for k in ks:
+            top = o[torch.topk(s, min(k, len(s))).indices] if len(s) else o[:0]
+            top = top[~torch.isnan(top)]
+            if len(top):
+                out[f"outcome@{k}"].append(float(top.mean()))
+    return {name: torch.tensor(sum(v) / len(v) if v else float("nan")) for name, v in out.items()}
 
 
 def tokenize(text: str) -> list[str]:

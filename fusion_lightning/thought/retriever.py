@@ -11,7 +11,10 @@ Loss: InfoNCE over each query's positive vs. in-batch positives of other queries
 with `distill_weight` > 0, a listwise distillation term: the student's softmax over the batch's
 templates is fitted to a softmax of their graded relevance on train queries (the similarity of each
 template's closest source query, as in evaluation; the row's own templates left out).
-Evaluation: trained vs frozen vs BM25 on the same rows (see `TemplateDataModule`).
+Evaluation: trained vs frozen vs BM25 on the same rows (see `TemplateDataModule`): recall@k, MRR and
+nDCG@k against source-query similarity (diagnostics), and `outcome@k`, the logged score on the query of
+the models behind the top-k templates (what the datamodule's `objective: outcome` trains for; the
+template_retriever recipe early-stops on it).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion_lightning.data.embeddings import build_encoder, resolve_pretrained
-from fusion_lightning.thought.metrics import retrieval_metrics
+from fusion_lightning.thought.metrics import outcome_at_k, retrieval_metrics
 
 MODES = ("auto", "finetune", "head")
 
@@ -125,16 +128,17 @@ class TemplateRetriever(L.LightningModule):
     def _eval_step(self, batch: dict) -> None:
         scores = self.encode_queries(batch["query"]) @ self._index.T
         self._eval.append((scores.cpu(), batch["frozen"], batch["bm25"], batch["exclude"], batch["relevant"],
-                           batch["gains"]))
+                           batch["gains"], batch["outcome"]))
 
     def _end_eval(self, stage: str) -> None:
         if not self._eval:
             return
-        trained, frozen, bm25, exclude, relevant, gains = (torch.cat(x) for x in zip(*self._eval, strict=True))
+        trained, frozen, bm25, exclude, relevant, gains, outcome = (torch.cat(x) for x in zip(*self._eval, strict=True))
         for name, s in (("", trained), ("frozen/", frozen), ("bm25/", bm25)):
-            for metric, value in retrieval_metrics(s.masked_fill(exclude, float("-inf")), relevant, gains,
-                                                   self.ks).items():
-                self.log(f"{stage}/{name}{metric}", value, prog_bar=(not name and metric == "ndcg@3"))
+            masked = s.masked_fill(exclude, float("-inf"))
+            metrics = {**retrieval_metrics(masked, relevant, gains, self.ks), **outcome_at_k(masked, outcome, self.ks)}
+            for metric, value in metrics.items():
+                self.log(f"{stage}/{name}{metric}", value, prog_bar=(not name and metric in ("ndcg@3", "outcome@3")))
         self._eval = []
 
     def on_validation_epoch_start(self) -> None:
