@@ -3,7 +3,8 @@ fusion level on it against the best single model, as one resumable command.
 
 Stages (each writes `OUT/<stage>/stage.json` when done; a re-run skips finished stages and `collect`
 also resumes inside a stage, call by call):
-  questions  seeded per-task samples of the shared LLMRouter questions (+ RouteLLM's GSM8K): train, test
+  questions  seeded per-task samples of the shared LLMRouter questions (+ RouteLLM's GSM8K): train, val
+             (`--val-per-task`, from the train pool; 0: carved from train by the loader), test
   probe      `--probe N` train questions per task through every model; keep the tasks some model
              scores above zero on (at least --min-tasks); those calls are reused by collect
   collect    every kept question through every zoo model, plain and `_think` (fusion_lightning collect)
@@ -12,12 +13,16 @@ also resumes inside a stage, call by call):
   query      router recipe(s) fitted on the log (`--routers`)
   library    a template library from the log's train split (rule summariser, or `--summariser MODEL`)
   retriever  the template_retriever recipe on that library
-  thought    per zoo model, held-out questions zero-shot, few-shot, template-augmented (trained
-             retriever) and template-augmented (frozen encoder), via `evaluate`'s live columns
+  thought    per zoo model: val selects its thought mode (`thought_auto`'s step: zero-shot and templates,
+             exemplars, both at each k of `--thought-ks`, kept only past router_auto's paired test; written
+             to the library's thought_selection.json), then the test questions zero-shot, few-shot (k random
+             solved examples), templates, exemplars, both (trained retriever), the selected mode, and
+             templates with the frozen encoder (unless --no-frozen), via `evaluate`'s live columns
   model      distill_top_k into `--student` (LoRA and/or full), exported, answering the held-out questions
   table      the paper's table (`evaluate`: singles, best single, routers, thought, students, oracle,
-             95 % paired bootstrap CIs) + gains.md: template − zero-shot, trained − frozen retriever,
-             student − base, each paired with its CI
+             95 % paired bootstrap CIs) + gains.md: each thought column − zero-shot and − best single,
+             exemplars − random few-shot, trained − frozen retriever, student − base, each paired with its
+             CI, and the mode val selected per model
 
     python bench/fusion_e2e.py                     # the zoo run (not yet made; see README)
     python bench/fusion_e2e.py --quick             # tiny random model + a reference answerer, seconds
@@ -47,17 +52,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", ROOT.parent / "shared" / "data"))
 STAGES = ("questions", "probe", "collect", "judge", "query", "library", "retriever", "thought", "model", "table")
 FULL = dict(models=["smollm2-135m-instruct", "gemma-3-270m"], tasks=None, train_per_task=24, test_per_task=10,
+            val_per_task=4, thought_ks=[1, 3], budget_tokens=1024,
             probe=3, min_tasks=4, max_new_tokens=96, routers=["router_knn", "router_mlp"], encoder="minilm",
             retriever_mode="finetune", epochs=3, student="smollm2-135m-instruct", students=["lora", "full"],
             shots=3, k=3, distill_max_length=512, judge="smollm2-135m-instruct", judge_sample=40,
             out=ROOT / "bench" / "out" / "fusion_e2e")
 QUICK = dict(models=["tiny-llama"], tasks=["gsm8k", "mmlu"], train_per_task=8, test_per_task=4, probe=0,
+             val_per_task=2, thought_ks=[1, 2], budget_tokens=256,
              min_tasks=2, max_new_tokens=8, routers=["router_knn"], encoder="hashing", retriever_mode="head",
              epochs=1, student="tiny-llama", students=["lora", "full"], shots=2, k=2, distill_max_length=128,
              judge="tiny-llama", judge_sample=4, out=ROOT / "bench" / "out" / "fusion_e2e_quick")
 SEMANTIC = ("quick", "models", "tasks", "train_per_task", "test_per_task", "probe", "min_tasks", "max_new_tokens",
             "routers", "encoder", "retriever_mode", "epochs", "student", "students", "shots", "k",
-            "distill_max_length", "summariser", "seed", "think", "judge", "judge_sample")
+            "distill_max_length", "summariser", "seed", "think", "judge", "judge_sample", "val_per_task",
+            "thought_ks", "budget_tokens", "frozen")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -66,14 +74,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="output dir (default bench/out/fusion_e2e[_quick])")
     ap.add_argument("--models", nargs="+", help="zoo names (or HF paths) collected; default the zoo's two")
     ap.add_argument("--tasks", nargs="+", help="candidate tasks (default all 14; the probe keeps some)")
-    for name, kind in (("train-per-task", int), ("test-per-task", int), ("probe", int), ("min-tasks", int),
+    for name, kind in (("train-per-task", int), ("test-per-task", int), ("val-per-task", int), ("probe", int),
+                       ("min-tasks", int), ("budget-tokens", int),
                        ("max-new-tokens", int), ("epochs", int), ("shots", int), ("k", int), ("distill-max-length", int)):
         ap.add_argument(f"--{name}", type=kind)
     ap.add_argument("--routers", nargs="+", help="query-level recipes (default router_knn router_mlp)")
     ap.add_argument("--encoder", help="query/template encoder of every fit (minilm | hashing)")
     ap.add_argument("--retriever-mode", choices=["finetune", "head"])
     ap.add_argument("--student", help="the distilled student (a zoo name or HF path)")
-    ap.add_argument("--students", nargs="+", choices=["lora", "full"])
+    ap.add_argument("--students", nargs="*", choices=["lora", "full"], help="none given: no model stage")
+    ap.add_argument("--thought-ks", nargs="+", type=int, help="the k grid of the thought mode selection on val")
+    ap.add_argument("--no-frozen", dest="frozen", action="store_false",
+                    help="no templates-with-the-frozen-encoder column")
     ap.add_argument("--judge", help="the zoo model of the LLM-judge check (none: skip it)")
     ap.add_argument("--judge-sample", type=int, help="train calls the judge grades")
     ap.add_argument("--summariser", help="a zoo model that summarises templates (default: the rule summariser)")
@@ -196,6 +208,13 @@ class Pipeline:
             rows = [r for t in tasks for r in _e2e.sample(pools[(t, split)], n, self.a.seed)]
             _e2e.write_jsonl(self.out / "questions" / f"{split}.jsonl", rows)
             counts[split] = len(rows)
+        if self.a.val_per_task:  # from the train pool, none of the train sample's
+            train = {r["query"] for r in _e2e.read_jsonl(self.out / "questions" / "train.jsonl")}
+            rows = [r for t in tasks
+                    for r in _e2e.sample([x for x in pools[(t, "train")] if x["query"] not in train],
+                                         self.a.val_per_task, self.a.seed)]
+            _e2e.write_jsonl(self.out / "questions" / "val.jsonl", rows)
+            counts["val"] = len(rows)
         return {"tasks": tasks, "counts": counts, "notes": notes}
 
     def stage_probe(self) -> dict[str, Any]:
@@ -226,7 +245,7 @@ class Pipeline:
                                                     self.catalog(self.a.models)))
         backends: list[Any] = [self.backend(m) for m in self.a.models]
         reports = {}
-        for split in ("train", "test"):
+        for split in [s for s in ("train", "val", "test") if (self.out / "questions" / f"{s}.jsonl").exists()]:
             qs = [q for q in read_query_file(self.out / "questions" / f"{split}.jsonl") if q.task in tasks]
             if self.a.quick:
                 backends = [*backends[: len(self.a.models)], _e2e.ReferenceBackend([vars(q) for q in qs])]
@@ -310,13 +329,20 @@ class Pipeline:
 
     def stage_thought(self) -> dict[str, Any]:
         lib, ckpt = self.done("library")["library"], self.done("retriever").get("checkpoint")
-        files = {}
+        files, selected = {}, {}
+        modes = ["zero_shot", "few_shot"]
         for m in self.a.models:
             start = time.perf_counter()
-            cfg = {"backend": self.backend(m), "shots": self.a.shots, "library": lib, "k": self.a.k}
-            modes = ["zero_shot", "few_shot"] + (["templates"] if ckpt else [])  # no library: no template columns
+            cfg = {"backend": self.backend(m), "shots": self.a.shots, "library": lib, "k": self.a.k,
+                   "budget_tokens": self.a.budget_tokens}
+            modes = ["zero_shot", "few_shot"]
+            if ckpt:  # no library: no template columns
+                entry = self.select_thought(m, lib, ckpt)
+                selected[entry["model"]] = {k: entry[k] for k in ("mode", "k", "questions", "seconds", "z")}
+                print(f"   {entry['model']}: val selected {entry['mode']}@{entry['k']} ({entry['seconds']} s)", flush=True)
+                modes += ["templates", "exemplars", "both", "selected"]
             ev = self.evaluate(thought={**cfg, "retriever_ckpt": ckpt, "modes": modes})
-            if ckpt:
+            if ckpt and self.a.frozen:
                 frozen = self.evaluate(thought={**cfg, "modes": ["templates"]})
                 ev.add("thought:templates_frozen", "thought", *frozen.columns["thought:templates"])
                 modes.append("templates_frozen")
@@ -324,7 +350,22 @@ class Pipeline:
             f = self.out / "thought" / f"{name}.json"
             _e2e.save_columns(f, ev, {f"thought:{x}": f"thought:{name}:{x}" for x in modes}, time.perf_counter() - start)
             files[name] = str(f)
-        return {"columns": files, "modes": modes}
+        return {"columns": files, "modes": modes, "selected": selected}
+
+    def select_thought(self, model: str, lib: str, ckpt: str) -> dict[str, Any]:
+        """recipe thought_auto's step for one zoo model: modes x k on the val questions, router_auto's paired
+        test against zero-shot; the choice merged into the library's thought_selection.json."""
+        from fusion_lightning.callbacks.thought_selection import select_thought
+        from fusion_lightning.serving import build_backend
+        from fusion_lightning.thought.auto import val_questions, write_selection
+        from fusion_lightning.thought.prompt import TemplateAugmenter
+
+        aug = TemplateAugmenter.load(lib, ckpt, k=self.a.k, budget_tokens=self.a.budget_tokens)
+        backend = build_backend(self.backend(model))
+        entry = select_thought(aug, backend, val_questions(self.logs(), "val"), ks=self.a.thought_ks,
+                               budget_tokens=self.a.budget_tokens, sampling=self.sampling, retriever=ckpt)
+        write_selection(entry, backend.name, lib, self.out / "thought")
+        return {**entry, "model": backend.name}
 
     def stage_model(self) -> dict[str, Any]:
         from fusion_lightning.export import export_student
@@ -363,10 +404,19 @@ class Pipeline:
 
         zoo_model = lookup(self.a.student)  # the log names a zoo model by its canonical name, a directory by its last part
         base = zoo_model.name if zoo_model else Path(self.a.student.rstrip("/")).name
-        for name in self.done("thought")["columns"]:
+        thought = self.done("thought")
+        for name in thought["columns"]:
             c = f"thought:{name}"
-            for title, ref, cols in ((f"{name}: templates and few-shot vs zero-shot", f"{c}:zero_shot",
-                                      [f"{c}:templates", f"{c}:templates_frozen", f"{c}:few_shot"]),
+            every = [f"{c}:{x}" for x in ("few_shot", "templates", "templates_frozen", "exemplars", "both", "selected")]
+            chosen = thought.get("selected", {}).get(name)
+            if chosen:
+                lines += [f"**{name}: val selected `{chosen['mode']}" + ("" if chosen["mode"] == "none" else f"@{chosen['k']}")
+                          + f"`** ({chosen['questions']} val questions, router_auto's paired test at z = "
+                          f"{chosen['z']:.2f}; the column `selected`)", ""]
+            for title, ref, cols in ((f"{name}: thought modes vs zero-shot", f"{c}:zero_shot", every),
+                                     (f"{name}: thought modes vs best single", "best_single", [f"{c}:zero_shot", *every]),
+                                     (f"{name}: retrieved exemplars vs random few-shot", f"{c}:few_shot",
+                                      [f"{c}:exemplars", f"{c}:both", f"{c}:selected"]),
                                      (f"{name}: trained vs frozen retriever", f"{c}:templates_frozen", [f"{c}:templates"])):
                 cols = [x for x in cols if x in ev.columns]
                 if ref not in ev.columns or not cols:
@@ -385,7 +435,8 @@ class Pipeline:
         (table / "gains.json").write_text(json.dumps(gains, indent=1, default=str))
         print((table / "fusion_table.md").read_text())
         print("\n".join(lines))
-        return {"table": str(table), "overall": summary["overall"], "best_single_model": ev.info["best_single_model"]}
+        return {"table": str(table), "overall": summary["overall"], "best_single_model": ev.info["best_single_model"],
+                "thought_selected": thought.get("selected", {})}
 
 
 def main(argv: list[str] | None = None) -> int:

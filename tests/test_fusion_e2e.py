@@ -39,20 +39,28 @@ def test_quick_run_builds_every_level_and_resumes(e2e, tmp_path: Path, capsys) -
         assert (out / stage / "stage.json").exists(), stage
     collect = json.loads((out / "collect" / "stage.json").read_text())
     assert collect["test"]["per_model"] == {"tiny-llama": 8, "tiny-llama_think": 8, "reference": 8, "reference_think": 8}
-    assert collect["train"]["questions"] == 16
+    assert collect["train"]["questions"] == 16 and collect["val"]["questions"] == 4  # 2 val per task, not in train
 
     summary = json.loads((out / "table" / "summary.json").read_text())
     cols = summary["columns"]
     assert {"tiny-llama", "tiny-llama_think", "reference", "best_single", "router:knn", "oracle",
             "thought:tiny-llama:zero_shot", "thought:tiny-llama:few_shot", "thought:tiny-llama:templates",
-            "thought:tiny-llama:templates_frozen", "student:lora", "student:full"} <= set(cols)
+            "thought:tiny-llama:templates_frozen", "thought:tiny-llama:exemplars", "thought:tiny-llama:both",
+            "thought:tiny-llama:selected", "student:lora", "student:full"} <= set(cols)
     ov = summary["overall"]
     assert summary["info"]["best_single_model"].startswith("reference") and ov["oracle"]["perf"] == 1.0
     assert ov["best_single"]["diff_ci"] == [0.0, 0.0] and ov["router:knn"]["n"] == 8
     assert all(ov[c]["ci"][0] <= ov[c]["perf"] <= ov[c]["ci"][1] for c in cols)
     gains = json.loads((out / "table" / "gains.json").read_text())
-    assert set(gains) == {"tiny-llama: templates and few-shot vs zero-shot", "tiny-llama: trained vs frozen retriever",
+    assert set(gains) == {"tiny-llama: thought modes vs zero-shot", "tiny-llama: thought modes vs best single",
+                          "tiny-llama: retrieved exemplars vs random few-shot", "tiny-llama: trained vs frozen retriever",
                           "students"}
+    # val chose the thought mode (zero-shot and 3 modes x k in [1, 2]) and wrote it next to the library
+    chosen = json.loads((out / "thought" / "stage.json").read_text())["selected"]["tiny-llama"]
+    assert chosen["questions"] == 4 and chosen["mode"] in ("none", "templates", "exemplars", "both")
+    lib_choice = json.loads((out / "library" / "lib" / "thought_selection.json").read_text())["models"]["tiny-llama"]
+    assert (lib_choice["mode"], lib_choice["k"]) == (chosen["mode"], chosen["k"]) and len(lib_choice["rows"]) == 7
+    assert "val selected" in (out / "table" / "gains.md").read_text()
     overall = next(r for r in gains["students"] if r["row"] == "overall (task avg)")
     assert overall["queries"] == 8 and "student:lora_diff_lo" in overall
     assert (out / "table" / "fusion_bars.png").read_bytes()[:4] == b"\x89PNG"
