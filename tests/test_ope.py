@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fusion_lightning.data.bandit import draw, logging_probabilities
-from fusion_lightning.query.metrics import RoutingArrays, per_query_reward
+from fusion_lightning.query.metrics import RoutingArrays, per_query_reward, pseudo_values
 from fusion_lightning.query.ope import (
     Bootstrap,
     cross_fit_rewards,
@@ -15,7 +15,6 @@ from fusion_lightning.query.ope import (
     estimate_all,
     one_hot,
     per_query_terms,
-    pseudo_values,
     support,
 )
 

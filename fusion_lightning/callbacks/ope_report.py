@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from fusion_lightning.callbacks.pareto import save_plot
 from fusion_lightning.io import atomic_open, atomic_write
 from fusion_lightning.query.metrics import (
     LAMBDAS,
@@ -126,7 +127,6 @@ def markdown(report: dict[str, Any], stage: str) -> str:
 
 def write_bandit(report: dict[str, Any], run_dir: Path, stage: str) -> dict[str, str]:
     """ope_report.md, ope_table.csv and the estimated pareto.png in the run dir."""
-    from fusion_lightning.callbacks.routing_report import save_plot
 
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {"ope_report": run_dir / "ope_report.md", "ope_table": run_dir / "ope_table.csv",

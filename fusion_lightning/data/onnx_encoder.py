@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from fusion_lightning.data.embeddings import (
+from fusion_lightning.data.encoders import (
     DEFAULT_MAX_SEQ_LENGTH,
     SentenceTransformerEncoder,
-    _dir_name,
-    _l2_normalise,
+    encoder_dir_name,
+    l2_normalise,
 )
 from fusion_lightning.io import file_lock
 
@@ -105,7 +105,7 @@ class OnnxEncoder:
         self.max_seq_length = max_seq_length
         self.threads = threads
         self.max_batch_tokens = max_batch_tokens
-        self.export_dir = Path(export_dir) if export_dir else onnx_cache_root() / _dir_name(base)
+        self.export_dir = Path(export_dir) if export_dir else onnx_cache_root() / encoder_dir_name(base)
         self.device = "cpu"
         self.auto = False  # built for a name without a backend option (build_encoder): torch may stand in
         self._session: Any = None
@@ -220,7 +220,7 @@ class OnnxEncoder:
                 for module in list(st)[1:]:  # pooling (and dense / normalise) as the model defines them
                     features = module(features)
             out[idx] = features["sentence_embedding"].float().numpy()
-        return _l2_normalise(out)
+        return l2_normalise(out)
 
 
 def routing_agreement(reference: np.ndarray, candidate: np.ndarray, perf: np.ndarray, n_train: int,

@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 
 from fusion_lightning.data.errors import LogFormatError, LogValidationError, RowIssue
 from fusion_lightning.data.logtable import DataReport
-from fusion_lightning.data.preferences import WINNERS
 from fusion_lightning.data.readers.common import ReaderOptions, require_columns
 from fusion_lightning.data.readers.files import find_files, split_from_name, task_from_name
 from fusion_lightning.data.readers.llmrouter import CATALOG_NAMES
@@ -33,6 +32,7 @@ from fusion_lightning.data.validate import ON_ERROR
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 REQUIRED = ("model_a", "model_b", "winner")
 EXTRA = ("judge", "language", "turn")
+WINNERS = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}
 _WINNERS_SHOWN = ", ".join(repr(w) for w in WINNERS)
 
 

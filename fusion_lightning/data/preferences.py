@@ -24,7 +24,6 @@ from fusion_lightning.data.readers.common import ReaderOptions, canonical_table
 from fusion_lightning.data.schema import SPLITS, ModelCatalog
 
 # Chatbot Arena's `winner` values -> the outcome for model_a (a tie is half a win for each side)
-WINNERS = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}
 
 
 @dataclass

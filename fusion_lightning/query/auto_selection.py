@@ -24,7 +24,7 @@ import csv
 import time
 from pathlib import Path
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,9 +32,6 @@ from hydra.utils import instantiate
 
 from fusion_lightning.io import atomic_open, atomic_write
 from fusion_lightning.query.metrics import select_over_reference
-
-if TYPE_CHECKING:  # the AutoRouter only as a type: no import cycle
-    from fusion_lightning.query.auto import AutoRouter
 
 SELECTIONS = ("cv", "holdout")
 
@@ -111,8 +108,8 @@ def fold_datamodule(dm: Any, pool: dict[str, torch.Tensor], fold: np.ndarray, k:
     return out
 
 
-def cross_validate(model: AutoRouter, r: Any) -> dict[str, Any]:
-    """`r`: the `fit` Run (its config, run dir and datamodule). Fit a holdout-selecting copy of `model` on each fold, pool their out-of-fold rewards, pick the winner by
+def cross_validate(model: Any, r: Any) -> dict[str, Any]:
+    """`model`: the AutoRouter; `r`: the `fit` Run (its config, run dir and datamodule). Fit a holdout-selecting copy of `model` on each fold, pool their out-of-fold rewards, pick the winner by
     the paired test over all of train + val, and return the selection (rows as `write_selection` reads them)
     and the refit plan. Per-fold selection tables are written under <run_dir>/cv/fold<k>/."""
     from fusion_lightning.query.datamodule import RouterSplit

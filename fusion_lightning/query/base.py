@@ -17,7 +17,6 @@ from torchmetrics.aggregation import CatMetric
 from fusion_lightning.data.matrix import REWARD_SETTINGS
 from fusion_lightning.query.metrics import RoutingArrays, routing_metrics, task_blind_metrics
 from fusion_lightning.query.objectives import score_cost_loss
-from fusion_lightning.query.off_policy import BANDIT_KEYS
 from fusion_lightning.query.ope import ope_routing_metrics, truth_metrics
 from fusion_lightning.query.peer_metrics import peer_metrics
 from fusion_lightning.query.task_classifier import task_posterior
@@ -25,6 +24,7 @@ from fusion_lightning.query.task_classifier import task_posterior
 TARGETS = ("perf", "perf_n", "cost", "cost_n", "mask", "task")
 # batches carry them when the DataModule has judge scores / a bandit log (propensities, reward model)
 # (and `index`, each row's place in its split: what lines a simulated bandit log's truth up with the rows evaluated)
+BANDIT_KEYS = ("prop", "perf_dm", "cost_dm", "perf_n_dm", "cost_n_dm")  # what a bandit log's val/test batches carry
 OPTIONAL_TARGETS = ("judge", "judge_mask", *BANDIT_KEYS, "index")
 BLIND = ("perf_hat_blind", "cost_hat_blind", "task_hat", "task_hat_p")  # predictions given the inferred tasks
 MAIN_SETTING = "performance_first"

@@ -15,6 +15,14 @@ import numpy as np
 from fusion_lightning.data.matrix import ALL_SETTINGS, reward
 
 
+def pseudo_values(y: np.ndarray, y_hat: np.ndarray | None, mask: np.ndarray, propensity: np.ndarray) -> np.ndarray:
+    """[N, M] Γ = ŷ + logged·(y − ŷ)/p: DR's unbiased stand-in for every model's outcome on every query
+    (IPS's when there is no reward model: ŷ = 0)."""
+    y_hat = np.zeros(mask.shape) if y_hat is None else np.asarray(y_hat, float)
+    p = np.where(mask, propensity, 1.0)
+    return y_hat + np.where(mask, (np.nan_to_num(y) - y_hat) / p, 0.0)
+
+
 @dataclass
 class RoutingArrays:
     perf: np.ndarray
@@ -47,11 +55,9 @@ class RoutingArrays:
     def estimable(self) -> RoutingArrays:
         """What a policy's outcome is read from: these arrays on a full-information log; on a bandit log its
         doubly robust pseudo-values for every (query, model), so the mean at a policy's choices is that
-        policy's DR estimate (fusion_lightning.query.ope)."""
+        policy's DR estimate (see fusion_lightning.query.ope)."""
         if not self.bandit:
             return self
-        from fusion_lightning.query.ope import pseudo_values
-
         pred = self.predicted or {}
         g = {k: pseudo_values(getattr(self, k), pred.get(k), self.mask, self.propensity)
              for k in ("perf", "cost", "perf_n", "cost_n")}

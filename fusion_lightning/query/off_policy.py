@@ -27,10 +27,10 @@ import torch
 
 from fusion_lightning.data.bandit import PROPENSITY_SOURCES, estimate_propensities
 from fusion_lightning.data.matrix import QueryMatrix, TaskNormaliser
-from fusion_lightning.query.ope import cross_fit_rewards, logged_shares, pseudo_values
+from fusion_lightning.query.metrics import pseudo_values
+from fusion_lightning.query.ope import cross_fit_rewards, logged_shares
 
 OFF_POLICY = ("auto", "direct", "dr", "ips")
-BANDIT_KEYS = ("prop", "perf_dm", "cost_dm", "perf_n_dm", "cost_n_dm")  # what val/test batches carry
 LOGGED_KEYS = ("perf", "cost", "perf_n", "cost_n", "mask")  # train under dr/ips also carries logged_<key>
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from fusion_lightning.data.embeddings import build_encoder, embed_texts
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import TaskNormaliser
-from fusion_lightning.query.metrics import RoutingArrays, baseline_choices, choose
+from fusion_lightning.query.metrics import RoutingArrays, baseline_choices, choose, pseudo_values
 from fusion_lightning.query.off_policy import bandit_targets
 from fusion_lightning.query.ope import (
     ESTIMATORS,
@@ -28,7 +28,6 @@ from fusion_lightning.query.ope import (
     effective_sample_size,
     one_hot,
     per_query_terms,
-    pseudo_values,
     recommendation,
     support,
 )

@@ -30,7 +30,12 @@ import numpy as np
 
 from fusion_lightning.data.bandit import design_matrix, query_folds
 from fusion_lightning.data.matrix import REWARD_SETTINGS
-from fusion_lightning.query.metrics import RoutingArrays, baseline_choices, choose, routing_metrics
+from fusion_lightning.query.metrics import (
+    RoutingArrays,
+    baseline_choices,
+    choose,
+    routing_metrics,
+)
 
 ESTIMATORS = ("naive", "dm", "ips", "snips", "dr")
 TRUST = {
@@ -88,14 +93,6 @@ def weights(target: np.ndarray, mask: np.ndarray, propensity: np.ndarray) -> np.
         raise ValueError("a logged call has no propensity (or one ≤ 0): off-policy estimates need the probability "
                          "with which the logger chose every call (data.propensity=estimate estimates them)")
     return np.where(mask, target / p, 0.0)
-
-
-def pseudo_values(y: np.ndarray, y_hat: np.ndarray | None, mask: np.ndarray, propensity: np.ndarray) -> np.ndarray:
-    """[N, M] Γ = ŷ + logged·(y − ŷ)/p: DR's unbiased stand-in for every model's outcome on every query
-    (IPS's when there is no reward model: ŷ = 0)."""
-    y_hat = np.zeros(mask.shape) if y_hat is None else np.asarray(y_hat, float)
-    p = np.where(mask, propensity, 1.0)
-    return y_hat + np.where(mask, (np.nan_to_num(y) - y_hat) / p, 0.0)
 
 
 def per_query_terms(target: np.ndarray, y: np.ndarray, y_hat: np.ndarray | None, mask: np.ndarray,
