@@ -17,8 +17,8 @@ from test_thought_exemplars import QUERY, hand_library
 from fusion_lightning.callbacks.thought_selection import select_thought
 from fusion_lightning.serving.base import Generation
 from fusion_lightning.serving.pipeline import FusedPipeline
-from fusion_lightning.thought.auto import SELECTION_FILE, Question, read_selection, write_selection
-from fusion_lightning.thought.prompt import TemplateAugmenter, ThoughtSettings
+from fusion_lightning.thought.auto import Question, write_selection
+from fusion_lightning.thought.prompt import SELECTION_FILE, TemplateAugmenter, ThoughtSettings, read_selection
 
 N = 40  # val questions
 

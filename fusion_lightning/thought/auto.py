@@ -29,9 +29,8 @@ from typing import Any
 import numpy as np
 
 from fusion_lightning.io import atomic_write, file_lock
-from fusion_lightning.thought.prompt import MODES, ThoughtSettings, TokenCounter
+from fusion_lightning.thought.prompt import MODES, SELECTION_FILE, ThoughtSettings, TokenCounter
 
-SELECTION_FILE = "thought_selection.json"
 SELECTION_MD = "thought_selection.md"
 REFERENCE = "none"
 
@@ -101,14 +100,6 @@ def measure(augmenter, backend, questions: Sequence[Question], settings: Sequenc
                            for p, q in zip(ps, questions, strict=True)])
         out[s.name] = {"settings": s, "scores": scores, "prompt_tokens": float(np.mean([count(p) for p in ps]))}
     return out
-
-
-def read_selection(path: str | Path) -> dict[str, ThoughtSettings]:
-    """backend name -> the settings val chose for it."""
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
-        raise ValueError(f"{path} is not a thought selection (no 'models' object)")
-    return {m: ThoughtSettings(e["mode"], int(e["k"]), e.get("budget_tokens")) for m, e in data["models"].items()}
 
 
 def write_selection(entry: Mapping[str, Any], model: str, library_dir: str | Path,

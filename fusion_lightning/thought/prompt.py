@@ -30,6 +30,7 @@ them (`thought_selection.json` next to the library, written by the `thought_auto
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -89,6 +90,17 @@ class Demonstration:
 
 
 SEPARATOR = "\n\n"
+
+
+SELECTION_FILE = "thought_selection.json"  # beside the library: written by thought_auto (thought/auto.py)
+
+
+def read_selection(path: str | Path) -> dict[str, ThoughtSettings]:
+    """backend name -> the settings val chose for it."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        raise ValueError(f"{path} is not a thought selection (no 'models' object)")
+    return {m: ThoughtSettings(e["mode"], int(e["k"]), e.get("budget_tokens")) for m, e in data["models"].items()}
 
 
 def approx_tokens(text: str) -> int:
@@ -161,7 +173,6 @@ def load_settings(mode: str = "auto", k: int = 3, budget_tokens: int | None = DE
     """(default settings, per-model selection) of a thought config. `mode: auto`: the models val chose
     for (`selection`, default `<library>/thought_selection.json`, when it exists) get their choice, the
     others `templates` with `k`; any other mode applies to every model."""
-    from fusion_lightning.thought.auto import SELECTION_FILE, read_selection
 
     if mode != "auto":
         return ThoughtSettings(mode, int(k), budget_tokens), {}
