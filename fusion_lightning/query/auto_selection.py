@@ -109,9 +109,11 @@ def fold_datamodule(dm: Any, pool: dict[str, torch.Tensor], fold: np.ndarray, k:
 
 
 def cross_validate(model: Any, r: Any) -> dict[str, Any]:
-    """`model`: the AutoRouter; `r`: the `fit` Run (its config, run dir and datamodule). Fit a holdout-selecting copy of `model` on each fold, pool their out-of-fold rewards, pick the winner by
-    the paired test over all of train + val, and return the selection (rows as `write_selection` reads them)
-    and the refit plan. Per-fold selection tables are written under <run_dir>/cv/fold<k>/."""
+    """Fit a holdout-selecting copy of `model` (the AutoRouter) on each fold of `r` (the `fit` Run: its
+    config, run dir and datamodule), pool their out-of-fold rewards, pick the winner by the paired test
+    over all of train + val, and return the selection (rows as `write_selection` reads them) and the
+    refit plan; the datamodule's train split becomes train + val for the refit. Per-fold selection
+    tables are written under <run_dir>/cv/fold<k>/."""
     from fusion_lightning.query.datamodule import RouterSplit
 
     hp = model.hparams
