@@ -339,7 +339,8 @@ class Pipeline:
             if ckpt:  # no library: no template columns
                 entry = self.select_thought(m, lib, ckpt)
                 selected[entry["model"]] = {k: entry[k] for k in ("mode", "k", "questions", "seconds", "z")}
-                print(f"   {entry['model']}: val selected {entry['mode']}@{entry['k']} ({entry['seconds']} s)", flush=True)
+                shown = "none (zero-shot)" if entry["mode"] == "none" else f"{entry['mode']}@{entry['k']}"
+                print(f"   {entry['model']}: val selected {shown} ({entry['seconds']} s)", flush=True)
                 modes += ["templates", "exemplars", "both", "selected"]
             ev = self.evaluate(thought={**cfg, "retriever_ckpt": ckpt, "modes": modes})
             if ckpt and self.a.frozen:
