@@ -19,7 +19,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
 
-from fusion_lightning.data.embed_progress import _duration
+from fusion_lightning.data.embed_progress import format_duration
 
 
 def _metrics(trainer: L.Trainer, prefixes: tuple[str, ...], limit: int = 6) -> str:
@@ -78,7 +78,7 @@ class LineProgressBar(ProgressBar):
         rate = done / max(now - self._epoch_start, 1e-9)
         known = isinstance(total, int) and total > 0
         where = f"step {done}/{total} ({100 * done / total:.0f}%)" if known else f"step {done}"
-        eta = f", epoch ETA {_duration((total - done) / rate)}" if known else ""
+        eta = f", epoch ETA {format_duration((total - done) / rate)}" if known else ""
         loss = _metrics(trainer, ("train/",))
         self._print(f"[train] epoch {self._epochs(trainer)} {where}, {rate:.1f} steps/s{eta}" + (f", {loss}" if loss else ""))
 
@@ -92,7 +92,7 @@ class LineProgressBar(ProgressBar):
         if trainer.max_epochs and trainer.max_epochs > 0:
             left = trainer.max_epochs - trainer.current_epoch - 1
             per_epoch = (now - self._fit_start) / (trainer.current_epoch + 1)
-            eta = f", ETA {_duration(left * per_epoch)}" if left > 0 else ""
+            eta = f", ETA {format_duration(left * per_epoch)}" if left > 0 else ""
         metrics = _metrics(trainer, ("val/", "train/"))
         self._print(f"[train] epoch {self._epochs(trainer)} done: {steps} steps in {took:.1f}s "
                     f"({steps / max(took, 1e-9):.1f} steps/s){eta}" + (f"; {metrics}" if metrics else ""))

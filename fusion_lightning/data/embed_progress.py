@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import lightning as L
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     s = int(round(seconds))
     h, rem = divmod(s, 3600)
     m, s = divmod(rem, 60)
@@ -25,7 +25,7 @@ def _duration(seconds: float) -> str:
 
 def progress_line(done: int, total: int, seconds: float, rank: int | None = None) -> str:
     rate = done / seconds if seconds > 0 else 0.0
-    eta = _duration((total - done) / rate) if rate > 0 else "?"
+    eta = format_duration((total - done) / rate) if rate > 0 else "?"
     pct = 100.0 * done / total if total else 100.0
     who = f"rank {rank}: " if rank is not None else ""
     return f"[embed] {who}{done:,}/{total:,} texts ({pct:.1f}%), {rate:.1f} texts/s, ETA {eta}"
