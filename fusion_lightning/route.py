@@ -1,14 +1,15 @@
-"""`python -m fusion_lightning.route --ckpt PATH --input queries.jsonl --output routed.jsonl [--lam 0.5]`
+"""`python -m fusion_lightning.route --ckpt PATH --input queries.jsonl --output routed.jsonl [--lam 0.5 | --tolerance 0.02]`
 
 Each input line is a JSON object with `query` (or `prompt_formatted`/`prompt`; optionally `task` or
 `task_name`); a JSON array file (RouterArena's dataset) is read too. Each output line is the input object
 plus `model` (the chosen LLM) and `scores` (predicted reward per model). Bad input lines are reported
-with their line numbers and nothing is written.
+with their line numbers and nothing is written. `--tolerance τ` routes each query to the cheapest model
+(by predicted cost) predicted within τ of its best predicted score, instead of the λ argmax.
 
 Strong/weak threshold routing (RouteLLM): `--calibrate strong_fraction=0.3` (or `budget=USD_PER_1K`)
 picks the threshold on the val split of the checkpoint's run (or on `--input` queries) and stores it in
 the checkpoint (in place, atomically, or in `--save-ckpt`); later runs route by it unless `--lam` is given
-or `--mode argmax`. `--format routerarena` writes RouterArena's prediction file, `--format routellm` a
+or `--tolerance`, or `--mode argmax`. `--format routerarena` writes RouterArena's prediction file, `--format routellm` a
 prompt,model,score CSV.
 
 `--ope LOG` estimates the router off-policy on a bandit log (serve's request log, any LLMFusionBench
@@ -95,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="jsonl (default), routerarena (prediction file), routellm (prompt,model,score CSV)")
     ap.add_argument("--lam", type=float, default=None, help="cost weight λ: reward = perf − λ·normalised cost "
                     "(argmax routing; default 0)")
+    ap.add_argument("--tolerance", type=float, default=None, metavar="TAU",
+                    help="the cheapest model (by predicted cost) predicted within TAU of the best predicted score "
+                    "(in the score's units, e.g. 0.02); instead of --lam")
     ap.add_argument("--mode", choices=("auto", "argmax", "threshold"), default="auto",
-                    help="auto: the calibrated strong/weak threshold when the checkpoint has one and --lam is "
-                    "not given, else argmax")
+                    help="auto: the calibrated strong/weak threshold when the checkpoint has one and neither "
+                    "--lam nor --tolerance is given, else argmax (or the tolerance rule)")
     ap.add_argument("--calibrate", metavar="TARGET", help="strong_fraction=F or budget=USD_PER_1K: pick and "
                     "store the strong/weak threshold (on --input queries when given, else the run's val split)")
     ap.add_argument("--pair", metavar="STRONG,WEAK", help="the strong/weak pair to calibrate (default: best "
@@ -126,14 +130,18 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         if args.input is None:
             raise ValueError("--output needs --input: the queries to route")
-        mode = args.mode if args.mode != "auto" else ("threshold" if router.calibration and args.lam is None
+        chosen_rule = args.lam is not None or args.tolerance is not None
+        mode = args.mode if args.mode != "auto" else ("threshold" if router.calibration and not chosen_rule
                                                       else "argmax")
+        if mode == "threshold" and args.tolerance is not None:
+            raise ValueError("--tolerance is a decision rule of its own; it does not apply to --mode threshold")
         queries = [query_text(r) for r in records]
         tasks = [r.get("task") or r.get("task_name") for r in records]
         if mode == "threshold":
             result = router.route_strong_weak(queries, tasks, batch_size=args.batch_size)
         else:
-            result = router.route(queries, tasks=tasks, lam=args.lam or 0.0, batch_size=args.batch_size)
+            result = router.route(queries, tasks=tasks, lam=args.lam or 0.0, batch_size=args.batch_size,
+                                  tolerance=args.tolerance)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -153,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 out.update(strong_score=float(result.strong_score[i]), threshold=t if math.isfinite(t) else None)
             rows.append(out)
         write_jsonl(args.output, rows)
-    how = f"strong/weak threshold {router.calibration['threshold']:.6g}" if mode == "threshold" else "argmax"
+    how = (f"strong/weak threshold {router.calibration['threshold']:.6g}" if mode == "threshold"
+           else f"cheapest within {args.tolerance:g} of the best" if args.tolerance is not None else "argmax")
     print(f"routed {len(records)} queries ({how}) -> {args.output}")
     return 0
 

@@ -12,6 +12,7 @@ from planted import planted_overrides
 
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.fit import fit
+from fusion_lightning.query.metrics import check_decision, tolerance_decision
 from fusion_lightning.query.router import Router
 from fusion_lightning.route import main as route_main
 
@@ -52,6 +53,43 @@ def test_cost_weight_moves_choices_to_cheaper_models(trained: Path) -> None:
     cheapest = int(np.argmin(pricey.cost.mean(axis=0)))
     assert pricey.models == [router.models[cheapest]] * 3
     assert (free.scores != pricey.scores).any()
+
+
+def test_tolerance_rule_by_hand() -> None:
+    """The cheapest model predicted within τ of the best (ties in cost: the better prediction); an
+    unavailable model neither wins nor sets the best."""
+    perf = np.array([[0.90, 0.88, 0.70], [0.50, 0.60, 0.59], [0.80, 0.80, 0.80]])
+    cost = np.array([[1.0, 0.2, 0.01], [0.3, 0.9, 0.1], [0.5, 0.5, 0.9]])
+    assert tolerance_decision(perf, cost, 0.0).tolist() == [0, 1, 0]
+    assert tolerance_decision(perf, cost, 0.05).tolist() == [1, 2, 0]
+    assert tolerance_decision(perf, cost, 0.25).tolist() == [2, 2, 0]
+    assert tolerance_decision(perf, cost, 0.0, available=np.array([False, True, True])).tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="not both"):
+        check_decision(0.5, 0.02)
+    with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+        check_decision(0.0, float("nan"))
+
+
+def test_tolerance_routes_to_cheaper_models_within_the_margin(trained: Path, tmp_path: Path) -> None:
+    router = Router.load(trained)
+    queries, tasks = [q for q, _ in QUERIES], [t for _, t in QUERIES]
+    best = router.route(queries, tasks)
+    exact = router.route(queries, tasks, tolerance=0.0)
+    assert exact.models == best.models  # τ = 0 is the argmax (no exact ties here)
+    wide = router.route(queries, tasks, tolerance=1.0)
+    assert wide.models == [router.models[int(np.argmin(c))] for c in wide.cost]
+    mid = router.route(queries, tasks, tolerance=0.1)
+    for i, m in enumerate(mid.models):
+        j = router.models.index(m)
+        assert mid.perf[i, j] >= mid.perf[i].max() - 0.1
+        assert mid.cost[i, j] <= mid.cost[i, router.models.index(best.models[i])] + 1e-9
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"query": q, "task": t}) + "\n" for q, t in QUERIES))
+    out = tmp_path / "out.jsonl"
+    assert route_main(["--ckpt", str(trained), "--input", str(src), "--output", str(out), "--tolerance", "1"]) == 0
+    assert [json.loads(x)["model"] for x in out.read_text().splitlines()] == wide.models
+    assert route_main(["--ckpt", str(trained), "--input", str(src), "--output", str(out), "--tolerance", "0.1",
+                       "--lam", "1"]) == 1
 
 
 def test_loaded_router_matches_the_module_it_was_saved_from(trained: Path) -> None:

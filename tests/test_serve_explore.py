@@ -88,7 +88,7 @@ def test_settings_are_checked_with_one_line_errors() -> None:
     # the settings are checked before the checkpoint is loaded, and unknown router keys list the valid ones
     with pytest.raises(ValueError, match="unknown explore 'ucb'"):
         FusedPipeline.from_config({"backends": [], "router": {"ckpt": "missing.ckpt", "explore": "ucb"}})
-    with pytest.raises(ValueError, match="router config takes 'ckpt' \\(required\\), 'lam', 'explore', 'epsilon'"):
+    with pytest.raises(ValueError, match="router config takes 'ckpt' \\(required\\), 'lam', 'tolerance', 'explore', 'epsilon'"):
         FusedPipeline.from_config({"backends": [], "router": {"ckpt": "x.ckpt", "eps": 0.1}})
 
 
@@ -97,6 +97,9 @@ def test_policy_ids_name_the_checkpoint_and_the_settings() -> None:
     assert router_policy_id("3f9a0c1d2e4b", Exploration("epsilon", epsilon=0.2)) == "router:3f9a0c1d2e4b:epsilon=0.2"
     assert (router_policy_id("3f9a0c1d2e4b", Exploration("softmax", temperature=0.5, floor=0.05, seed=3), lam=0.5)
             == "router:3f9a0c1d2e4b:lam=0.5:temperature=0.5:floor=0.05")  # the seed changes draws, not the policy
+    assert (router_policy_id("3f9a0c1d2e4b", Exploration("epsilon", epsilon=0.1), tolerance=0.02)
+            == "router:3f9a0c1d2e4b:tol=0.02:epsilon=0.1")
+    assert router_policy_id("3f9a0c1d2e4b", Exploration(), tolerance=0.0) == "router:3f9a0c1d2e4b:tol=0"
 
 
 def test_sampling_follows_the_probabilities_never_draws_zero_and_repeats_with_a_seed() -> None:
@@ -162,6 +165,38 @@ def test_pipeline_plans_carry_the_softmax_policy_probabilities_and_a_seed_repeat
     with pytest.raises(ValueError, match="explore: epsilon needs a router"):
         FusedPipeline([OpenAICompatibleBackend(upstreams["alpha"].base_url, "m", name="alpha", cache_dir=None)],
                       explore=Exploration("epsilon"))
+
+
+def test_pipeline_routes_by_tolerance_and_explores_around_its_choice(router_ckpt, upstreams):
+    """`router.tolerance`: the cheapest backend predicted within τ of the best available one; epsilon
+    explores around that choice and the policy id says the rule."""
+    pipe = FusedPipeline.from_config(pipeline_config(upstreams, {"ckpt": str(router_ckpt), "tolerance": 0.05,
+                                                                 "explore": "epsilon", "epsilon": 0.3}))
+    assert pipe.policy_id == f"router:{file_hash(router_ckpt)}:tol=0.05:epsilon=0.3"
+    res = pipe.router.route(list(QUERIES))
+    available = np.array([m in NAMES for m in pipe.router.models])
+    perf = np.where(available, res.perf, -np.inf)
+    expected = []
+    for i in range(len(QUERIES)):  # by hand: within 0.05 of the best available, then the cheapest
+        near = np.flatnonzero(perf[i] >= perf[i].max() - 0.05)
+        expected.append(int(near[np.argmin(res.cost[i, near])]))
+    probs = pipe.choice_probabilities(list(QUERIES))
+    for i, j in enumerate(expected):
+        assert probs[i, j] == pytest.approx(0.7 + 0.3 / 3)
+        assert probs[i, ~available].sum() == 0
+    greedy = FusedPipeline.from_config(pipeline_config(upstreams, {"ckpt": str(router_ckpt), "tolerance": 0.05}))
+    assert greedy.route(list(QUERIES)) == [pipe.router.models[j] for j in expected]
+    wide = FusedPipeline.from_config(pipeline_config(upstreams, {"ckpt": str(router_ckpt), "tolerance": 1.0}))
+    cheapest = [pipe.router.models[int(np.argmin(np.where(available, c, np.inf)))] for c in res.cost]
+    assert wide.route(list(QUERIES)) == cheapest  # τ = 1 admits every model: the cheapest available
+    with pytest.raises(ValueError, match="softmax has nothing to weigh"):
+        FusedPipeline.from_config(pipeline_config(upstreams, {"ckpt": str(router_ckpt), "tolerance": 0.05,
+                                                              "explore": "softmax"}))
+    with pytest.raises(ValueError, match="give lam .* or tolerance .*, not both"):
+        FusedPipeline.from_config(pipeline_config(upstreams, {"ckpt": str(router_ckpt), "tolerance": 0.05,
+                                                              "lam": 0.5}))
+    with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+        FusedPipeline.from_config(pipeline_config(upstreams, {"ckpt": str(router_ckpt), "tolerance": -0.1}))
 
 
 def test_server_explores_with_epsilon_logs_propensities_and_reads_back_as_a_bandit_log(router_ckpt, upstreams,

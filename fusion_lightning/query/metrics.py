@@ -194,6 +194,26 @@ def tolerance_choices(perf_hat: np.ndarray, cost_hat: np.ndarray, mask: np.ndarr
     return np.stack([np.where(p >= best - t, key, np.inf).argmin(axis=1) for t in tolerances])
 
 
+def check_decision(lam: float, tolerance: float | None) -> None:
+    """One decision rule at a time: λ trades score for cost by a price, τ by a margin; both at once
+    would mean two different operating points."""
+    if tolerance is None:
+        return
+    if not (tolerance >= 0 and np.isfinite(tolerance)):
+        raise ValueError(f"tolerance must be a finite number >= 0 (in the score's units), got {tolerance!r}")
+    if lam:
+        raise ValueError(f"give lam (a price per unit of score) or tolerance (a margin of score), not both: "
+                         f"lam={lam:g}, tolerance={tolerance:g}")
+
+
+def tolerance_decision(perf: np.ndarray, cost: np.ndarray, tolerance: float,
+                       available: np.ndarray | None = None) -> np.ndarray:
+    """[N] per query, the model of lowest predicted cost among the `available` ones (default: all)
+    predicted within `tolerance` of the best available prediction."""
+    mask = np.ones(perf.shape, bool) if available is None else np.broadcast_to(available, perf.shape)
+    return tolerance_choices(perf, cost, mask, np.array([float(tolerance)]))[0]
+
+
 def decision_choices(perf_hat: np.ndarray, cost_hat: np.ndarray, mask: np.ndarray,
                      lambdas: np.ndarray = LAMBDAS, tolerances: np.ndarray = TOLERANCES) -> np.ndarray:
     """[L + T, N] every operating point one router checkpoint offers: the λ sweep and the tolerance sweep."""

@@ -8,6 +8,12 @@
 The checkpoint holds everything routing needs: the router class, the model list, the encoder name,
 the task list and the normalisation constants; after `route --calibrate` also a strong/weak threshold
 (`router.calibration`, used by `route_strong_weak`; fusion_lightning/query/calibrate.py).
+
+Two decision rules over one checkpoint's predictions: `lam=λ`, the argmax of predicted performance −
+λ · predicted normalised cost; and `tolerance=τ`, the cheapest model (by predicted cost) among those
+predicted within τ of the query's best predicted performance. Where costs differ by orders of
+magnitude a price per unit of score jumps from the best model to the cheapest; τ is said in the
+score's own units ("give up at most 0.02 of accuracy") and reaches the operating points in between.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 import fusion_lightning.zoo  # noqa: F401  registers the zoo's model names with the hf: encoders (a checkpoint's)
 from fusion_lightning.data.embeddings import Encoder, build_encoder
 from fusion_lightning.query.base import RouterModule
+from fusion_lightning.query.metrics import check_decision, tolerance_decision
 
 CALIBRATION_KEY = "fusion_lightning_strong_weak"  # checkpoint entry written by `route --calibrate`
 
@@ -40,6 +47,7 @@ class RouteResult:
     tasks: list[str | None] | None = None  # route(): the task each query was routed under (given, else the
     # most probable inferred one; None where it stays unknown)
     strong_score: np.ndarray | None = None  # route_strong_weak(): [N] predicted perf of strong − weak
+
 
 
 def load_router_module(path: str | Path) -> RouterModule:
@@ -144,10 +152,13 @@ class Router:
 
     @torch.inference_mode()
     def route_embeddings(self, features: np.ndarray | torch.Tensor, task_ids: torch.Tensor, lam: float = 0.0,
-                         batch_size: int = 4096, task_weights: torch.Tensor | None = None) -> RouteResult:
+                         batch_size: int = 4096, task_weights: torch.Tensor | None = None,
+                         tolerance: float | None = None) -> RouteResult:
         """Route pre-computed query features (embeddings, or token ids for routers that tokenize).
 
-        `task_ids` [N], or [N, k] candidate tasks with `task_weights` [N, k] (predictions averaged over them)."""
+        `task_ids` [N], or [N, k] candidate tasks with `task_weights` [N, k] (predictions averaged over them).
+        `tolerance` τ: the cheapest model predicted within τ of the best instead of the argmax (module docstring)."""
+        check_decision(lam, tolerance)
         x = torch.as_tensor(features)
         x = x.float() if x.is_floating_point() else x  # token ids stay integers
         device = next(self.module.parameters(), torch.zeros(0)).device
@@ -162,22 +173,25 @@ class Router:
         perf_t = torch.cat(perf) if perf else torch.zeros(0, len(self.models))
         cost_t = torch.cat(cost) if cost else torch.zeros(0, len(self.models))
         scores = perf_t - lam * cost_t
-        choice = scores.argmax(dim=1).tolist()
+        choice = (scores.argmax(dim=1).tolist() if tolerance is None
+                  else tolerance_decision(perf_t.numpy(), cost_t.numpy(), tolerance).tolist())
         return RouteResult([self.models[i] for i in choice], scores.numpy(), perf_t.numpy(), cost_t.numpy(),
                            list(self.models))
 
     def route(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None, lam: float = 0.0,
-              batch_size: int = 256) -> RouteResult:
-        """Choose a model for each query: argmax of predicted performance − λ · predicted normalised cost.
+              batch_size: int = 256, tolerance: float | None = None) -> RouteResult:
+        """Choose a model for each query: argmax of predicted performance − λ · predicted normalised cost,
+        or with `tolerance` τ the cheapest model predicted within τ of the best.
 
         Queries without a task (or with one the router never saw) get the task inferred from their text.
         """
+        check_decision(lam, tolerance)
         feats = self.module.featurize(list(queries))
         if feats is None:
             feats = self.embed(list(queries), batch_size=batch_size)
         feats = torch.as_tensor(feats)
         idx, w = self.task_weights(queries, feats, tasks)
-        result = self.route_embeddings(feats, idx, lam=lam, task_weights=w)
+        result = self.route_embeddings(feats, idx, lam=lam, task_weights=w, tolerance=tolerance)
         names = list(self.module.hparams.tasks)
         result.tasks = [names[i] if i else None for i in idx[:, 0].tolist()]  # task 0: the unknown task
         return result

@@ -141,9 +141,10 @@ def weights_id(router: Any) -> str:
     return h.hexdigest()[:12]
 
 
-def router_policy_id(router_hash: str, explore: Exploration, lam: float = 0.0) -> str:
-    """'router:<hash>[:lam=<λ>][:<settings>]', e.g. 'router:3f9a0c1d2e4b' (greedy) or
-    'router:3f9a0c1d2e4b:epsilon=0.2' (λ changes the scores, so it is part of the policy; the seed is
-    not: it changes draws, not probabilities)."""
-    parts = [f"router:{router_hash}", f"lam={lam:g}" if lam else "", explore.describe()]
+def router_policy_id(router_hash: str, explore: Exploration, lam: float = 0.0, tolerance: float | None = None) -> str:
+    """'router:<hash>[:lam=<λ> | :tol=<τ>][:<settings>]', e.g. 'router:3f9a0c1d2e4b' (greedy) or
+    'router:3f9a0c1d2e4b:tol=0.02:epsilon=0.2' (λ and τ change the decision, so they are part of the
+    policy; the seed is not: it changes draws, not probabilities)."""
+    rule = f"lam={lam:g}" if lam else (f"tol={tolerance:g}" if tolerance is not None else "")
+    parts = [f"router:{router_hash}", rule, explore.describe()]
     return ":".join(p for p in parts if p)

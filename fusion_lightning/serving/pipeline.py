@@ -6,7 +6,7 @@ on an exported student) and their combinations. Built from a config (what `serve
 read):
 
     backends: [{type: openai_compatible, base_url: ..., model: ..., name: qwen2.5-7b-instruct}, ...]
-    router:   {ckpt: RUN/checkpoints/best-07.ckpt, lam: 0.0,              # optional
+    router:   {ckpt: RUN/checkpoints/best-07.ckpt, lam: 0.0, tolerance: null,  # optional
                explore: none, epsilon: 0.1, temperature: 1.0, floor: 0.0, seed: null}
     thought:  {library: DIR, retriever_ckpt: CKPT, k: 3, task_filter: true,  # optional
                mode: auto, budget_tokens: 1024, selection: null}
@@ -23,11 +23,13 @@ length budget (`budget_tokens`) is counted in that backend's own tokenizer where
 local model's), else in approximate tokens (UTF-8 bytes / 4).
 
 Backend names must be the router's model names (the names in the log it was trained on); the
-router chooses among the models that have a backend, through an explicit policy (`explore`:
-none = its argmax, epsilon or softmax; see explore.py). Each plan carries the probability the policy
+router chooses among the models that have a backend, by one decision rule (`lam`: the argmax of
+predicted performance − λ · predicted cost; or `tolerance`: the cheapest model predicted within τ of
+the best, fusion_lightning/query/router.py), through an explicit policy (`explore`: none = that
+decision, epsilon or softmax; see explore.py; softmax needs scores, so not with `tolerance`). Each plan carries the probability the policy
 gave its model (`propensity`) and the policy's id (`policy`), which the server's request log writes:
 
-    router:<sha256 of the ckpt file, 12 hex>[:lam=<λ>][:epsilon=<ε> | :temperature=<T> (softmax)][:floor=<f>]
+    router:<sha256 of the ckpt file, 12 hex>[:lam=<λ> | :tol=<τ>][:epsilon=<ε> | :temperature=<T> (softmax)][:floor=<f>]
     default:<backend>     no router: the default backend answers (propensity 1)
     direct:<backend>      the request named a backend (propensity 1)
 """
@@ -42,6 +44,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fusion_lightning.data.schema import ModelCatalog
+from fusion_lightning.query.metrics import check_decision, tolerance_decision
 from fusion_lightning.scoring import score
 from fusion_lightning.scoring.formats import zero_shot_prompt
 from fusion_lightning.serving import Backend, OpenAICompatibleBackend, build_backend
@@ -56,7 +59,7 @@ from fusion_lightning.serving.explore import (
 )
 
 PIPELINE_KEYS = ("backends", "router", "thought", "default", "catalog", "sampling")
-ROUTER_KEYS = ("ckpt", "lam", *EXPLORE_KEYS)
+ROUTER_KEYS = ("ckpt", "lam", "tolerance", *EXPLORE_KEYS)
 THOUGHT_KEYS = ("library", "retriever_ckpt", "k", "task_filter", "mode", "budget_tokens", "selection")
 
 
@@ -124,13 +127,15 @@ class FusedPipeline:
     def __init__(self, backends: Sequence[Backend], router=None, augmenter: Augmenter | None = None,
                  default: str | None = None, lam: float = 0.0, catalog: ModelCatalog | None = None,
                  sampling: Mapping[str, Any] | None = None, explore: Exploration | None = None,
-                 router_id: str | None = None):
+                 router_id: str | None = None, tolerance: float | None = None):
         if not backends:
             raise ValueError("a pipeline needs at least one backend")
         self.backends = {b.name: b for b in backends}
         if len(self.backends) != len(backends):
             raise ValueError(f"backend names must be unique: {[b.name for b in backends]}")
         self.router, self.augmenter, self.lam = router, augmenter, float(lam)
+        self.tolerance = None if tolerance is None else float(tolerance)
+        check_decision(self.lam, self.tolerance)
         self.catalog, self.sampling = catalog, dict(sampling or {})
         self.default = default or next(iter(self.backends))
         if self.default not in self.backends:
@@ -144,7 +149,11 @@ class FusedPipeline:
                 raise ValueError(f"no backend is named after one of the router's models {router.models}; "
                                  f"backends: {list(self.backends)}")
             self.explore.check_support(int(self._available.sum()))
-            self.policy_id = router_policy_id(router_id or weights_id(router), self.explore, self.lam)
+            if self.tolerance is not None and self.explore.kind == "softmax":
+                raise ValueError("router.tolerance is a rule, not scores: softmax has nothing to weigh; "
+                                 "explore with epsilon (and floor) instead")
+            self.policy_id = router_policy_id(router_id or weights_id(router), self.explore, self.lam,
+                                              self.tolerance)
         elif explore is not None and explore.stochastic:
             raise ValueError(f"explore: {explore.kind} needs a router (there is nothing to choose among)")
         # one generator for every routing call; its lock keeps draws whole when plans come from several threads
@@ -167,7 +176,7 @@ class FusedPipeline:
         if unknown:
             raise ValueError(f"unknown pipeline key(s) {unknown}; valid: {list(PIPELINE_KEYS)}")
         backends = [build_backend(b) for b in cfg.get("backends") or []]
-        router, lam, explore, router_id = None, 0.0, None, None
+        router, lam, explore, router_id, tolerance = None, 0.0, None, None, None
         if cfg.get("router"):
             from fusion_lightning.query.router import Router
 
@@ -177,7 +186,9 @@ class FusedPipeline:
                 raise ValueError(f"router config takes 'ckpt' (required), {', '.join(map(repr, ROUTER_KEYS[1:]))}; "
                                  f"got {sorted(r)}")
             explore = Exploration.from_config(r)  # settings first: a typo fails before the checkpoint loads
-            router, lam = Router.load(r["ckpt"]), float(r.get("lam") or 0.0)
+            lam, tolerance = float(r.get("lam") or 0.0), r.get("tolerance")
+            check_decision(lam, None if tolerance is None else float(tolerance))
+            router = Router.load(r["ckpt"])
             router_id = checkpoint_id(r["ckpt"])
         augmenter = None
         if cfg.get("thought"):
@@ -194,7 +205,7 @@ class FusedPipeline:
                                                budget_tokens=t.get("budget_tokens", 1024), selection=t.get("selection"))
         catalog = ModelCatalog.from_json_file(cfg["catalog"]) if cfg.get("catalog") else None
         return cls(backends, router, augmenter, cfg.get("default"), lam, catalog, cfg.get("sampling"), explore,
-                   router_id)
+                   router_id, tolerance)
 
     @property
     def stages(self) -> list[str]:
@@ -213,7 +224,18 @@ class FusedPipeline:
             raise ValueError("a pipeline without a router has no choice probabilities (the default answers)")
         given = list(tasks) if tasks is not None else [None] * len(queries)
         result = self.router.route(list(queries), tasks=given if tasks else None, lam=self.lam)
-        return choice_probabilities(result.scores, self._available, self.explore)
+        return choice_probabilities(self._decision_scores(result), self._available, self.explore)
+
+    def _decision_scores(self, result) -> np.ndarray:
+        """[N, M] what the policy ranks: the router's scores (λ), or under `tolerance` 1 for the rule's
+        choice among the available backends and 0 elsewhere (its argmax is that choice, so epsilon and
+        floor explore around it)."""
+        if self.tolerance is None:
+            return result.scores
+        pick = tolerance_decision(result.perf, result.cost, self.tolerance, self._available)
+        scores = np.zeros_like(result.scores)
+        scores[np.arange(len(pick)), pick] = 1.0
+        return scores
 
     def _route(self, queries: Sequence[str], tasks: Sequence[str | None] | None) -> _Routing:
         """The policy's draw per query, its probability, and the task the router routed it under."""
@@ -222,8 +244,9 @@ class FusedPipeline:
         if self.router is None or not queries:
             return _Routing([self.default] * n, given, [1.0] * n, [False] * n)
         result = self.router.route(list(queries), tasks=given if tasks else None, lam=self.lam)
-        probs = choice_probabilities(result.scores, self._available, self.explore)
-        best = np.where(self._available[None, :], result.scores, -np.inf).argmax(axis=1)
+        scores = self._decision_scores(result)
+        probs = choice_probabilities(scores, self._available, self.explore)
+        best = np.where(self._available[None, :], scores, -np.inf).argmax(axis=1)
         if self.explore.stochastic:
             with self._rng_lock:
                 picked = sample_choices(probs, self._rng)
