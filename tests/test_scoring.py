@@ -67,13 +67,51 @@ def test_f1_tokens_and_aliases_in_every_form():
     assert f1("nothing alike", "Paris") == 0.0
 
 
-def test_commongen_coverage_counts_concepts_with_simple_inflections():
+def test_commongen_coverage_counts_concepts_with_inflections():
     gold = "dog, frisbee, catch, run, "
     assert commongen_coverage("The dog runs to catch the frisbee.", gold) == 1.0
     assert commongen_coverage("A dog is running.", gold) == 0.5
-    assert commongen_coverage("The dog caught it.", gold) == 0.25  # irregular forms do not count
+    # irregular forms count since the echo fix (they scored 0.25 here before: a lemmatiser's coverage counts them)
+    assert commongen_coverage("The dog caught it.", gold) == 0.5
+    assert commongen_coverage("A dog ran and caught the frisbee.", gold) == 1.0
+    assert commongen_coverage("Dogs catch frisbees and run.", gold) == 1.0  # no article: inflections make it text
     assert commongen_coverage("dancing and carrying", "dance, carry") == 1.0
+    assert commongen_coverage("Two leaves fell on the firemen's knives.", "leaf, fireman, knife, fall") == 1.0
+    assert commongen_coverage("The <b>dog</b> sat.", "dog, sit") == 1.0  # markup does not glue words together
     assert commongen_coverage("anything", "") == 0.0
+
+
+@pytest.mark.parametrize("echo", [
+    "dog, frisbee, catch, run",
+    "Dog, Frisbee, Catch, Run.",
+    "dog\nfrisbee\ncatch\nrun",
+    "1. dog\n2. frisbee\n3. catch\n4. run",
+    "- dog\n- frisbee\n- catch\n- run",
+    "dog frisbee catch run",
+    "dog, frisbee, catch and run",
+    "Concepts: dog, frisbee, catch, run",
+    # the real log's echo (SmolLM2 scored 0.81 with it): the list, then a comment about it
+    "dog, frisbee, catch, run\n\nThis sentence is a complete sentence with every given concept.",
+    "dog, frisbee, catch, run. This uses every given concept.",
+])
+def test_commongen_coverage_gives_an_echoed_concept_list_nothing(echo):
+    assert commongen_coverage(echo, "dog, frisbee, catch, run") == 0.0
+
+
+def test_commongen_coverage_counts_only_the_sentence_of_a_partial_answer():
+    gold = "dog, frisbee, catch, run, park, boy"
+    assert commongen_coverage("The dog runs in the park, frisbee, catch, boy", gold) == pytest.approx(3 / 6)
+    # the real log: a sentence opening that turns into the list ('The game of "roast, sand, ...') keeps 1 concept
+    assert commongen_coverage('The game of "roast, sand, vest, stick, pit, road, cube', "roast, sand, vest, stick, pit, road, "
+                              "cube") == pytest.approx(1 / 7)
+    # "The concepts are X, Y, Z and W." embeds only its first concept in a clause
+    assert commongen_coverage("The concepts are dog, frisbee, catch and run.", "dog, frisbee, catch, run") == 0.25
+    # a short list inside a sentence (running text after it) counts; so do article-led items
+    assert commongen_coverage("An athlete, chef, bride and officer dance at the party.",
+                              "athlete, chef, bride, officer, dance, party") == 1.0
+    assert commongen_coverage("A boy, a dog and a frisbee.", gold) == pytest.approx(3 / 6)
+    # a run of more than MAX_LIST_RUN bare items is a list even with a clause after it (park and boy count)
+    assert commongen_coverage("dog, frisbee, catch, run, park and the boy laughs", gold) == pytest.approx(2 / 6)
 
 
 # --------------------------------------------------------------------------------------------- numeric

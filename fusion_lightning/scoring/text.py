@@ -136,6 +136,33 @@ def em_mc(response: str, ground_truth) -> float:
 # ------------------------------------------------------------------------------------------- CommonGen
 
 _SUFFIXES = ("s", "es", "ed", "d", "ing", "er", "ers", "ly")
+# irregular forms of common verbs and nouns: "lemma form form ..." (a regular suffix rule covers the rest)
+_IRREGULAR_TEXT = """
+arise arose arisen; be am is are was were been; bear bore borne born; beat beaten; become became; begin began begun;
+bend bent; bind bound; bite bit bitten; bleed bled; blow blew blown; break broke broken; breed bred; bring brought;
+build built; burn burnt; buy bought; catch caught; choose chose chosen; cling clung; come came; creep crept;
+deal dealt; dig dug; dive dove; do does did done; draw drew drawn; dream dreamt; drink drank drunk;
+drive drove driven; eat ate eaten; fall fell fallen; feed fed; feel felt; fight fought; find found; flee fled;
+fling flung; fly flew flown; forget forgot forgotten; freeze froze frozen; get got gotten; give gave given;
+go goes went gone; grind ground; grow grew grown; hang hung; have has had; hear heard; hide hid hidden; hold held;
+keep kept; kneel knelt; know knew known; lay laid; lead led; leap leapt; leave left; lend lent; lie lay lain;
+light lit; lose lost; make made; mean meant; meet met; mow mown; pay paid; ride rode ridden; ring rang rung;
+rise rose risen; run ran; say said; see saw seen; seek sought; sell sold; send sent; sew sewn; shake shook shaken;
+shine shone; shoot shot; show shown; shrink shrank shrunk; sing sang sung; sink sank sunk; sit sat; slay slew;
+sleep slept; slide slid; sling slung; smell smelt; speak spoke spoken; spend spent; spill spilt; spin spun;
+spit spat; stand stood; steal stole stolen; stick stuck; sting stung; stink stank stunk; stride strode;
+strike struck; swear swore sworn; sweep swept; swim swam swum; swing swung; take took taken; teach taught;
+tear tore torn; tell told; think thought; throw threw thrown; tread trod; wake woke woken; wear wore worn;
+weave wove woven; win won; wind wound; write wrote written;
+child children; person people; mouse mice; goose geese; foot feet; tooth teeth; ox oxen; die dice; cactus cacti
+"""
+_IRREGULAR: dict[str, set[str]] = {
+    forms[0]: set(forms[1:]) for forms in (item.split() for item in _IRREGULAR_TEXT.split(";")) if forms}
+_LIST_GLUE = frozenset({"and", "or", "nor", "etc"})  # what joins a bare list's items
+_CHUNK = re.compile(r"\n|[.!?:](?=\s|$)")  # a sentence, a line, or what follows a colon ("Concepts: ...")
+_SEGMENT = re.compile(r"[,;|]")
+_TOKEN = re.compile(r"[a-z0-9]+(?:['’][a-z]+)?")
+MAX_LIST_RUN = 3  # bare list items a sentence may hold before its next clause ("a chef, bride, officer and ...")
 
 
 def concepts(ground_truth) -> list[str]:
@@ -146,34 +173,83 @@ def concepts(ground_truth) -> list[str]:
     return [c for c in (normalize_answer(i) for i in items) if c]
 
 
-def _word_matches(concept: str, words: set[str]) -> bool:
-    if concept in words:
-        return True
+def _stems(concept: str) -> set[str]:
     stems = {concept}
     if concept.endswith("e"):
         stems.add(concept[:-1])  # dance -> danc(ing/ed/er)
+    if concept.endswith("ie"):
+        stems.add(concept[:-2] + "y")  # tie -> ty(ing)
     if concept.endswith("y"):
         stems.add(concept[:-1] + "i")  # carry -> carri(es/ed)
+    if concept.endswith("fe"):
+        stems.add(concept[:-2] + "v")  # knife -> kniv(es)
+    elif concept.endswith("f"):
+        stems.add(concept[:-1] + "v")  # leaf -> leav(es)
     if len(concept) >= 3 and concept[-1] not in "aeiouwxy" and concept[-2] in "aeiou":
         stems.add(concept + concept[-1])  # run -> runn(ing/er), hit -> hitt(ing)
-    return any(w.startswith(s) and w[len(s):] in _SUFFIXES for w in words for s in stems)
+    if concept.endswith("c"):
+        stems.add(concept + "k")  # picnic -> picnick(ing/ed)
+    return stems
 
 
-def coverage(response: str, concept_list: Iterable[str]) -> float:
-    """Fraction of concepts whose every word occurs in the response (simple suffix matching)."""
-    words = set(normalize_answer(response or "").split())
-    cs = list(concept_list)
-    if not cs:
-        return 0.0
-    hit = sum(all(_word_matches(w, words) for w in c.split()) for c in cs)
-    return hit / len(cs)
+def _forms_match(concept: str, word: str) -> bool:
+    """`word` is `concept` or one of its inflections: a regular suffix (with e-dropping, y -> i, f -> v,
+    consonant doubling), -man -> -men, or a listed irregular form (run -> ran, catch -> caught, child -> children)."""
+    word = re.sub(r"['’]s$", "", word)  # the dog's -> dog
+    if word == concept or word in _IRREGULAR.get(concept, ()):
+        return True
+    if concept.endswith("man") and word == concept[:-3] + "men":  # fireman -> firemen
+        return True
+    return any(word.startswith(s) and word[len(s):] in _SUFFIXES for s in _stems(concept))
+
+
+def _word_matches(concept: str, words: set[str]) -> bool:
+    return any(_forms_match(concept, w) for w in words)
+
+
+def running_text_words(response: str, concept_list: Iterable[str]) -> set[str]:
+    """The words of `response` that stand in running text, not in a bare list of the concepts.
+
+    The response is cut into chunks (lines, sentences, and what follows a colon) and each chunk into
+    segments at commas and semicolons. A segment is running text when it has at least two words and one
+    of them is neither a concept word as given, nor a number, nor list glue (and, or, nor, etc.):
+    "The dog runs", "a chef", "dogs catch frisbees" (inflected forms are not the list's words) are;
+    "frisbee", "1. dog", "catch and run", "dog frisbee catch" are not (bare items). A run of at most
+    `MAX_LIST_RUN` bare items counts too when running text follows it in the same chunk, as a list does
+    inside a sentence ("An athlete, chef, bride and officer dance"); a longer run, or one that ends its
+    chunk (an echoed concept list, with or without a comment after it), does not.
+    """
+    exact = {w for c in concept_list for w in c.split()}
+    kept: set[str] = set()
+    for chunk in _CHUNK.split((response or "").lower()):
+        segments = [_TOKEN.findall(s) for s in _SEGMENT.split(chunk)]
+        segments = [s for s in segments if s]
+        running = [len(s) >= 2 and any(not (w.isdigit() or w in _LIST_GLUE or w in exact) for w in s)
+                   for s in segments]
+        bare: list[list[str]] = []
+        for seg, is_text in zip(segments, running, strict=True):
+            if not is_text:
+                bare.append(seg)
+                continue
+            if len(bare) <= MAX_LIST_RUN:
+                kept.update(w for b in bare for w in b)
+            bare = []
+            kept.update(seg)
+    return kept
 
 
 def commongen_coverage(response: str, ground_truth) -> float:
-    """Fraction of the gold's comma-separated concept words that appear in the response.
+    """Fraction of the gold's comma-separated concepts used in running text of the response.
 
-    A concept appears when the response has the word itself or a regular inflection of it
-    (+s/es/ed/d/ing/er/ers/ly, with e-dropping, y->i and consonant doubling: dance -> dancing,
-    carry -> carries, run -> running). No lemmatiser: irregular forms (catch -> caught) do not count.
+    A concept counts when each of its words appears, as the word itself or an inflection of it
+    (+s/es/ed/d/ing/er/ers/ly with e-dropping, y -> i, f -> v and consonant doubling: dance -> dancing,
+    carry -> carries, run -> running, leaf -> leaves; a listed irregular form: run -> ran, catch -> caught,
+    child -> children), among the response's running-text words (`running_text_words`). So a sentence
+    scores its coverage, and an echo of the concept list (comma-, newline- or space-separated, numbered,
+    or followed by a comment such as "This sentence uses every concept") scores 0 for the listed part.
     """
-    return coverage(response, concepts(ground_truth))
+    cs = concepts(ground_truth)
+    if not cs:
+        return 0.0
+    words = running_text_words(response, cs)
+    return sum(all(_word_matches(w, words) for w in c.split()) for c in cs) / len(cs)
