@@ -102,6 +102,7 @@ def test_loaded_router_matches_the_module_it_was_saved_from(trained: Path) -> No
     again.eval()
     with torch.inference_mode():
         p, c = again.predict(torch.from_numpy(emb), tasks)
+        p = again.calibrated(p)  # the Platt scaling fitted on val after fit, stored in the checkpoint
     direct = router.route_embeddings(emb, tasks)
     np.testing.assert_allclose(direct.perf, p.numpy(), rtol=1e-6)
     assert direct.models == [router.models[i] for i in p.argmax(1).tolist()]

@@ -82,7 +82,8 @@ def test_calibration_hits_the_strong_fraction_on_held_out_data(ckpt: Path, tmp_p
     rec = after[CALIBRATION_KEY]
     assert (rec["strong"], rec["weak"], rec["target"]) == ("gamma", "delta", f"strong_fraction={fraction:g}")
     assert abs(rec["strong_fraction"] - fraction) <= 0.02 and rec["queries"] >= 60
-    assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
+    for k in before["state_dict"]:  # weights and buffers untouched (the Platt table has NaN for raw models)
+        torch.testing.assert_close(before["state_dict"][k], after["state_dict"][k], rtol=0, atol=0, equal_nan=True)
     router = Router.load(ckpt)
     assert router.calibration == rec
     held = heldout_from_run(router, ckpt)  # recomputed independently of the stored share

@@ -4,7 +4,13 @@ Reads what `RouterModule` left in `eval_outputs[stage]` (its epoch-end hook runs
 `on_*_end`), sweeps λ over the router's predictions, and adds `<stage>/aiq`,
 `<stage>/single_models/aiq`, `<stage>/reaches_best_single` and (when reached)
 `<stage>/cost_to_match_best` to `trainer.callback_metrics` and the loggers. After test it also
-writes `routing_table.md`, `routing_table.csv` and `pareto.png`. The math is in
+writes `routing_table.md`, `routing_table.csv` and `pareto.png`.
+
+A curve point is not a setting one can deploy when it interpolates, and a point picked on test is a
+result read off the answers. So on val the report also picks one decision — the cheapest single λ or
+τ whose mean performance reaches best single's on val — and on test says what that decision gives
+(`test/decision/cost_ratio`, `test/decision/perf_delta`): the setting to put in `route --tolerance`
+or `serve`'s `router.tolerance`, with its out-of-sample result. The math is in
 `fusion_lightning.query.metrics`; this file only does I/O. Modules without routing outputs
 (other levels) are left alone.
 """
@@ -27,10 +33,12 @@ from fusion_lightning.query.metrics import (
     LAMBDAS,
     baseline_choices,
     calibration_errors,
+    cheapest_matching,
     choose,
     cost_quality_scalars,
     costs_known,
     decision_choices,
+    decision_labels,
     model_points,
     per_task_rows,
     sweep_points,
@@ -49,6 +57,7 @@ class RoutingReport(Callback):
         self.lambdas = np.asarray(lambdas, float) if lambdas is not None else LAMBDAS
         self.on_validation = on_validation
         self.artifacts: dict[str, str] = {}
+        self.val_decision: int | None = None  # the row of decision_choices picked on the last val report
 
     # hooks ------------------------------------------------------------------------------------
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -65,6 +74,10 @@ class RoutingReport(Callback):
             return
         bandit = "ope" in out  # a bandit log: every number is an off-policy estimate (callbacks/ope_report.py)
         report = compute_bandit(out, pl_module.hparams, self.lambdas) if bandit else self.compute(out, pl_module.hparams)
+        if not bandit:
+            fits = getattr(pl_module, "platt_fits", None) or []
+            report["calibrated"] = [f.model for f in fits if f.kept]
+            self._val_decision(report, stage)
         scalars = {f"{stage}/{k}": v for k, v in report["scalars"].items()}
         for k in ("cost_to_match_best", "aiq", "single_models/aiq", "reaches_best_single"):
             k = f"ope/{k}" if bandit else k
@@ -78,6 +91,23 @@ class RoutingReport(Callback):
             run_dir = Path(self.out_dir or trainer.default_root_dir)
             self.artifacts = write_bandit(report, run_dir, stage) if bandit else self.write(report, run_dir, stage)
 
+    def _val_decision(self, report: dict[str, Any], stage: str) -> None:
+        """On val: remember the cheapest decision reaching best single; on test: what it gives there."""
+        if "match" not in report:
+            return
+        if stage == "val":
+            self.val_decision = report["match"]
+            return
+        if self.val_decision is None:
+            return
+        cost, perf = report["points"][self.val_decision]
+        best_cost, best_perf = report["best"]
+        report["decision"] = {"label": decision_labels(self.lambdas)[self.val_decision], "cost": float(cost),
+                              "perf": float(perf)}
+        report["scalars"]["decision/perf_delta"] = float(perf - best_perf)
+        if best_cost > 0:
+            report["scalars"]["decision/cost_ratio"] = float(cost / best_cost)
+
     def compute(self, out: dict[str, Any], hparams: Any) -> dict[str, Any]:
         """Everything the report shows, from one stage's eval outputs (no I/O)."""
         train, ev, metrics = out["train"], out["eval"], out["metrics"]
@@ -90,8 +120,10 @@ class RoutingReport(Callback):
         best = (metrics["best_single/cost"], metrics["best_single/perf"])
         known = costs_known(train, ev)
         scalars: dict[str, float] = {}
+        match = None
         if known:  # without costs there is no cost axis: no sweep, AIQ or cost to match
             scalars = cost_quality_scalars(points, singles, best)
+            match = cheapest_matching(points, best[1]) if "points" not in out else None
         ece = calibration_errors(out["perf_hat"], ev) if "perf_hat" in out else None
         if ece is not None and np.isfinite(ece).any():
             scalars["ece"] = float(np.nanmean(ece))
@@ -106,7 +138,8 @@ class RoutingReport(Callback):
                 "best": best, "oracle": (metrics["oracle/cost"], metrics["oracle/perf"]), "costs_known": known,
                 "rows": per_task_rows(choices, ev, tasks, out.get("choice_costs")), "choices": list(choices),
                 "metrics": metrics, "sweep_rows": out.get("sweep_rows"), "ece": ece,
-                "sweep_label": out.get("sweep_label", "router (λ and tolerance sweeps)")}
+                "sweep_label": out.get("sweep_label", "router (λ and tolerance sweeps)"),
+                **({"match": match} if match is not None else {})}
 
     def write(self, report: dict[str, Any], run_dir: Path, stage: str) -> dict[str, str]:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -136,6 +169,13 @@ def _markdown(report: dict[str, Any], stage: str) -> str:
                  else "never reached on the λ and tolerance grids")
         lines += [f"- AIQ: {s['aiq']:.4f} (single models' hull: {s['single_models/aiq']:.4f})",
                   f"- cost to match best single: {match}"]
+        d = report.get("decision")
+        if d:
+            best_cost, best_perf = report["best"]
+            ratio = f"{d['cost'] / best_cost:.3g}× its cost" if best_cost > 0 else f"cost {d['cost']:.4g}"
+            lines.append(f"- decision picked on val (the cheapest λ or τ reaching best single there): `{d['label']}`; "
+                         f"on {stage}: perf {d['perf']:.4f} (best single {best_perf:.4f}, "
+                         f"{d['perf'] - best_perf:+.4f}) at {ratio}")
     else:
         lines += ["- costs unknown: the log has no costs (all zero or missing), so there is no cost–quality "
                   "sweep, AIQ or cost to match best single"]
@@ -150,9 +190,12 @@ def _markdown(report: dict[str, Any], stage: str) -> str:
                      f"(the lookup keyed by the inferred task: {m['task_blind/task_best/gap_closed']:.4f})")
     lines += _peer_lines(report)
     if report.get("ece") is not None:
-        per = ", ".join(f"{n} {e:.3f}" for n, e in zip(report["models"], report["ece"], strict=True) if e == e)
+        cal = set(report.get("calibrated") or [])
+        per = ", ".join(f"{n} {e:.3f}{' (Platt)' if n in cal else ''}"
+                        for n, e in zip(report["models"], report["ece"], strict=True) if e == e)
         lines.append(f"- calibration error of the predicted success probabilities (ECE, 10 bins): mean "
-                     f"{report['scalars']['ece']:.3f}; {per}")
+                     f"{report['scalars']['ece']:.3f}; {per}"
+                     + ("; (Platt): scaled on val where cross-fitted log loss improved" if cal else ""))
     cols = [k for c in names for k in ("perf", "cost") if report["costs_known"] or k == "perf"]
     head = [f"{c} {k}" for c in names for k in ("perf", "cost") if report["costs_known"] or k == "perf"]
     lines += ["", "| task | queries | " + " | ".join(h.replace("_", " ") for h in head) + " |",

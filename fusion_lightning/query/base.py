@@ -44,14 +44,19 @@ class RouterModule(L.LightningModule):
         # task label infers it from the text, in the route API and in the task-blind metrics alike
         self.register_buffer("task_clf_weight", torch.zeros(0, 0))
         self.register_buffer("task_clf_bias", torch.zeros(0))
+        # Platt scaling fitted on val after fit (fusion_lightning/callbacks/score_calibration.py): [M, 2] (a, b)
+        # per model, NaN where it did not help; empty: the predictions as trained
+        self.register_buffer("score_calibration", torch.zeros(0, 2))
 
     def on_fit_start(self) -> None:
+        self.score_calibration = torch.zeros(0, 2, device=self.device)  # fitted on val after fit, for these weights
         clf = getattr(self.trainer.datamodule, "task_classifier", None)
         if clf is not None:
             self.task_clf_weight, self.task_clf_bias = (t.to(self.device) for t in clf)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
-        for name in ("task_clf_weight", "task_clf_bias"):  # sized by the data: take the checkpoint's shape
+        state_dict.setdefault(prefix + "score_calibration", torch.zeros(0, 2))  # a checkpoint from before Platt scaling
+        for name in ("task_clf_weight", "task_clf_bias", "score_calibration"):  # sized by the data: the checkpoint's shape
             if prefix + name in state_dict:
                 self._buffers[name] = torch.empty_like(state_dict[prefix + name], device=self._buffers[name].device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -63,6 +68,18 @@ class RouterModule(L.LightningModule):
             return None
         return task_posterior(features, self.task_clf_weight, self.task_clf_bias)
 
+    # a router whose predicted performance is not a success probability (the cascade's acceptance rule reads
+    # its own) opts out of Platt scaling
+    calibrates = True
+
+    def calibrated(self, perf: torch.Tensor) -> torch.Tensor:
+        """`perf` through the stored Platt scaling, sigmoid(a · logit(p) + b), for the models that have one."""
+        if self.score_calibration.numel() == 0:
+            return perf
+        a, b = self.score_calibration.to(perf.device, perf.dtype).unbind(1)
+        z = torch.logit(perf.clamp(1e-6, 1 - 1e-6))
+        return torch.where(torch.isnan(a), perf, torch.sigmoid(torch.nan_to_num(a) * z + torch.nan_to_num(b)))
+
     def predict_mixture(self, x: torch.Tensor, tasks: torch.Tensor,
                         weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictions averaged over several candidate tasks per query ([B, k] indices and weights): how a
@@ -73,6 +90,7 @@ class RouterModule(L.LightningModule):
             if j and not bool((w > 0).any()):
                 continue
             p, c = self.predict(x, tasks[:, j].to(x.device))
+            p = self.calibrated(p)
             perf, cost = (w * p, w * c) if perf is None else (perf + w * p, cost + w * c)
         return perf, cost
 
@@ -94,6 +112,7 @@ class RouterModule(L.LightningModule):
     # evaluation shared by every router -------------------------------------------------------
     def _accumulate(self, batch: dict[str, torch.Tensor]) -> None:
         perf_hat, cost_hat = self.predict(batch["x"], batch["task"])
+        perf_hat = self.calibrated(perf_hat)
         self._eval_store["perf_hat"].update(perf_hat.detach().float())
         self._eval_store["cost_hat"].update(cost_hat.detach().float())
         for k in (*TARGETS, *OPTIONAL_TARGETS):

@@ -86,6 +86,8 @@ def cost_order(train: RoutingArrays, sizes: list[float | None]) -> list[int]:
 class CascadeRouter(RouterModule):
     """Cheapest-first chain with a learned accept/escalate scorer (see the module docstring)."""
 
+    calibrates = False  # its acceptance threshold reads its own predictions; Platt scaling stays off
+
     def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
                  normaliser: dict, model_sizes: list[float | None], chain: list[str] | None = None,
                  threshold: float | None = None, hidden_dims: tuple[int, ...] = (128,),

@@ -214,6 +214,18 @@ def tolerance_decision(perf: np.ndarray, cost: np.ndarray, tolerance: float,
     return tolerance_choices(perf, cost, mask, np.array([float(tolerance)]))[0]
 
 
+def decision_labels(lambdas: np.ndarray = LAMBDAS, tolerances: np.ndarray = TOLERANCES) -> list[str]:
+    """The names of `decision_choices`' rows, as `route` and `serve` take them: 'lam=0.5', 'tolerance=0.02'."""
+    return [f"lam={v:g}" for v in lambdas] + [f"tolerance={v:g}" for v in tolerances]
+
+
+def cheapest_matching(points: np.ndarray, best_perf: float) -> int | None:
+    """The row of the cheapest operating point whose mean perf reaches `best_perf` (None when none does):
+    one deployable decision, where `cost_to_match` may interpolate between two."""
+    ok = np.flatnonzero(points[:, 1] >= best_perf - 1e-12)
+    return int(ok[np.argmin(points[ok, 0])]) if len(ok) else None
+
+
 def decision_choices(perf_hat: np.ndarray, cost_hat: np.ndarray, mask: np.ndarray,
                      lambdas: np.ndarray = LAMBDAS, tolerances: np.ndarray = TOLERANCES) -> np.ndarray:
     """[L + T, N] every operating point one router checkpoint offers: the λ sweep and the tolerance sweep."""
