@@ -20,7 +20,9 @@ sampling={max_new_tokens: 256}; live levels:
   thought={backend:{type:openai_compatible,base_url:...,model:...}, shots:3, library:DIR, retriever_ckpt:CKPT, k:3,
            modes:[zero_shot,few_shot,templates,exemplars,both,selected], budget_tokens:1024}
   (selected: the mode and k recipe=thought_auto chose for this backend on val, from the library's
-  thought_selection.json)
+  thought_selection.json; few_shot: `shots` (default k) random examples in the exemplars' prompt and
+  budget, from the library's exemplar pool when there is a library, few_shot_pool=solved for the
+  train questions some model solved)
   student={model:STUDENT_DIR, name:student}
 The keys and their defaults are recipes/evaluate.yaml (composed by Hydra, as `fit` is; `data=NAME`
 picks a recipes/data/ entry).

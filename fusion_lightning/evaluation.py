@@ -7,8 +7,11 @@ sample of `max_per_task` queries per task), so the numbers are comparable:
   from the log's recorded scores and costs;
 - query level: a router checkpoint routes each query; the recorded score and cost of the model it
   picks are counted (offline, no generation);
-- thought level (live): a backend answers each query zero-shot, few-shot (k random solved train
-  examples of the same task, chosen by `data.select`) and, with a template library, in the thought
+- thought level (live): a backend answers each query zero-shot, few-shot (`shots` (default `k`) random
+  solved examples, in the exemplars' prompt and token budget: with a template library, from the very
+  pool `exemplars` retrieves from under the same task filter, so only retrieval differs; without one,
+  or with `few_shot_pool: solved`, from the train queries some model solved, by `data.select`) and,
+  with a template library, in the thought
   stage's modes (`templates`, `exemplars`: the retrieved solved examples, `both`; prompts from
   `thought.prompt`, their demonstrations within `budget_tokens` of the backend's tokenizer; a query
   never sees its own template or answer), and `selected`: the mode and k val chose for this backend
@@ -33,7 +36,7 @@ from fusion_lightning.query.metrics import RoutingArrays, baseline_choices, choo
 from fusion_lightning.scoring.formats import zero_shot_prompt
 
 THOUGHT_KEYS = ("backend", "shots", "library", "retriever_ckpt", "k", "task_filter", "modes", "budget_tokens",
-                "selection")
+                "selection", "few_shot_pool")
 THOUGHT_COLUMNS = ("zero_shot", "few_shot", "templates", "exemplars", "both", "selected")  # `none` is zero_shot
 
 
@@ -89,6 +92,28 @@ def _solved_examples(train: LogTable) -> dict[str, list[tuple[str, str]]]:
         if e.performance is not None and e.performance >= 1.0:
             out.setdefault(e.task, []).append((e.query, e.response))
     return out
+
+
+def _few_shot_prompts(out: Evaluation, logs: LogTable, aug, queries: list[str], tasks: list[str], metrics: list,
+                      settings, count, own: list[set[str]]) -> list[str]:
+    """The random few-shot column: `settings.k` random solved examples of the query's task in the exemplars'
+    prompt and token budget. With a library (`aug`), from the pool `exemplars` retrieves from, under the same
+    task filter (like for like: only retrieval differs); else from the train questions some model solved
+    (top score 1)."""
+    from fusion_lightning.thought.prompt import Demonstration, fit_prompts
+
+    if aug is not None:
+        demos, what = aug.random_demonstrations(tasks, settings.k, own), "library exemplar"
+    else:
+        solved, rng = _solved_examples(logs.select("train")), np.random.default_rng(0)
+        demos, what = [], "solved train example"
+        for t in tasks:
+            pool = solved.get(t, [])
+            demos.append([Demonstration(pool[i][0], solution=pool[i][1]) for i in rng.permutation(len(pool))[: settings.k]])
+    no_pool = sorted({t for t, ds in zip(tasks, demos, strict=True) if not ds})
+    if no_pool:
+        out.notes.append(f"few-shot: no {what} for task(s) {no_pool}: zero-shot there")
+    return fit_prompts(queries, demos, metrics, settings, count)
 
 
 def _generate(backend, prompts: list[str], golds: list, metrics: list, catalog, sampling,
@@ -189,31 +214,34 @@ def _live(out: Evaluation, logs: LogTable, ev: QueryMatrix, thought, student, sa
         prompts: dict[str, list[str]] = {}
         if "zero_shot" in modes:
             prompts["zero_shot"] = [zero_shot_prompt(q, m) for q, m in zip(ev.queries, metrics, strict=True)]
-        if "few_shot" in modes:
-            from fusion_lightning.thought.prompt import few_shot_prompt
+        k, budget = int(cfg.get("k") or 3), cfg.get("budget_tokens", 1024)
+        shots = int(cfg.get("shots") or k)
+        pool = cfg.get("few_shot_pool") or ("library" if cfg.get("library") else "solved")
+        if pool not in ("library", "solved"):
+            raise ValueError(f"thought.few_shot_pool={pool!r}; choose library (the exemplars' pool) or solved")
+        aug = None
+        if library_modes or ("few_shot" in modes and pool == "library"):
+            if not cfg.get("library"):
+                raise ValueError("thought.few_shot_pool=library needs a template library (thought.library=DIR)")
+            from fusion_lightning.thought.prompt import TemplateAugmenter
 
-            k = int(cfg.get("shots", 3))
-            solved, rng = _solved_examples(logs.select("train")), np.random.default_rng(0)
-            few = []
-            for q, t, m in zip(ev.queries, tasks, metrics, strict=True):
-                pool = solved.get(t, [])
-                shots = [pool[i] for i in rng.permutation(len(pool))[:k]] if pool else []
-                few.append(few_shot_prompt(q, shots, m))
-            no_pool = sorted({t for t in tasks if not solved.get(t)})
-            if no_pool:
-                out.notes.append(f"few-shot: no solved train example for task(s) {no_pool}: zero-shot there")
-            prompts["few_shot"] = few
-        if library_modes:
-            from fusion_lightning.thought.prompt import TemplateAugmenter, ThoughtSettings, token_counter
-
-            k, budget = int(cfg.get("k") or 3), cfg.get("budget_tokens", 1024)
             aug = TemplateAugmenter.load(cfg["library"], cfg.get("retriever_ckpt"), k=k,
                                          task_filter=bool(cfg.get("task_filter", True)), mode="auto",
                                          budget_tokens=budget, selection=cfg.get("selection"))
-            if {"exemplars", "both"} & set(library_modes) and not aug.library.exemplars:
+        from fusion_lightning.thought.prompt import ThoughtSettings, token_counter
+
+        if aug is not None and not aug.library.exemplars:
+            if {"exemplars", "both"} & set(modes) or cfg.get("few_shot_pool") == "library":
                 raise ValueError(f"thought library {cfg['library']} has no exemplars (built before they existed): build "
                                  "it again from its log (python -m fusion_lightning.templates build ... out=LIB)")
-            count, own = token_counter(backend), [{q} for q in ev.query_ids.tolist()]
+            if "few_shot" in modes:
+                out.notes.append("few-shot: the library has no exemplars (built before them): the solved train pool")
+        count, own = token_counter(backend), [{q} for q in ev.query_ids.tolist()]
+        if "few_shot" in modes:
+            prompts["few_shot"] = _few_shot_prompts(out, logs, aug if pool == "library" and aug.library.exemplars
+                                                    else None, list(ev.queries), tasks, metrics,
+                                                    ThoughtSettings("exemplars", shots, budget), count, own)
+        if library_modes:
             for mode in library_modes:  # a query never sees its own template or answer
                 if mode == "selected":
                     if backend.name not in aug.selection:

@@ -230,3 +230,46 @@ def test_evaluate_scores_the_exemplar_column_and_never_shows_a_query_its_own_ans
             p = last_user(body["messages"])
             n = p.split("number ")[-1].split(" ")[0]  # the query's own number
             assert p.count("Solution: worked answer") == 2 and f"worked answer {n}\n" not in p
+
+
+def test_random_few_shot_is_like_for_like_with_exemplars(tmp_path) -> None:
+    """The few-shot column beside `exemplars`: as many examples (shots defaults to k), drawn from the same
+    pool (the library's exemplars, partial answers included: not only the fully solved questions), of the
+    query's task (the task filter), in the same prompt and token budget; only the retrieval differs."""
+    from fusion_lightning.evaluation import evaluate
+
+    rows = []
+    for i in range(12):
+        split = "test" if i % 3 == 0 else "train"
+        q = f"ask alpha beta number {i:02d} gamma"
+        rows += [(q, "t", "m", f"partial answer {i:02d}", 0.5, 1.0, 0.01, split),  # no question fully solved
+                 (f"other task question {i:02d}", "o", "m", f"other answer {i:02d}", 1.0, 1.0, 0.01, split)]
+    logs = make_logs(rows, ["m"])
+    build_library(logs.select("train"), RuleSummariser(), build_encoder("hashing"), tmp_path / "lib", progress=False)
+    block = approx_tokens("Question: ask alpha beta number 01 gamma\nSolution: partial answer 01\n\n")
+
+    with FakeOpenAIServer(api_key=None, answer=lambda m: "The answer is (A)") as server:
+        backend = {"type": "openai_compatible", "base_url": server.base_url, "model": "m", "name": "up",
+                   "cache_dir": None, "progress": False}
+        ev = evaluate(logs, tasks=["t"], thought={"backend": backend, "library": str(tmp_path / "lib"), "k": 2,
+                                                  "budget_tokens": block + 1, "modes": ["few_shot", "exemplars"]})
+        sent = [last_user(b["messages"]) for b in server.bodies]
+        # few_shot_pool: solved (the default without a library): the fully solved train questions, none here
+        solved = evaluate(logs, tasks=["t"], thought={"backend": backend, "library": str(tmp_path / "lib"),
+                                                      "few_shot_pool": "solved", "modes": ["few_shot"]})
+        assert not any("Solution:" in last_user(b["messages"]) for b in server.bodies[len(sent):])
+    assert "few-shot: no solved train example for task(s) ['t']: zero-shot there" in solved.notes
+    n = len(ev.query_ids)
+    assert n == 4 and len(sent) == 2 * n and not any("few-shot: no" in x for x in ev.notes)
+    few, ex = sent[:n], sent[n:]
+    for f, e in zip(few, ex, strict=True):
+        assert f.count("Solution: partial answer") == e.count("Solution: partial answer") == 1  # the budget: 1 of k=2
+        assert "other answer" not in f  # the task filter
+    assert few != ex  # random, not retrieved
+    lib = TemplateLibrary.load(tmp_path / "lib")
+    aug = frozen(lib)
+    picks = aug.random_demonstrations(["t", "t", "o", None], 3, exclude=[set(), {"x"}, set(), set()])
+    assert [len(p) for p in picks] == [3, 3, 3, 3]
+    assert all(d.solution.startswith("partial") for p in picks[:2] for d in p)
+    assert all(d.solution.startswith("other") for d in picks[2])
+    assert picks == aug.random_demonstrations(["t", "t", "o", None], 3, exclude=[set(), {"x"}, set(), set()])  # seeded

@@ -45,7 +45,7 @@ from fusion_lightning.thought.library import Template, TemplateLibrary
 from fusion_lightning.thought.retriever import TemplateIndex
 
 __all__ = ["MODES", "Demonstration", "TemplateAugmenter", "ThoughtSettings", "approx_tokens", "both_prompt",
-           "fit_budget", "few_shot_prompt", "template_prompt", "token_counter", "zero_shot_prompt"]
+           "fit_budget", "fit_prompts", "few_shot_prompt", "template_prompt", "token_counter", "zero_shot_prompt"]
 
 MODES = ("none", "templates", "exemplars", "both")
 DEFAULT_BUDGET_TOKENS = 1024
@@ -155,6 +155,22 @@ def both_prompt(query: str, triples: Sequence[tuple[str, str, str]], metric: str
     shown = SEPARATOR.join(Demonstration(q, template=t, solution=a).block() for q, t, a in triples)
     return (f"Here are similar solved questions, each with the thought template behind its solution:\n\n{shown}\n\n"
             f"Use the most relevant template to solve this question:\n{query.strip()}\n\n{answer_instruction(metric)}")
+
+
+def _check_lengths(queries: Sequence[str], tasks: Sequence[str | None], metrics: Sequence[str | None]) -> None:
+    if not len(queries) == len(tasks) == len(metrics):
+        raise ValueError(f"need one task and metric per query: {len(queries)} queries, {len(tasks)} tasks, "
+                         f"{len(metrics)} metrics")
+
+
+def fit_prompts(queries: Sequence[str], demos: Sequence[Sequence[Demonstration]], metrics: Sequence[str | None],
+                settings: ThoughtSettings, count: TokenCounter) -> list[str]:
+    """Each query's prompt in `settings.mode` with the whole demonstrations that fit `settings.budget_tokens`."""
+    out = []
+    for q, ds, m in zip(queries, demos, metrics, strict=True):
+        kept = fit_budget([d.block() for d in ds], settings.budget_tokens, count)
+        out.append(render(q, [ds[i] for i in kept], settings.mode, m))
+    return out
 
 
 def render(query: str, demos: Sequence[Demonstration], mode: str, metric: str | None) -> str:
@@ -277,8 +293,12 @@ class TemplateAugmenter:
         return [ts[: self.k] for ts in self._ranked(queries, tasks, self.k, exclude)]
 
     def demonstrations(self, queries: Sequence[str], tasks: Sequence[str | None] | None, settings: ThoughtSettings,
-                       exclude: Sequence[set[str]] | None = None) -> list[list[Demonstration]]:
-        """Up to k demonstrations per query, nearest first (before the token budget)."""
+                       exclude: Sequence[set[str]] | None = None,
+                       exclude_built: bool = False) -> list[list[Demonstration]]:
+        """Up to k demonstrations per query, nearest first (before the token budget). `exclude`: per query, source
+        query ids whose exemplar and templates are never shown; in `exemplars` mode a template merged from an
+        excluded query and others still leads to the others' exemplars unless `exclude_built` (then nothing
+        built from an excluded query takes part, not even in the ranking: the cross-fitted selection's rule)."""
         if settings.mode == "none" or not queries:
             return [[] for _ in queries]
         k, ex = settings.k, self.library.exemplars
@@ -286,7 +306,8 @@ class TemplateAugmenter:
         out = []
         # a template summarised (partly) from an excluded query's answer is never shown; its other sources'
         # exemplars are (the query's own exemplar is left out below)
-        ranked_all = self._ranked(queries, tasks, depth, exclude, drop_templates=settings.mode != "exemplars")
+        ranked_all = self._ranked(queries, tasks, depth, exclude,
+                                  drop_templates=exclude_built or settings.mode != "exemplars")
         for r, ranked in enumerate(ranked_all):
             drop = exclude[r] if exclude is not None else set()
             demos: list[Demonstration] = []
@@ -311,16 +332,29 @@ class TemplateAugmenter:
 
     def render(self, queries: Sequence[str], tasks: Sequence[str | None], metrics: Sequence[str | None],
                settings: ThoughtSettings, count_tokens: TokenCounter | None = None,
-               exclude: Sequence[set[str]] | None = None) -> list[str]:
+               exclude: Sequence[set[str]] | None = None, exclude_built: bool = False) -> list[str]:
         """The prompts under `settings`, the demonstrations cut to `settings.budget_tokens` (whole ones)."""
-        if not len(queries) == len(tasks) == len(metrics):
-            raise ValueError(f"need one task and metric per query: {len(queries)} queries, {len(tasks)} tasks, "
-                             f"{len(metrics)} metrics")
-        count = count_tokens or self.count_tokens
+        _check_lengths(queries, tasks, metrics)
+        demos = self.demonstrations(queries, tasks, settings, exclude, exclude_built)
+        return fit_prompts(queries, demos, metrics, settings, count_tokens or self.count_tokens)
+
+    def random_demonstrations(self, tasks: Sequence[str | None], k: int, exclude: Sequence[set[str]] | None = None,
+                              seed: int = 0) -> list[list[Demonstration]]:
+        """k solved examples per query drawn at random from the pool `exemplars` retrieves from: the library's
+        exemplars that a template leads to, of the query's task under the task filter, none of an excluded query."""
+        rng = np.random.default_rng(seed)
+        reachable = self.library.query_ids
+        pool = sorted((e for q, e in self.library.exemplars.items() if q in reachable), key=lambda e: e.query_id)
+        by_task: dict[str, list] = {}
+        for e in pool:
+            by_task.setdefault(e.task, []).append(e)
         out = []
-        for q, ds, m in zip(queries, self.demonstrations(queries, tasks, settings, exclude), metrics, strict=True):
-            kept = fit_budget([d.block() for d in ds], settings.budget_tokens, count)
-            out.append(render(q, [ds[i] for i in kept], settings.mode, m))
+        for r, t in enumerate(tasks):
+            drop = exclude[r] if exclude is not None else set()
+            cands = [e for e in (by_task.get(t, []) if self.task_filter and t is not None else pool)
+                     if e.query_id not in drop]
+            out.append([Demonstration(cands[i].question, solution=cands[i].response)
+                        for i in rng.permutation(len(cands))[:k]])
         return out
 
     def prompts(self, queries: list[str], tasks: list[str | None], metrics: list[str | None],
