@@ -16,7 +16,8 @@ also resumes inside a stage, call by call):
   thought    per zoo model: val selects its thought mode (`thought_auto`'s step: zero-shot and templates,
              exemplars, both at each k of `--thought-ks`, kept only past router_auto's paired test; written
              to the library's thought_selection.json), then the test questions zero-shot, few-shot (k random
-             solved examples), templates, exemplars, both (trained retriever), the selected mode, and
+             exemplars of the library's pool, task and token budget: exemplars without the retrieval),
+             templates, exemplars, both (trained retriever), the selected mode, and
              templates with the frozen encoder (unless --no-frozen), via `evaluate`'s live columns
   model      distill_top_k into `--student` (LoRA and/or full), exported, answering the held-out questions
   table      the paper's table (`evaluate`: singles, best single, routers, thought, students, oracle,
@@ -50,22 +51,23 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", ROOT.parent / "shared" / "data"))
+FOLDS = 2  # cross-fitted thought selection: retrievers, each fitted without one fold of the train questions
 STAGES = ("questions", "probe", "collect", "judge", "query", "library", "retriever", "thought", "model", "table")
 FULL = dict(models=["smollm2-135m-instruct", "gemma-3-270m"], tasks=None, train_per_task=24, test_per_task=10,
             val_per_task=4, thought_ks=[1, 3], budget_tokens=1024,
             probe=3, min_tasks=4, max_new_tokens=96, routers=["router_knn", "router_mlp"], encoder="minilm",
             retriever_mode="finetune", epochs=3, student="smollm2-135m-instruct", students=["lora", "full"],
-            shots=3, k=3, distill_max_length=512, judge="smollm2-135m-instruct", judge_sample=40,
+            shots=None, k=3, distill_max_length=512, judge="smollm2-135m-instruct", judge_sample=40,
             out=ROOT / "bench" / "out" / "fusion_e2e")
 QUICK = dict(models=["tiny-llama"], tasks=["gsm8k", "mmlu"], train_per_task=8, test_per_task=4, probe=0,
              val_per_task=2, thought_ks=[1, 2], budget_tokens=256,
              min_tasks=2, max_new_tokens=8, routers=["router_knn"], encoder="hashing", retriever_mode="head",
-             epochs=1, student="tiny-llama", students=["lora", "full"], shots=2, k=2, distill_max_length=128,
+             epochs=1, student="tiny-llama", students=["lora", "full"], shots=None, k=2, distill_max_length=128,
              judge="tiny-llama", judge_sample=4, out=ROOT / "bench" / "out" / "fusion_e2e_quick")
 SEMANTIC = ("quick", "models", "tasks", "train_per_task", "test_per_task", "probe", "min_tasks", "max_new_tokens",
             "routers", "encoder", "retriever_mode", "epochs", "student", "students", "shots", "k",
             "distill_max_length", "summariser", "seed", "think", "judge", "judge_sample", "val_per_task",
-            "thought_ks", "budget_tokens", "frozen")
+            "thought_ks", "budget_tokens", "frozen", "thought_selection")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -84,6 +86,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--student", help="the distilled student (a zoo name or HF path)")
     ap.add_argument("--students", nargs="*", choices=["lora", "full"], help="none given: no model stage")
     ap.add_argument("--thought-ks", nargs="+", type=int, help="the k grid of the thought mode selection on val")
+    ap.add_argument("--thought-selection", choices=["cross_fit", "val"], default="cross_fit",
+                    help="the thought mode selection's questions: val + train, cross-fitted (default), or val only")
     ap.add_argument("--no-frozen", dest="frozen", action="store_false",
                     help="no templates-with-the-frozen-encoder column")
     ap.add_argument("--judge", help="the zoo model of the LLM-judge check (none: skip it)")
@@ -101,6 +105,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for key, value in (QUICK if a.quick else FULL).items():
         if getattr(a, key, None) is None:
             setattr(a, key, value)
+    if a.shots is None:  # random few-shot shows as many examples as exemplars (like for like)
+        a.shots = a.k
     return a
 
 
@@ -333,12 +339,15 @@ class Pipeline:
         modes = ["zero_shot", "few_shot"]
         for m in self.a.models:
             start = time.perf_counter()
-            cfg = {"backend": self.backend(m), "shots": self.a.shots, "library": lib, "k": self.a.k,
-                   "budget_tokens": self.a.budget_tokens}
+            # random few-shot like for like with exemplars: as many examples (shots = k by default), drawn from
+            # the pool exemplars retrieves from (the library's, same task filter), the same prompt and token budget
+            cfg = {"backend": self.backend(m), "shots": self.a.shots, "k": self.a.k, "budget_tokens": self.a.budget_tokens,
+                   **({"library": lib} if ckpt else {})}
             modes = ["zero_shot", "few_shot"]
             if ckpt:  # no library: no template columns
                 entry = self.select_thought(m, lib, ckpt)
-                selected[entry["model"]] = {k: entry[k] for k in ("mode", "k", "questions", "seconds", "z")}
+                selected[entry["model"]] = {k: entry[k] for k in ("mode", "k", "questions", "questions_by_split",
+                                                                  "cross_fit", "seconds", "z")}
                 shown = "none (zero-shot)" if entry["mode"] == "none" else f"{entry['mode']}@{entry['k']}"
                 print(f"   {entry['model']}: val selected {shown} ({entry['seconds']} s)", flush=True)
                 modes += ["templates", "exemplars", "both", "selected"]
@@ -354,19 +363,40 @@ class Pipeline:
         return {"columns": files, "modes": modes, "selected": selected}
 
     def select_thought(self, model: str, lib: str, ckpt: str) -> dict[str, Any]:
-        """recipe thought_auto's step for one zoo model: modes x k on the val questions, router_auto's paired
-        test against zero-shot; the choice merged into the library's thought_selection.json."""
-        from fusion_lightning.callbacks.thought_selection import select_thought
+        """recipe thought_auto's step for one zoo model: modes x k on the selection questions, router_auto's paired
+        test against zero-shot; the choice merged into the library's thought_selection.json. `--thought-selection
+        cross_fit` (the default): val + train questions, each train question leave-own-out and answered through
+        a fold retriever (`template_retriever` fitted without its fold: `retriever/fold<f>`); `val`: val only."""
+        from fusion_lightning.callbacks.thought_selection import cross_fit_plan, select_thought
         from fusion_lightning.serving import build_backend
-        from fusion_lightning.thought.auto import val_questions, write_selection
+        from fusion_lightning.thought.auto import fold_of, selection_questions, write_selection
         from fusion_lightning.thought.prompt import TemplateAugmenter
 
-        aug = TemplateAugmenter.load(lib, ckpt, k=self.a.k, budget_tokens=self.a.budget_tokens)
+        def load(c: str) -> TemplateAugmenter:
+            return TemplateAugmenter.load(lib, c, k=self.a.k, budget_tokens=self.a.budget_tokens)
+
+        logs, aug = self.logs(), load(ckpt)
+        train = selection_questions(logs, ("train",))
+        use, why = cross_fit_plan("auto" if self.a.thought_selection == "cross_fit" else False, "val", FOLDS, len(train))
+        questions = selection_questions(logs, ("val", "train") if use else ("val",))
+        augmenter_for = None
+        if use:
+            folds = [load(str(c)) for c in self.fold_retrievers()]
+
+            def augmenter_for(q):
+                return folds[fold_of(q.query_id, FOLDS, self.a.seed)] if q.split == "train" else aug
         backend = build_backend(self.backend(model))
-        entry = select_thought(aug, backend, val_questions(self.logs(), "val"), ks=self.a.thought_ks,
-                               budget_tokens=self.a.budget_tokens, sampling=self.sampling, retriever=ckpt)
+        entry = select_thought(aug, backend, questions, ks=self.a.thought_ks, budget_tokens=self.a.budget_tokens,
+                               sampling=self.sampling, retriever=ckpt, augmenter_for=augmenter_for, cross_fit=why)
         write_selection(entry, backend.name, lib, self.out / "thought")
         return {**entry, "model": backend.name}
+
+    def fold_retrievers(self) -> list[Path]:
+        """The retriever fitted `FOLDS` times, each time without one fold's train questions (cached per fold)."""
+        extra = [f"datamodule.library_dir={self.done('library')['library']}", f"model.mode={self.a.retriever_mode}",
+                 f"++datamodule.cross_fit_folds={FOLDS}", f"++datamodule.cross_fit_seed={self.a.seed}"]
+        return [self.fit("template_retriever", self.out / "retriever" / f"fold{f}", [*extra, f"++datamodule.cross_fit_fold={f}"])
+                for f in range(FOLDS)]
 
     def stage_model(self) -> dict[str, Any]:
         from fusion_lightning.export import export_student
@@ -412,7 +442,9 @@ class Pipeline:
             chosen = thought.get("selected", {}).get(name)
             if chosen:
                 lines += [f"**{name}: val selected `{chosen['mode']}" + ("" if chosen["mode"] == "none" else f"@{chosen['k']}")
-                          + f"`** ({chosen['questions']} val questions, router_auto's paired test at z = "
+                          + f"`** ({chosen['questions']} questions: "
+                          + ", ".join(f"{n} {sp}" for sp, n in chosen.get("questions_by_split", {"val": chosen["questions"]}).items())
+                          + f"; {chosen.get('cross_fit') or 'val only'}; router_auto's paired test at z = "
                           f"{chosen['z']:.2f}; the column `selected`)", ""]
             for title, ref, cols in ((f"{name}: thought modes vs zero-shot", f"{c}:zero_shot", every),
                                      (f"{name}: thought modes vs best single", "best_single", [f"{c}:zero_shot", *every]),

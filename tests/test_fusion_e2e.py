@@ -55,12 +55,15 @@ def test_quick_run_builds_every_level_and_resumes(e2e, tmp_path: Path, capsys) -
     assert set(gains) == {"tiny-llama: thought modes vs zero-shot", "tiny-llama: thought modes vs best single",
                           "tiny-llama: retrieved exemplars vs random few-shot", "tiny-llama: trained vs frozen retriever",
                           "students"}
-    # val chose the thought mode (zero-shot and 3 modes x k in [1, 2]) and wrote it next to the library
+    # the thought mode (zero-shot and 3 modes x k in [1, 2]) chosen on val + train, cross-fitted: each train
+    # question through a retriever fitted without its fold; written next to the library
     chosen = json.loads((out / "thought" / "stage.json").read_text())["selected"]["tiny-llama"]
-    assert chosen["questions"] == 4 and chosen["mode"] in ("none", "templates", "exemplars", "both")
+    assert chosen["questions"] == 20 and chosen["mode"] in ("none", "templates", "exemplars", "both")
+    assert chosen["questions_by_split"] == {"val": 4, "train": 16} and chosen["cross_fit"].startswith("cross-fitted")
+    assert all((out / "retriever" / f"fold{f}" / "summary.json").is_file() for f in range(e2e.FOLDS))
     lib_choice = json.loads((out / "library" / "lib" / "thought_selection.json").read_text())["models"]["tiny-llama"]
     assert (lib_choice["mode"], lib_choice["k"]) == (chosen["mode"], chosen["k"]) and len(lib_choice["rows"]) == 7
-    assert "val selected" in (out / "table" / "gains.md").read_text()
+    assert "val selected" in (out / "table" / "gains.md").read_text() and "16 train" in (out / "table" / "gains.md").read_text()
     overall = next(r for r in gains["students"] if r["row"] == "overall (task avg)")
     assert overall["queries"] == 8 and "student:lora_diff_lo" in overall
     assert (out / "table" / "fusion_bars.png").read_bytes()[:4] == b"\x89PNG"

@@ -86,6 +86,110 @@ def test_a_val_question_never_sees_its_own_answer() -> None:
     assert backend.prompts and not any("Answer A" in p or "alpha beta gamma delta walk" in p for p in backend.prompts)
 
 
+def split_questions(n_val: int, n_train: int) -> list[Question]:
+    """n_val val questions (items 0..) then n_train train ones, none of them in the hand library."""
+    return [Question(f"{s}{i}", f"{QUERY} item {i}", "t", "GSM8K", f"#### {i}", s)
+            for s, r in (("val", range(n_val)), ("train", range(n_val, n_val + n_train))) for i in r]
+
+
+def test_cross_fitting_finds_the_planted_mode_that_val_alone_is_too_small_to_show() -> None:
+    # right on 4 in 5 questions with a solved example in the prompt, on the 5th only without one
+    def right(i: int, prompt: str) -> bool:
+        return (i % 5 != 0) == ("Solution:" in prompt)
+
+    qs = split_questions(6, 40)
+    val_only = select_thought(augmenter(), RuleBackend(right), [q for q in qs if q.split == "val"], ks=(1,),
+                              budget_tokens=None)
+    rows = {r["candidate"]: r for r in val_only["rows"]}
+    assert rows["exemplars@1"]["gain"] == pytest.approx(2 / 6)  # +0.33 ± 0.42: 6 questions cannot show it
+    assert val_only["mode"] == "none" and val_only["questions_by_split"] == {"val": 6}
+    both = select_thought(augmenter(), RuleBackend(right), qs, ks=(1,), budget_tokens=None, cross_fit="cross-fitted")
+    rows = {r["candidate"]: r for r in both["rows"]}
+    assert (both["mode"], both["k"]) == ("exemplars", 1) and both["questions_by_split"] == {"val": 6, "train": 40}
+    assert rows["exemplars@1"]["gain"] > both["z"] * rows["exemplars@1"]["gain_se"]
+    assert rows["exemplars@1"]["perf_by_split"] == {"train": 0.8, "val": pytest.approx(4 / 6)}
+    assert both["cross_fit"] == "cross-fitted"
+
+
+def test_cross_fitting_keeps_zero_shot_when_no_mode_is_better() -> None:
+    entry = select_thought(augmenter(), RuleBackend(lambda i, p: i % 3 == 0), split_questions(6, 60), ks=(1, 2),
+                           budget_tokens=None)
+    assert entry["mode"] == "none" and all(r["gain"] == 0 for r in entry["rows"])
+    # a gain on 2 more of 66 questions (+0.03 ± 0.02) stays under the bar (z = 2.13): zero-shot
+    noisy = select_thought(augmenter(), RuleBackend(lambda i, p: i % 3 == 0 or (i < 4 and "Solution:" in p)),
+                           split_questions(6, 60), ks=(1,), budget_tokens=None)
+    rows = {r["candidate"]: r for r in noisy["rows"]}
+    assert rows["exemplars@1"]["gain"] == pytest.approx(2 / 66) and noisy["mode"] == "none"
+    assert rows["exemplars@1"]["gain"] < noisy["z"] * rows["exemplars@1"]["gain_se"]
+
+
+def test_a_train_question_never_sees_its_own_exemplar_nor_anything_built_from_it() -> None:
+    """Cross-fitting scores train questions, whose answers are in the library: qa's own exemplar and
+    template never reach its prompt, and neither does a template merged from qa and qb (in exemplars mode
+    it would lead to qb's exemplar, ranked by a text summarised partly from qa's answer)."""
+    from test_thought_exemplars import ROWS
+
+    from fusion_lightning.data.embeddings import build_encoder
+    from fusion_lightning.thought.library import Exemplar, Template, TemplateLibrary
+
+    enc = build_encoder("hashing")
+    # qa's template ("alpha beta gamma delta walk") with qb's merged into it: qb has no template of its own
+    templates = [Template(Template.content_id(t, text), t, None, text, ["qa", "qb"] if q == "qa" else [q],
+                          ["Question A?", "Question B?"] if q == "qa" else [question], ["m"], ["rule"], [1.0], [None])
+                 for q, t, question, text, _ in ROWS if q != "qb"]
+    lib = TemplateLibrary(enc.name)
+    lib.add(templates, enc.encode([x.text for x in templates]))
+    lib.add_exemplars([Exemplar(q, t, question, answer, "m", 1.0) for q, t, question, _, answer in ROWS])
+    aug = TemplateAugmenter(lib, lambda texts: enc.encode(list(texts)), lib.embeddings)
+    backend = RuleBackend(lambda i, p: True)
+    qa = Question("qa", QUERY + " item 0", "t", "GSM8K", "#### 0", "train")
+    select_thought(aug, backend, [qa], modes=("exemplars", "both", "templates"), ks=(3,), budget_tokens=None)
+    assert len(backend.prompts) == 4  # none + 3 modes
+    for p in backend.prompts:
+        assert "Answer A" not in p and "alpha beta gamma delta walk" not in p  # own exemplar, own template
+        assert "Answer B" not in p  # qb's exemplar reached through the template built partly from qa
+    assert any("Answer C" in p for p in backend.prompts)  # the others still come
+    # without the cross-fitting rule (a test query's view) the merged template still leads to qb's answer
+    shown = aug.render([qa.query], ["t"], ["GSM8K"], ThoughtSettings("exemplars", 3, None), exclude=[{"qa"}])[0]
+    assert "Answer B" in shown and "Answer A" not in shown
+
+
+def test_a_fold_retriever_never_trains_on_its_folds_questions() -> None:
+    from thought_logs import planted_logs
+
+    from fusion_lightning.thought.auto import fold_of
+    from fusion_lightning.thought.datamodule import TemplateDataModule
+
+    logs = planted_logs(n_per_task=20, tasks=2)
+    full = TemplateDataModule(logs=logs, encoder="hashing", objective="similarity")
+    full.setup()
+    train = {full._ids[r] for r in full._train.rows}
+    assert {fold_of(q, 2) for q in train} == {0, 1}
+    for f in range(2):
+        dm = TemplateDataModule(logs=logs, encoder="hashing", objective="similarity", cross_fit_fold=f)
+        dm.setup()
+        kept = {dm._ids[r] for r in dm._train.rows}
+        assert kept == {q for q in train if fold_of(q, 2) != f}
+        left = full.leave_out({q for q in full._ids if fold_of(q, 2) == f})
+        assert [left._ids[r] for r in left._train.rows] == [dm._ids[r] for r in dm._train.rows]
+    assert {fold_of(q, 2) for q in kept} == {0}  # fold 1's questions: none left in fold 1's training rows
+    with pytest.raises(ValueError, match="cross_fit_fold"):
+        TemplateDataModule(logs=logs, encoder="hashing", cross_fit_fold=2)
+
+
+def test_cross_fit_plan_falls_back_to_val_only_and_says_why() -> None:
+    from fusion_lightning.callbacks.thought_selection import cross_fit_plan
+
+    assert cross_fit_plan("auto", "val", 2, 30)[0] is True
+    assert cross_fit_plan("auto", "val", 2, 0) == (False, "val only (cross-fitting not possible: the log has no "
+                                                          "scorable train question)")
+    assert cross_fit_plan(False, "val", 2, 30) == (False, "val only (cross_fit: false): val questions")
+    with pytest.raises(ValueError, match="folds < 2"):
+        cross_fit_plan(True, "val", 1, 30)
+    with pytest.raises(ValueError, match="choose auto"):
+        cross_fit_plan("sometimes", "val", 2, 30)
+
+
 def test_the_file_merges_models_and_the_pipeline_applies_each_ones_choice(tmp_path: Path) -> None:
     lib = tmp_path / "lib"
     hand_library(lib)
@@ -176,11 +280,22 @@ def test_thought_auto_recipe_writes_the_choice_that_serve_and_evaluate_apply(tmp
             "trainer.max_epochs=1", "logger=none", f"run_dir={run}", "callbacks.thought_selection.ks=[1,2]",
             f"callbacks.thought_selection.backend={hydra(backend)}"]))
         chosen = summary["thought_selection"]
-        assert (chosen["model"], chosen["mode"], chosen["k"], chosen["questions"]) == ("target", "exemplars", 1, 12)
+        # cross-fitted by default: the 12 val questions and the 30 train ones, each train question through a
+        # fold retriever that never trained on it
+        assert (chosen["model"], chosen["mode"], chosen["k"], chosen["questions"]) == ("target", "exemplars", 1, 42)
+        assert chosen["questions_by_split"] == {"val": 12, "train": 30} and chosen["cross_fit"] is True
         data = json.loads((run / "library" / SELECTION_FILE).read_text())["models"]["target"]
         assert {r["candidate"]: r["val_perf"] for r in data["rows"]} == {
             "none": 0.0, "templates@1": 0.0, "templates@2": 0.0, "exemplars@1": 1.0, "exemplars@2": 1.0,
             "both@1": 1.0, "both@2": 1.0}
+        assert data["cross_fit"].startswith("cross-fitted") and "30 train" in (run / "thought_selection.md").read_text()
+        # no question, val or train, ever saw its own answer or a template built from it: its tag is in the
+        # prompt once (the question itself), never in a shown solution or template
+        prompts = [last_user(b["messages"]) for b in target.bodies]
+        assert len(prompts) > 42 and any("Solution:" in x for x in prompts)
+        for text in prompts:
+            tag = re.findall(r"tag(\w+)", text)[-1]
+            assert len(re.findall(rf"\btag{tag}\b", text)) == 1, text
         assert summary["artifacts"]["thought_selection_md"] == "thought_selection.md"
 
         # serve: thought={library} (mode auto by default) applies the file's choice for this backend

@@ -1,14 +1,25 @@
 """The `thought_auto` step: after the retriever is tested, choose the thought level's mode and k for
-the target model on val, and write the choice where the pipeline reads it.
+the target model, and write the choice where the pipeline reads it.
 
 Candidates: zero-shot (`none`, the reference) and each of `modes` × `ks`. Each one's prompts (the
-trained retriever, the library's task filter, the token budget in the target backend's tokenizer; a
-val question never sees its own template or answer) go through the target backend, and the answers
-are scored by each task's scorer. The winner is router_auto's rule, reused (not copied): the best
-mean score among the candidates whose paired gain over zero-shot exceeds z standard errors
-(`query.metrics.select_over_reference`), z from `query.auto_selection.selection_z` (`bonferroni`:
-the one-sided 5 % test corrected for the comparisons); zero-shot when none does. So the thought
-level is off for a model it does not measurably help.
+trained retriever, the library's task filter, the token budget in the target backend's tokenizer)
+go through the target backend, and the answers are scored by each task's scorer. The winner is
+router_auto's rule, reused (not copied): the best mean score among the candidates whose paired gain
+over zero-shot exceeds z standard errors (`query.metrics.select_over_reference`), z from
+`query.auto_selection.selection_z` (`bonferroni`: the one-sided 5 % test corrected for the
+comparisons); zero-shot when none does. So the thought level is off for a model it does not
+measurably help.
+
+Which questions (`cross_fit`): a val split of a few dozen questions cannot show a gain of 0.1-0.2
+past that bar, so by default (`auto`) the selection is **cross-fitted**: the val questions plus the
+train questions, each train question scored leave-own-out — never shown its own exemplar, nor any
+template built (even in part) from its answers, which also take no part in the ranking — and with a
+retriever that never trained on it: the train questions are split into `folds` folds
+(`thought.auto.fold_of`) and fold f is answered through a retriever fitted, like the main one (same
+hyper-parameters, as many epochs as its best checkpoint), on the other folds' rows. The paired test
+then runs over train + val. `auto` falls back to val only, saying why, where cross-fitting is not
+possible (no scorable train question, `folds` < 2, `split` is train); `cross_fit: false` is the
+val-only rule.
 
 Written: `<library>/thought_selection.json` (the model's entry merged in; `thought.mode: auto`, the
 pipeline's, serve's and evaluate's default, applies it) and `thought_selection.md` (the table) there
@@ -17,8 +28,10 @@ and in the run dir. `select_thought` is the same step without Lightning (bench/f
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +44,9 @@ from fusion_lightning.thought.auto import (
     REFERENCE,
     Question,
     candidates,
+    fold_of,
     measure,
-    val_questions,
+    selection_questions,
     write_selection,
 )
 from fusion_lightning.thought.prompt import DEFAULT_BUDGET_TOKENS, token_counter
@@ -41,41 +55,86 @@ from fusion_lightning.thought.prompt import DEFAULT_BUDGET_TOKENS, token_counter
 def select_thought(augmenter, backend, questions: Sequence[Question], modes: Sequence[str] = ("templates", "exemplars", "both"),
                    ks: Sequence[int] = (1, 3), budget_tokens: int | None = DEFAULT_BUDGET_TOKENS,
                    se_factor: float | str = "bonferroni", sampling: Mapping[str, Any] | None = None,
-                   retriever: str | None = None) -> dict[str, Any]:
+                   retriever: str | None = None, augmenter_for: Callable[[Question], Any] | None = None,
+                   cross_fit: str | None = None) -> dict[str, Any]:
     """Measure every candidate on `questions` through `backend` and choose; returns the selection entry
-    (`mode`, `k`, `budget_tokens`, the rule and a row per candidate)."""
+    (`mode`, `k`, `budget_tokens`, the rule and a row per candidate). `augmenter_for`: the augmenter that
+    serves each question (cross-fitting: a fold's retriever for its train questions), default `augmenter`;
+    `cross_fit`: how the questions were cross-fitted, for the record (None: val only)."""
     if not questions:
         raise ValueError("thought selection needs val questions with a ground truth and a known metric; there are none")
     start = time.perf_counter()
     settings = candidates(modes, ks, budget_tokens)
-    measured = measure(augmenter, backend, questions, settings, sampling, token_counter(backend))
+    measured = measure(augmenter, backend, questions, settings, sampling, token_counter(backend),
+                       augmenter_for=augmenter_for)
     rewards = {name: m["scores"] for name, m in measured.items()}
     z = selection_z(se_factor, len(rewards))
     winner = select_over_reference(rewards, REFERENCE, z)
     ref = rewards[REFERENCE]
+    splits = np.array([q.split for q in questions])
     rows = []
     for name, m in measured.items():
         diff = m["scores"] - ref
         rows.append({"candidate": name, "mode": m["settings"].mode, "k": m["settings"].k,
                      "val_perf": float(m["scores"].mean()), "gain": float(diff.mean()),
                      "gain_se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0,
+                     "perf_by_split": {s: float(m["scores"][splits == s].mean()) for s in sorted(set(splits.tolist()))},
                      "prompt_tokens": m["prompt_tokens"], "selected": name == winner})
     chosen = measured[winner]["settings"]
     return {"mode": chosen.mode, "k": chosen.k, "budget_tokens": budget_tokens, "reference": REFERENCE, "z": z,
-            "rule": str(se_factor), "questions": len(questions), "retriever": retriever,
-            "tasks": sorted({q.task for q in questions}), "seconds": round(time.perf_counter() - start, 1),
-            "rows": rows}
+            "rule": str(se_factor), "questions": len(questions), "questions_by_split": dict(Counter(splits.tolist())),
+            "cross_fit": cross_fit, "retriever": retriever, "tasks": sorted({q.task for q in questions}),
+            "seconds": round(time.perf_counter() - start, 1), "rows": rows}
+
+
+def cross_fit_plan(cross_fit: bool | str, split: str, folds: int, train_questions: int) -> tuple[bool, str]:
+    """(cross-fit or not, why): `auto` cross-fits wherever it can, `true` must, `false` never does."""
+    if cross_fit not in ("auto", True, False):
+        raise ValueError(f"thought selection cross_fit={cross_fit!r}: choose auto, true or false")
+    if cross_fit is False:
+        return False, f"val only (cross_fit: false): {split} questions"
+    why = ("folds < 2" if folds < 2 else f"the selection split is {split!r}" if split == "train"
+           else "the log has no scorable train question" if not train_questions else "")
+    if why and cross_fit is True:
+        raise ValueError(f"thought selection cross_fit=true is not possible here: {why}")
+    if why:
+        return False, f"val only (cross-fitting not possible: {why})"
+    return True, (f"cross-fitted: {split} + train questions, each train question leave-own-out and through a "
+                  f"retriever of {folds} folds that never trained on it")
+
+
+def train_fold_retrievers(pl_module: L.LightningModule, dm, folds: int, seed: int, epochs: int) -> list[L.LightningModule]:
+    """One retriever per fold, like `pl_module` (same class and hyper-parameters, `epochs` epochs) fitted
+    on the datamodule's train rows without that fold's train questions (`dm.leave_out`)."""
+    import torch
+
+    out = []
+    accelerator = "gpu" if pl_module.device.type == "cuda" else "cpu"
+    with torch.inference_mode(False), torch.enable_grad():  # on_test_end runs under the test loop's inference mode
+        for f in range(folds):
+            L.seed_everything(seed + 1 + f, workers=True, verbose=False)
+            model = type(pl_module)(**dict(pl_module.hparams))
+            fold_dm = dm.leave_out({q for q in dm._ids if fold_of(q, folds, seed) == f})
+            trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                limit_val_batches=0, num_sanity_val_steps=0)
+            trainer.fit(model, train_dataloaders=fold_dm.train_dataloader())
+            model.eval()
+            out.append(model)
+    return out
 
 
 class ThoughtSelection(L.Callback):
-    """After test (the best retriever checkpoint is loaded): `select_thought` on the val split with
-    `backend` (the target model: a zoo name or model path, served in-process, or a `build_backend`
-    config), written next to the library."""
+    """After test (the best retriever checkpoint is loaded): `select_thought` with `backend` (the target
+    model: a zoo name or model path, served in-process, or a `build_backend` config) on the val split,
+    cross-fitted over the train split too by default (`cross_fit`, `folds`; see the module docstring),
+    written next to the library."""
 
     def __init__(self, backend: Mapping[str, Any] | str, modes: Sequence[str] = ("templates", "exemplars", "both"),
                  ks: Sequence[int] = (1, 3), budget_tokens: int | None = DEFAULT_BUDGET_TOKENS,
                  se_factor: float | str = "bonferroni", max_questions: int | None = 200, split: str = "val",
-                 sampling: Mapping[str, Any] | None = None, seed: int = 0, out_dir: str | None = None):
+                 sampling: Mapping[str, Any] | None = None, seed: int = 0, out_dir: str | None = None,
+                 cross_fit: bool | str = "auto", folds: int = 2):
         if not backend:
             raise ValueError("callbacks.thought_selection.backend: the target model is required (a zoo name or "
                              "model path, or a backend config such as {type: openai_compatible, base_url: ..., model: ...})")
@@ -84,6 +143,8 @@ class ThoughtSelection(L.Callback):
         self.backend_cfg, self.modes, self.ks = dict(backend), list(modes), [int(k) for k in ks]
         self.budget_tokens, self.se_factor, self.max_questions = budget_tokens, se_factor, max_questions
         self.split, self.sampling, self.seed, self.out_dir = split, dict(sampling or {}), seed, out_dir
+        cross_fit_plan(cross_fit, split, int(folds), 1)  # a bad value fails at construction
+        self.cross_fit, self.folds = cross_fit, int(folds)
         self.artifacts: dict[str, str] = {}
         self.summary_fields: dict[str, Any] = {}
 
@@ -97,22 +158,43 @@ class ThoughtSelection(L.Callback):
         from fusion_lightning.thought.prompt import TemplateAugmenter
 
         dm = trainer.datamodule
+        if dm.library_dir is None:
+            raise ValueError("thought selection writes next to the library: set datamodule.library_dir")
         lib = dm.library
-        augmenter = TemplateAugmenter(lib, pl_module.encode_queries, pl_module.encode_templates(dm.index_texts),
-                                      task_filter=dm.task_filter, budget_tokens=self.budget_tokens)
-        questions = val_questions(dm.logs, self.split, self.max_questions, self.seed)
+
+        def augmenter_of(module) -> TemplateAugmenter:
+            return TemplateAugmenter(lib, module.encode_queries, module.encode_templates(dm.index_texts),
+                                     task_filter=dm.task_filter, budget_tokens=self.budget_tokens)
+
+        augmenter = augmenter_of(pl_module)
+        train_qs = selection_questions(dm.logs, ("train",)) if self.cross_fit is not False else []
+        use, why = cross_fit_plan(self.cross_fit, self.split, self.folds, len(train_qs))
+        splits = (self.split, "train") if use else (self.split,)
+        questions = selection_questions(dm.logs, splits, self.max_questions, self.seed)
+        augmenter_for = None
+        if use and any(q.split == "train" for q in questions):
+            start = time.perf_counter()
+            ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+            found = re.search(r"epoch=(\d+)", Path(ckpt).name)
+            epochs = int(found.group(1)) + 1 if found else max(1, trainer.current_epoch)
+            fold_augs = [augmenter_of(m) for m in train_fold_retrievers(pl_module, dm, self.folds, self.seed, epochs)]
+            print(f"thought selection: {self.folds} fold retrievers ({epochs} epochs each) in "
+                  f"{time.perf_counter() - start:.0f} s")
+
+            def augmenter_for(q: Question):
+                return fold_augs[fold_of(q.query_id, self.folds, self.seed)] if q.split == "train" else augmenter
         backend = build_backend(self.backend_cfg)
         ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         entry = select_thought(augmenter, backend, questions, self.modes, self.ks, self.budget_tokens, self.se_factor,
-                               self.sampling, retriever=ckpt)
-        if dm.library_dir is None:
-            raise ValueError("thought selection writes next to the library: set datamodule.library_dir")
+                               self.sampling, retriever=ckpt, augmenter_for=augmenter_for, cross_fit=why)
         out = Path(self.out_dir or trainer.default_root_dir)
         paths = write_selection(entry, backend.name, dm.library_dir, out)
         self.artifacts = {"thought_selection_md": paths["thought_selection_md"]}  # the run dir's copy
         self.summary_fields = {"thought_selection": {"model": backend.name, "mode": entry["mode"], "k": entry["k"],
                                                      "questions": entry["questions"],
-                                                     "file": paths["thought_selection_json"]}}
+                                                     "questions_by_split": entry["questions_by_split"],
+                                                     "cross_fit": use, "file": paths["thought_selection_json"]}}
         chosen = "none (zero-shot)" if entry["mode"] == "none" else f"{entry['mode']}@{entry['k']}"
-        print(f"thought selection for {backend.name}: {chosen} over {entry['questions']} {self.split} questions "
+        by = ", ".join(f"{n} {s}" for s, n in entry["questions_by_split"].items())
+        print(f"thought selection for {backend.name}: {chosen} over {entry['questions']} questions ({by}; {why}) "
               f"({entry['seconds']} s)")

@@ -21,10 +21,15 @@ left out. The distillation teacher's gains are weighted the same way. Evaluation
 on the held-out query, of the top-k retrieved templates (0 for another task's) — the template_retriever
 recipe early-stops and checkpoints on `val/outcome@3`; nDCG, recall and MRR stay as diagnostics.
 `objective: similarity` is the earlier behaviour (uniform positives).
+
+Cross-fitting (`cross_fit_fold`, `cross_fit_folds`, `cross_fit_seed`): the train questions of that fold
+(`thought.auto.fold_of`) are left out of the training rows, so the retriever never trains on them and
+the thought selection may score them with it (`leave_out` does the same to a set-up datamodule).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,7 @@ from fusion_lightning.data.embed_job import prepare_embeddings
 from fusion_lightning.data.embeddings import build_encoder, embed_texts
 from fusion_lightning.data.resumable import EpochRandomSampler
 from fusion_lightning.io import file_lock
+from fusion_lightning.thought.auto import fold_of
 from fusion_lightning.thought.build import build_library
 from fusion_lightning.thought.library import TemplateLibrary
 from fusion_lightning.thought.metrics import bm25_scores
@@ -63,6 +69,13 @@ class _Triples(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def without(self, rows: set[int]) -> _Triples:
+        """The same rows less those of the given query-table rows (a cross-fitting fold)."""
+        keep = [i for i, r in enumerate(self.rows) if r not in rows]
+        pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+        return _Triples([self.rows[i] for i in keep], pick(self.positives), pick(self.hard), pick(self.pools),
+                        self.n_hard, pick(self.weights))
+
     def __getitem__(self, i: int) -> tuple[int, int, list[int], set[int]]:
         pos = self.positives[i]
         hard = self.hard[i]
@@ -85,7 +98,8 @@ class TemplateDataModule(LogDataModule):
                  embedding_cache: str | None = None, n_neighbors: int = 3, n_relevant: int = 3,
                  task_filter: bool = True, batch_size: int = 32, eval_batch_size: int = 128,
                  num_workers: int = 0, n_hard: int = 0, hard_band: tuple[int, int] = (10, 100),
-                 own_positive: bool = True, objective: str = "outcome"):
+                 own_positive: bool = True, objective: str = "outcome", cross_fit_fold: int | None = None,
+                 cross_fit_folds: int = 2, cross_fit_seed: int = 0):
         super().__init__(data, logs)
         self.library_dir = Path(library_dir) if library_dir else None
         self.encoder_name, self.summariser_cfg = encoder, dict(summariser or {"type": "rule"})
@@ -97,6 +111,9 @@ class TemplateDataModule(LogDataModule):
         if objective not in OBJECTIVES:
             raise ValueError(f"datamodule.objective={objective!r}; choose from: {', '.join(OBJECTIVES)}")
         self.objective = objective
+        if cross_fit_fold is not None and not 0 <= int(cross_fit_fold) < int(cross_fit_folds):
+            raise ValueError(f"datamodule.cross_fit_fold={cross_fit_fold} must be in [0, cross_fit_folds={cross_fit_folds})")
+        self.cross_fit = None if cross_fit_fold is None else (int(cross_fit_fold), int(cross_fit_folds), int(cross_fit_seed))
         self.library: TemplateLibrary | None = None
         self._built = None
 
@@ -158,6 +175,11 @@ class TemplateDataModule(LogDataModule):
         is_train = splits == "train"
         self._train = self._triples(np.flatnonzero(is_train), sim, same, is_train & has_t, by_source,
                                     t_tasks, tasks, sources)
+        self._ids = [str(q) for q in ids]
+        if self.cross_fit is not None:  # a fold retriever: never trains on its fold's train questions
+            fold, folds, seed = self.cross_fit
+            self._train = self._train.without({i for i, (q, s) in enumerate(zip(self._ids, splits, strict=True))
+                                               if s == "train" and fold_of(q, folds, seed) == fold})
         self._eval = {s: self._eval_rows(np.flatnonzero(splits == s), sim, same, has_t, sources, t_tasks, tasks,
                                          [texts[i] for i in np.flatnonzero(splits == s)],
                                          qv[splits == s] @ lib.embeddings.T)
@@ -280,6 +302,14 @@ class TemplateDataModule(LogDataModule):
                 "bm25": torch.from_numpy(bm25), "exclude": torch.from_numpy(exclude),
                 "relevant": torch.from_numpy(relevant), "gains": torch.from_numpy(gains),
                 "outcome": torch.from_numpy(outcome)}
+
+    def leave_out(self, query_ids: set[str]) -> TemplateDataModule:
+        """A copy that never trains on these questions (their train rows dropped: a cross-fitting fold's
+        retriever); the library, the index and the evaluation rows are shared."""
+        self.setup()
+        dm = copy.copy(self)
+        dm._train = self._train.without({i for i, q in enumerate(self._ids) if q in query_ids})
+        return dm
 
     # -- loaders --------------------------------------------------------------------------------
     def _collate_train(self, items):
