@@ -12,11 +12,13 @@ import numpy as np
 import torch
 from _folds import mean_ci, mean_std, rate, sklearn_routers
 
+from fusion_lightning.config import router_names
 from fusion_lightning.data.embeddings import SentenceTransformerEncoder
 from fusion_lightning.query.router import Router
 
 BASELINES = ("best_single", "task_best", "oracle", "random")
-ROUTER_ORDER = ("auto", "auto_holdout", "residual", "mlp", "knn", "mf", "irt", "graph", "encoder", "bt", "dc", "cascade", "ensemble")
+# router_auto's two selections first, then every registered router (recipes/model/router_<name>.yaml), then the ensemble
+ROUTER_ORDER = ("auto", "auto_holdout", *(n for n in router_names() if n != "auto"), "ensemble")
 NOTES = {
     "auto": "router_auto, 5-fold cross-validated selection (selected per fold: {winners})",
     "auto_holdout": "router_auto selecting on the one val split (model.selection=holdout; per fold: {winners_holdout})",

@@ -40,7 +40,7 @@ from _peers import PEER_ROUTERS, llmrouter_peer_choices  # noqa: E402
 from _routers_report import BASELINES, throughput, write_tables  # noqa: E402
 
 from fusion_lightning.callbacks.routing_report import costs_known  # noqa: E402
-from fusion_lightning.config import compose_recipe  # noqa: E402
+from fusion_lightning.config import compose_recipe, router_names  # noqa: E402
 from fusion_lightning.data.datamodule import load_from_config  # noqa: E402
 from fusion_lightning.fit import build, run  # noqa: E402
 from fusion_lightning.query.base import split_arrays  # noqa: E402
@@ -54,8 +54,11 @@ from fusion_lightning.query.metrics import (  # noqa: E402
 )
 from fusion_lightning.query.peer_metrics import strong_weak_metrics  # noqa: E402
 
-ROUTERS = ("mlp", "knn", "mf", "irt", "graph", "residual", "auto", "auto_holdout", "encoder", "bt", "dc", "cascade")
-DEFAULT_ROUTERS = ("mlp", "knn", "mf", "irt", "graph", "residual", "auto", "auto_holdout")
+# every registered router (recipes/model/router_<name>.yaml) is a row, and router_auto once more with holdout selection
+ROUTERS = (*router_names(), "auto_holdout")
+# run only when named: they read token ids, pairs or responses (their own DataModules) and take the longest
+ON_REQUEST = ("encoder", "bt", "dc", "cascade")
+DEFAULT_ROUTERS = tuple(n for n in ROUTERS if n not in ON_REQUEST)
 ENSEMBLE = ("mlp", "knn", "mf", "irt", "graph")  # every embedding router; mean predicted score and cost
 OUT = Path(__file__).resolve().parent / "out"
 PEER_METRICS = ("apgr", "cpt@50", "cpt@80")  # RouteLLM's, from each router's own test metrics

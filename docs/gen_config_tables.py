@@ -92,8 +92,11 @@ def fit_defaults(recipes: Path) -> dict[str, str]:
 
 
 def recipe_picks(path: Path, defaults: dict[str, str]) -> dict[str, str]:
-    """The model and datamodule a recipe runs: its `override /GROUP:` entries, else fit.yaml's."""
+    """The model and datamodule a recipe runs: its `override /GROUP:` entries, else fit.yaml's (a router YAML
+    without a recipe file gets the recipe `router_<name>`, whose model is that YAML: config.py)."""
     picks = {g: defaults.get(g, "") for g in ("model", "datamodule")}
+    if not path.is_file():
+        return {**picks, "model": path.stem}
     for entry in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("defaults") or []:
         if isinstance(entry, dict):
             for k, v in entry.items():

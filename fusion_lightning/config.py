@@ -64,8 +64,47 @@ def recipes_dir() -> Path:
     return config_root() / "recipes"
 
 
+def router_names() -> list[str]:
+    """The routers, the one list of them: every `recipes/model/router_<name>.yaml`. Recipes, `bench/routers.py`
+    and the docs tables read it, so a router is its class plus that YAML."""
+    return [p.stem.removeprefix("router_") for p in sorted((recipes_dir() / "model").glob("router_*.yaml"))]
+
+
+def opening_comment(path: Path) -> str:
+    """The comment block a YAML file opens with, as one line (a config option's description)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(" ".join(lines).split())
+
+
+def _router_recipes() -> dict[str, str]:
+    """`router_<name>` for each router YAML without a recipe file of its own -> its description: the recipe
+    such a router gets (`model=router_<name>` on `fit.yaml`'s defaults), registered with Hydra's ConfigStore."""
+    own = {p.stem for p in (recipes_dir() / "recipe").glob("*.yaml")}
+    out = {}
+    for name in router_names():
+        if f"router_{name}" not in own:
+            path = recipes_dir() / "model" / f"router_{name}.yaml"
+            out[f"router_{name}"] = f"Query-level fusion - {opening_comment(path) or name}"
+    return out
+
+
+def register_router_recipes() -> None:
+    """Store the derived router recipes with Hydra (called before every composition: the config root may change)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for recipe, desc in _router_recipes().items():
+        cs.store(group="recipe", name=recipe, package="_global_",
+                 node={"defaults": [{"override /model": recipe}], "description": desc})
+
+
 def list_recipes() -> dict[str, str]:
-    """Recipe name -> its one-line description."""
+    """Recipe name -> its one-line description: the files of `recipes/recipe/`, and a derived recipe for each
+    router YAML without one (`_router_recipes`)."""
     out = {}
     for p in sorted((recipes_dir() / "recipe").glob("*.yaml")):
         try:
@@ -73,7 +112,7 @@ def list_recipes() -> dict[str, str]:
         except yaml.YAMLError:
             desc = "(unreadable YAML)"
         out[p.stem] = " ".join(str(desc).split())
-    return out
+    return dict(sorted({**out, **_router_recipes()}.items()))
 
 
 def group_options(group: str) -> list[str]:
@@ -122,6 +161,7 @@ def compose_config(config_name: str, overrides: list[str] | tuple[str, ...] = ()
     """Compose `recipes/<config_name>.yaml` with Hydra overrides (the hydra node resolved and dropped);
     ConfigError on any problem. The one composer behind `fit`, `templates build` and the tests."""
     GlobalHydra.instance().clear()
+    register_router_recipes()
     try:
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)

@@ -38,7 +38,13 @@ from fusion_lightning.checkpointing import (
     checkpoint_plugins,
     find_last,
 )
-from fusion_lightning.config import ConfigError, compose_recipe, list_recipes, recipes_dir
+from fusion_lightning.config import (
+    ConfigError,
+    compose_recipe,
+    list_recipes,
+    recipes_dir,
+    register_router_recipes,
+)
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.matrix import REWARD_SETTINGS
 from fusion_lightning.io import atomic_write
@@ -309,7 +315,7 @@ _EXIT: list[int] = []  # exit codes of the runs in this process
 
 def _one_line(e: BaseException) -> str:
     """A run's error as one line; a bad model/data setting that Hydra's instantiate wrapped is named by
-    its target and the original message (e.g. "fusion_lightning.query.knn.KNNRouter: k must be >= 1, got 0")."""
+    its target and the original message (e.g. "fusion_lightning.query.routers.knn.KNNRouter: k must be >= 1, got 0")."""
     if isinstance(e, InstantiationException) and e.__cause__ is not None:
         m = re.search(r"target '([^']+)'", str(e))
         cause = " ".join(str(e.__cause__).split())
@@ -343,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     # hydra.run.dir=<this run's dir>, so every rank shares one run dir
     sys.argv = [sys.argv[0], *argv]
     _EXIT.clear()
+    register_router_recipes()  # a router YAML without a recipe file gets one (config.py)
     app = hydra.main(config_path=str(recipes_dir()), config_name="fit", version_base="1.3")(_task)
     app()
     return max(_EXIT, default=0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion_lightning.config import group_options, list_recipes, recipes_dir
+from fusion_lightning.config import group_options, list_recipes, recipes_dir, router_names
 
 pytestmark = pytest.mark.integration  # starts processes or servers (tests/conftest.py)
 
@@ -47,7 +47,8 @@ def test_config_tables_list_exactly_the_recipes_and_options_of_recipes_dir():
     gen = _generator()
     text = gen.config_tables()
     recipes = list_recipes()
-    assert set(recipes) == {p.stem for p in (recipes_dir() / "recipe").glob("*.yaml")}
+    derived = {f"router_{n}" for n in router_names()}  # a router YAML without a recipe file gets one
+    assert set(recipes) == {p.stem for p in (recipes_dir() / "recipe").glob("*.yaml")} | derived
     assert _rows(text, "## Recipes") == sorted(recipes)
     for name, desc in recipes.items():
         assert f"| `{name}` |" in text and gen.cell(desc) in text, name

@@ -120,7 +120,7 @@ def test_checkpoints_load_weights_only(router_runs) -> None:
     tmp, full = router_runs
     for name in ("best_checkpoint", "last_checkpoint"):
         ckpt = torch.load(tmp / "full" / full["artifacts"][name], map_location="cpu", weights_only=True)
-        assert ckpt["fusion_lightning"] == {"module_class": "fusion_lightning.query.mlp.MLPRouter",
+        assert ckpt["fusion_lightning"] == {"module_class": "fusion_lightning.query.routers.mlp.MLPRouter",
                                             "recipe": "router_mlp"}
 
 

@@ -90,7 +90,7 @@ def test_a_bad_model_setting_is_one_line_naming_the_class(tmp_path: Path) -> Non
              timeout=300)
     assert r.returncode == 1, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert errors and "fusion_lightning.query.knn.KNNRouter: k must be >= 1, got 0" in errors[0], r.stderr[-2000:]
+    assert errors and "fusion_lightning.query.routers.knn.KNNRouter: k must be >= 1, got 0" in errors[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 
 

@@ -109,6 +109,22 @@ def test_loaded_router_matches_the_module_it_was_saved_from(trained: Path) -> No
     np.testing.assert_allclose(direct.cost, c.numpy(), rtol=1e-6)
 
 
+def test_checkpoints_from_before_the_routers_moved_still_load(trained: Path, tmp_path: Path) -> None:
+    """Routers moved into query/routers/: a checkpoint naming the old module path loads and routes the same."""
+    from fusion_lightning.query.routers import current_path
+
+    assert current_path("fusion_lightning.query.encoder.EncoderRouter") == \
+        "fusion_lightning.query.routers.finetuned_encoder.EncoderRouter"
+    assert current_path("fusion_lightning.query.router.Router") == "fusion_lightning.query.router.Router"
+    data = torch.load(trained, map_location="cpu", weights_only=True)
+    assert data["router_class"] == "fusion_lightning.query.routers.mlp.MLPRouter"
+    data["router_class"] = "fusion_lightning.query.mlp.MLPRouter"
+    old = tmp_path / "old.ckpt"
+    torch.save(data, old)
+    queries, tasks = [q for q, _ in QUERIES], [t for _, t in QUERIES]
+    assert Router.load(old).route(queries, tasks).models == Router.load(trained).route(queries, tasks).models
+
+
 def test_bad_checkpoints_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         Router.load(tmp_path / "missing.ckpt")

@@ -11,17 +11,17 @@ from planted import planted_overrides, write_subtopic_logs
 
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.fit import fit
-from fusion_lightning.query.auto import AutoRouter
 from fusion_lightning.query.datamodule import RouterDataModule
 from fusion_lightning.query.router import Router
+from fusion_lightning.query.routers.auto import AutoRouter
 
 # three candidates: the lookup, a residual router that can learn, an MLP that cannot (its lr is 0)
 SMALL_SET = [
     "~model.candidates", "~model.ensembles",
-    "+model.candidates.lookup._target_=fusion_lightning.query.residual.ResidualRouter",
+    "+model.candidates.lookup._target_=fusion_lightning.query.routers.residual.ResidualRouter",
     "+model.candidates.lookup.alphas=[0.0]", "+model.candidates.lookup.hidden_dims=[]",
-    "+model.candidates.residual._target_=fusion_lightning.query.residual.ResidualRouter",
-    "+model.candidates.frozen_mlp._target_=fusion_lightning.query.mlp.MLPRouter",
+    "+model.candidates.residual._target_=fusion_lightning.query.routers.residual.ResidualRouter",
+    "+model.candidates.frozen_mlp._target_=fusion_lightning.query.routers.mlp.MLPRouter",
     "+model.candidates.frozen_mlp.lr=0.0",
 ]
 
@@ -112,7 +112,7 @@ def test_default_candidate_set_runs_and_documents_every_candidate(tmp_path: Path
 def test_bad_candidate_sets_are_one_line_errors() -> None:
     kw = {"embed_dim": 4, "models": ["a", "b"], "tasks": ["<unk>", "t"], "binary": True, "encoder": "hashing",
           "normaliser": {}, "model_sizes": [None, None]}
-    mlp = {"_target_": "fusion_lightning.query.mlp.MLPRouter"}
+    mlp = {"_target_": "fusion_lightning.query.routers.mlp.MLPRouter"}
     with pytest.raises(ValueError, match="reference='lookup' is not a candidate"):
         AutoRouter(**kw, candidates={"mlp": mlp})
     with pytest.raises(ValueError, match="ensemble 'e'.*members are candidate names or kinds"):
@@ -124,7 +124,7 @@ def test_an_ensemble_winner_predicts_the_mean_of_its_members_and_survives_a_chec
 
     kw = {"embed_dim": 2, "models": ["a", "b"], "tasks": ["<unk>", "t"], "binary": True, "encoder": "hashing",
           "normaliser": {}, "model_sizes": [None, None]}
-    lookup = {"_target_": "fusion_lightning.query.residual.ResidualRouter", "alphas": [0.0], "hidden_dims": []}
+    lookup = {"_target_": "fusion_lightning.query.routers.residual.ResidualRouter", "alphas": [0.0], "hidden_dims": []}
     r = AutoRouter(**kw, candidates={"lookup": lookup, "other": lookup}, ensembles={"both": ["lookup", "other"]})
     for name, prior in (("lookup", [[0.2, 0.6], [0.2, 0.6]]), ("other", [[0.8, 0.0], [0.8, 0.0]])):
         r.candidates[name].prior_perf = torch.tensor(prior)
@@ -218,7 +218,7 @@ def test_cv_resume_reuses_the_checkpoints_selection_without_refolding(tmp_path: 
         raise AssertionError("the folds ran again on resume")
 
     monkeypatch.setattr(auto_selection, "cross_validate", no_folds)
-    monkeypatch.setattr("fusion_lightning.query.auto.cross_validate", no_folds)
+    monkeypatch.setattr("fusion_lightning.query.routers.auto.cross_validate", no_folds)
     resumed = fit(compose_recipe("router_auto", [*part, "trainer.max_epochs=4", "ckpt_path=last"]))
     assert resumed["selection"] == first["selection"]
     assert resumed["metrics"]["test/perf"] == first["metrics"]["test/perf"]

@@ -1,4 +1,4 @@
-"""The Bradley–Terry / Elo router (query/bt.py): ratings recover planted strengths, agree with RouteLLM's
+"""The Bradley–Terry / Elo router (query/routers/bt.py): ratings recover planted strengths, agree with RouteLLM's
 fit, the similarity-weighted variant learns a rule that depends on the query, and `router_bt` runs end to end
 on a Chatbot Arena-shaped preference file and on pairs derived from scores."""
 
@@ -16,7 +16,7 @@ from fusion_lightning.config import compose_recipe
 from fusion_lightning.data.matrix import QueryMatrix
 from fusion_lightning.data.preferences import PreferenceTable
 from fusion_lightning.fit import fit
-from fusion_lightning.query.bt import (
+from fusion_lightning.query.routers.bt import (
     ELO_SCALE,
     BTRouter,
     fit_bt,

@@ -16,9 +16,9 @@ from planted import MODELS, planted_overrides
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.data.embeddings import build_encoder
 from fusion_lightning.fit import fit
-from fusion_lightning.query.graph import GraphRouter
 from fusion_lightning.query.graph_data import LLM_TO_QUERY, QUERY_TO_LLM, build_graph
 from fusion_lightning.query.router import Router, load_router_module
+from fusion_lightning.query.routers.graph import GraphRouter
 
 
 @pytest.fixture(autouse=True)

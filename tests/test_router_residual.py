@@ -14,8 +14,8 @@ from fusion_lightning.config import compose_recipe
 from fusion_lightning.fit import fit
 from fusion_lightning.query.base import split_arrays, task_prior
 from fusion_lightning.query.metrics import baseline_choices, choose
-from fusion_lightning.query.residual import ResidualRouter
 from fusion_lightning.query.router import load_router_module
+from fusion_lightning.query.routers.residual import ResidualRouter
 
 
 def _subtopic_overrides(tmp_path: Path, *extra: str) -> list[str]:

@@ -14,10 +14,10 @@ from planted import planted_overrides, write_cascade_logs
 
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.fit import fit
-from fusion_lightning.query.cascade import GRID, cascade_outcome, run_cascade
-from fusion_lightning.query.dc import group_contrastive_loss, kmeans, sample_llm_loss
 from fusion_lightning.query.metrics import RoutingArrays
 from fusion_lightning.query.router import load_router_module
+from fusion_lightning.query.routers.cascade import GRID, cascade_outcome, run_cascade
+from fusion_lightning.query.routers.dc import group_contrastive_loss, kmeans, sample_llm_loss
 
 
 # RouterDC -------------------------------------------------------------------------------------

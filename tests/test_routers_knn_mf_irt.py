@@ -11,10 +11,10 @@ from planted import planted_overrides
 
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.fit import fit
-from fusion_lightning.query.irt import IRTRouter, irt_logits
-from fusion_lightning.query.knn import KNNRouter
-from fusion_lightning.query.mf import MFRouter
 from fusion_lightning.query.router import load_router_module
+from fusion_lightning.query.routers.irt import IRTRouter, irt_logits
+from fusion_lightning.query.routers.knn import KNNRouter
+from fusion_lightning.query.routers.mf import MFRouter
 
 RECIPES = ("router_knn", "router_mf", "router_irt")
 EPOCHS = {"router_knn": 1, "router_mf": 15, "router_irt": 15}

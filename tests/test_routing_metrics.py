@@ -17,7 +17,7 @@ from fusion_lightning.query.metrics import (
     gap_closed,
     routing_metrics,
 )
-from fusion_lightning.query.mlp import MLPRouter
+from fusion_lightning.query.routers.mlp import MLPRouter
 
 nan = np.nan
 SIZES = [7.0, 70.0, None]  # model 1 is the largest; model 2's size is unknown

@@ -13,8 +13,8 @@ from planted import planted_overrides, write_subtopic_logs
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.fit import fit
 from fusion_lightning.query.metrics import RoutingArrays, task_blind_metrics
-from fusion_lightning.query.residual import ResidualRouter
 from fusion_lightning.query.router import Router
+from fusion_lightning.query.routers.residual import ResidualRouter
 from fusion_lightning.query.task_classifier import fit_task_classifier, infer_tasks
 
 

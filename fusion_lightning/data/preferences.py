@@ -3,7 +3,7 @@
 A preference is not a task score, so nothing per model is invented: the battles stay a pairwise table
 (`PreferenceTable`) beside the score log, split by query exactly as a score log is (`LogTable.assign_splits`:
 by query text, stratified by task, seeded, from file names when they carry splits). Routers that learn from
-pairs (query/bt.py) read it; where a log has only scores, `PreferenceTable.from_scores` derives the pairs
+pairs (query/routers/bt.py) read it; where a log has only scores, `PreferenceTable.from_scores` derives the pairs
 (per query, each observed model pair: higher score wins, equal scores tie) and says so (`pairs_from`).
 
 Reading and validating the files is preference_reader.py's.

@@ -1,4 +1,4 @@
-"""PairwiseDataModule: battles per split for routers that learn from pairs (query/bt.py).
+"""PairwiseDataModule: battles per split for routers that learn from pairs (query/routers/bt.py).
 
 Two sources, one interface (`pairs[split]`, a PreferenceTable, and `pair_x[split]`, its queries' embeddings):
 - a preference log (data=preferences): its battles, split by query; the loaders yield the split's query

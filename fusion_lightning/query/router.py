@@ -33,6 +33,7 @@ import fusion_lightning.zoo  # noqa: F401  registers the zoo's model names with 
 from fusion_lightning.data.embeddings import Encoder, build_encoder
 from fusion_lightning.query.base import RouterModule
 from fusion_lightning.query.metrics import check_decision, tolerance_decision
+from fusion_lightning.query.routers import current_path
 
 CALIBRATION_KEY = "fusion_lightning_strong_weak"  # checkpoint entry written by `route --calibrate`
 
@@ -62,6 +63,7 @@ def load_router_module(path: str | Path) -> RouterModule:
     target = ckpt.get("router_class") if isinstance(ckpt, dict) else None
     if not target:
         raise ValueError(f"{path}: not a fusion_lightning router checkpoint (no 'router_class' entry)")
+    target = current_path(target)  # a checkpoint from before the routers moved to query/routers/
     module_name, _, cls_name = target.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)

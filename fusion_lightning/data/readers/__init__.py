@@ -4,11 +4,15 @@ A reader is one function registered by name; a new format is one new file in thi
 
     @register_reader("myformat")
     def read_myformat(path: Path, options: ReaderOptions) -> SourceData: ...
+
+The registry is the one list of reader names: every module of this package is imported on first use
+(`load_readers`), so a new file registers itself; nothing else keeps a list of formats.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +23,7 @@ from fusion_lightning.data.readers.files import drop_cross_split_duplicates
 
 Reader = Callable[[Path, ReaderOptions], SourceData]
 READERS: dict[str, Reader] = {}
-
-_BUILTIN = ("llmfusionbench", "llmrouter", "llmrouter_long", "routerbench", "routellm")
+_HELPERS = ("common", "files")  # shared code of the readers, not formats
 
 
 def register_reader(name: str) -> Callable[[Reader], Reader]:
@@ -31,9 +34,16 @@ def register_reader(name: str) -> Callable[[Reader], Reader]:
     return deco
 
 
+def load_readers() -> dict[str, Reader]:
+    """Import every reader module of this package (each registers itself); the registry, name -> reader."""
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name not in _HELPERS and not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+    return READERS
+
+
 def get_reader(name: str) -> Reader:
-    for mod in _BUILTIN:
-        importlib.import_module(f"fusion_lightning.data.readers.{mod}")
+    load_readers()
     if name not in READERS:
         raise ValueError(f"unknown log format {name!r}; choose from: {', '.join(sorted(READERS))}")
     return READERS[name]
@@ -53,4 +63,4 @@ def read_source(fmt: str, path: str | Path, options: ReaderOptions | None = None
     return src
 
 
-__all__ = ["READERS", "ReaderOptions", "SourceData", "get_reader", "read_source", "register_reader"]
+__all__ = ["READERS", "ReaderOptions", "SourceData", "get_reader", "load_readers", "read_source", "register_reader"]

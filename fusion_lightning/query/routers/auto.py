@@ -49,6 +49,7 @@ from fusion_lightning.query.metrics import (
     select_over_reference,
 )
 from fusion_lightning.query.off_policy import logged_view
+from fusion_lightning.query.routers import current_path
 
 _PREFIX = "candidates."
 
@@ -80,6 +81,9 @@ class AutoRouter(RouterModule):
         if selection not in SELECTIONS:
             raise ValueError(f"model.selection={selection!r}; choose from: {', '.join(SELECTIONS)}")
         candidates = {n: _plain(s) for n, s in _plain(candidates).items()}  # Hydra passes configs with _recursive_=false
+        for spec in candidates.values():  # a checkpoint from before the routers moved to query/routers/
+            if "_target_" in spec:
+                spec["_target_"] = current_path(spec["_target_"])
         ensembles = {e: list(m) for e, m in _plain(ensembles or {}).items()}
         self.save_hyperparameters(ignore=["candidates", "ensembles"])
         self.hparams.update(candidates=candidates, ensembles=ensembles)
