@@ -114,7 +114,7 @@ if ! "$PY" "$HELPER" probe 2>"$WORK/probe.txt"; then
   fi
 fi
 if [ -d "$WHEELHOUSE/zoo" ]; then  # zoo models built ahead (tiny-llama): into the zoo cache when missing there
-  CACHE="${FUSION_LIGHTNING_CACHE:-.cache/fusion_lightning}/students"
+  CACHE="$("$PY" -c 'from fusion_lightning.cache import cache_root; print(cache_root())')/students"  # the one rule
   mkdir -p "$CACHE"
   for d in "$WHEELHOUSE"/zoo/*/; do
     [ -e "$CACHE/$(basename "$d")" ] || cp -r "$d" "$CACHE/$(basename "$d")"

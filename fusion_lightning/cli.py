@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from fusion_lightning.cache import cache_help
+
 COMMANDS = {  # name -> what it does (the module is fusion_lightning.<name>)
     "fit": "run a recipe end to end: fit, validate and test (fit recipe=NAME [key=value ...])",
     "submit": "run a recipe as a SLURM batch job",
@@ -30,7 +32,7 @@ def usage() -> str:
     lines = ["usage: fusion-lightning COMMAND [args]   (the same as python -m fusion_lightning.COMMAND [args])",
              "", "commands:"]
     lines += [f"  {name.ljust(width)}  {what}" for name, what in COMMANDS.items()]
-    lines += ["", "fusion-lightning COMMAND --help: that command's own help"]
+    lines += ["", "fusion-lightning COMMAND --help: that command's own help", "", cache_help()]
     return "\n".join(lines)
 
 

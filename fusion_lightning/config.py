@@ -7,7 +7,9 @@ from `fit.yaml`), and the groups `data/`, `datamodule/`, `selection/`, `model/`,
 command is a `@hydra.main` application over `fit.yaml`; `compose_recipe` composes the same config
 for code and tests. The other `key=value` commands compose their own primary configs
 (`templates.yaml`, `collect.yaml`, `serve.yaml`, `evaluate.yaml`; `compose_command` adds `config=FILE`
-and file keys). Wheels carry a copy of `recipes/` inside the package (`_configs/`).
+and file keys). Wheels carry a copy of `recipes/` inside the package (`_configs/`). Two resolvers are
+registered here, for every composition: `${fl_run_dir:...}` (the run dir) and `${fl_cache:SUBDIR}` (a
+folder of the cache, `fusion_lightning.cache`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from fusion_lightning.cache import cache_root
 from fusion_lightning.data import source as _source  # noqa: F401  registers the data/base schema with Hydra
 
 
@@ -45,8 +48,17 @@ def run_dir_for(run_dir: str | None, runs_root: str, recipe: str) -> str:
     return str(path)
 
 
+def cache_path(sub: str = "") -> str:
+    """`${fl_cache:SUBDIR}` in a recipe: `<cache root>/SUBDIR` (fusion_lightning.cache), absolute, so a
+    recipe composed in any working directory, a SLURM job's or a notebook's, finds the same cache. Not
+    cached: a test or a job that sets `FUSION_LIGHTNING_CACHE` is seen at the next composition."""
+    return str(cache_root() / sub) if sub else str(cache_root())
+
+
 if not OmegaConf.has_resolver("fl_run_dir"):
     OmegaConf.register_new_resolver("fl_run_dir", run_dir_for, use_cache=True)
+if not OmegaConf.has_resolver("fl_cache"):
+    OmegaConf.register_new_resolver("fl_cache", cache_path)
 
 
 def config_root() -> Path:

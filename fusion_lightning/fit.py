@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import fusion_lightning.zoo  # noqa: F401  registers the zoo's model names with the hf: encoders
 from fusion_lightning import tracking
+from fusion_lightning.cache import cache_help
 from fusion_lightning.checkpointing import (
     EXIT_INTERRUPTED,
     FaultTolerance,
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(USAGE)
+        print(cache_help() + "\n")
         print("recipes:")
         recipes = list_recipes()
         width = max((len(n) for n in recipes), default=0)

@@ -3,6 +3,11 @@ a fast recipe override, and the `integration` marker's meaning.
 
 - `shared_data(name)`: the folder `$FUSION_LIGHTNING_SHARED_DATA/<name>` (default `../shared/data`, beside
   the checkout), or a skip that says how to point at it; session-scoped, so module fixtures can use it.
+- the cache (autouse, session): `FUSION_LIGHTNING_CACHE` is the checkout's `.cache/fusion_lightning` unless
+  already set, so the suite never writes into the user's `~/.cache` and finds the zoo's models, ONNX exports
+  and embeddings where it made them before the cache moved there (a run from the checkout used that
+  folder), in any working directory and in the processes it starts; a test that needs its own cache sets
+  the variable itself.
 - `fast_overrides`: the overrides that run any router recipe in seconds on the planted LLMRouter-format log
   (tests/planted.py: a routing rule a router that reads the query must learn), with the hashing encoder,
   no logger, 3 epochs, and the cache and run dir under tmp_path.
@@ -14,12 +19,23 @@ a fast recipe override, and the `integration` marker's meaning.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+TEST_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "fusion_lightning"  # gitignored
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fl_cache() -> Iterator[Path]:
+    """The cache root the suite uses (fusion_lightning.cache): `$FUSION_LIGHTNING_CACHE`, else the checkout's
+    `.cache/fusion_lightning` - never `~/.cache/fusion_lightning`."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not os.environ.get("FUSION_LIGHTNING_CACHE"):
+            mp.setenv("FUSION_LIGHTNING_CACHE", str(TEST_CACHE))
+        yield Path(os.environ["FUSION_LIGHTNING_CACHE"])
 
 
 def shared_path(name: str) -> Path:

@@ -3,7 +3,8 @@ source with `ast` (nothing is imported, so a lazy import inside a function count
 
 A part may import itself, the package root and the parts `MAY_IMPORT` names, nothing else:
 
-- `io` (atomic writes, file locks) sits below everything and imports nothing of the package;
+- `io` (atomic writes, file locks) and `cache` (where the cache folder is) sit below everything and import
+  nothing of the package;
 - `scoring/` is pure functions of (response, ground truth): it imports nothing else of the package;
 - `data/` (readers, validation, LogTable, embeddings, re-scoring, response ranking) may use scoring only;
 - `zoo/` (the offline models: registry, fetch, builders; `python -m fusion_lightning.zoo` is its
@@ -29,7 +30,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fusion_lightning"
 LEVELS = ("query", "thought", "model")
 COMPOSITIONS = {"fusion_lightning.serving.pipeline", "fusion_lightning.evaluation"}
 SUPPORT = {"fusion_lightning.config", "fusion_lightning.checkpointing", "fusion_lightning.tracking"}
-UTIL = {"fusion_lightning.io"}  # atomic writes and file locks: below everything, imports nothing of ours
+UTIL = {"fusion_lightning.io", "fusion_lightning.cache"}  # file writes and locks, the cache root: below everything
 PARTS = ("root", "util", "scoring", "data", "zoo", "serving", *LEVELS, "callbacks", "composition", "support", "cli")
 BASE = {"util", "data", "scoring", "zoo"}
 MAY_IMPORT: dict[str, set[str]] = {

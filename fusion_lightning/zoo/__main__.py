@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 import fusion_lightning.zoo as zoo
-from fusion_lightning.zoo import ZOO, cache_root, catalog, fetch, list_rows, lookup
+from fusion_lightning.zoo import ZOO, catalog, fetch, list_rows, lookup, students_root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
             cached = f"{r['cached_mb']:.0f} MB" if r["cached"] else "no"
             alias = f" (alias {', '.join(r['aliases'])})" if r["aliases"] else ""
             print(f"{r['name']:24} {r['params_m']:>7}M {r['download_mb']:>6.0f} MB {cached:>10}  {r['description']}{alias}")
-        print(f"cache: {cache_root().absolute()}")
+        print(f"cache: {students_root()}")
         return 0
     if argv[0] == "catalog":
         try:

@@ -10,7 +10,6 @@ GGUF models are dequantised to fp32 and saved with `save_gguf_as_hf`.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -22,10 +21,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FUSION_LIGHTNING_CACHE", ".cache/fusion_lightning")).expanduser() / "students"
 
 
 def _corpus() -> list[str]:
