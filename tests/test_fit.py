@@ -59,7 +59,10 @@ def test_quickstart_recipe_end_to_end_with_minilm(tmp_path: Path) -> None:
     run = tmp_path / "run"
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == summary
-    assert set(summary) == {"recipe", "seed", "data", "metrics", "artifacts"}
+    assert set(summary) == {"recipe", "seed", "data", "metrics", "artifacts", "score_calibration"}
+    # Platt scaling on val (callbacks/score_calibration.py) says why it did nothing: the synthetic scores are graded
+    assert summary["score_calibration"] == {"skipped": "scores are not 0/1: a success probability has nothing to "
+                                                       "be calibrated against"}
     assert summary["seed"] == 42
     data = summary["data"]
     assert data["queries"] == 240 and data["models"] == 6 and data["rows"] == 240 * 6
