@@ -6,10 +6,12 @@ from `fit.yaml`), and the groups `data/`, `datamodule/`, `selection/`, `model/`,
 `trainer/`, `strategy/`, `logger/`, `callbacks/`, `cluster/`, `debug/` and `templates/`. The `fit`
 command is a `@hydra.main` application over `fit.yaml`; `compose_recipe` composes the same config
 for code and tests. The other `key=value` commands compose their own primary configs
-(`templates.yaml`, `collect.yaml`, `serve.yaml`, `evaluate.yaml`; `compose_command` adds `config=FILE`
-and file keys). Wheels carry a copy of `recipes/` inside the package (`_configs/`). Two resolvers are
-registered here, for every composition: `${fl_run_dir:...}` (the run dir) and `${fl_cache:SUBDIR}` (a
-folder of the cache, `fusion_lightning.cache`).
+(`templates.yaml`, `collect.yaml`, `serve.yaml`, `evaluate.yaml`, `route.yaml`, `export.yaml`,
+`compare.yaml`, `submit.yaml`; `compose_command` adds `config=FILE` and file keys; `legacy_flags` reads
+the old `--flag` spellings of route, export, compare and submit for one release). Wheels carry a copy
+of `recipes/` inside the package (`_configs/`). Two resolvers are registered here, for every
+composition: `${fl_run_dir:...}` (the run dir) and `${fl_cache:SUBDIR}` (a folder of the cache,
+`fusion_lightning.cache`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -322,3 +327,90 @@ def compose_command(config_name: str, argv: list[str] | tuple[str, ...],
         return OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).strip().splitlines()[0]) from None
+
+
+# --- --help, choices and the old --flag spellings of route, export, compare and submit ----------------
+
+def command_help(doc: str, config_name: str) -> str:
+    """A `key=value` command's `--help`: its docstring, then its primary config (every key, its default, a comment)."""
+    return f"{doc.strip()}\n\n{(recipes_dir() / f'{config_name}.yaml').read_text(encoding='utf-8')}"
+
+
+def check_choice(cfg: dict, key: str, choices: tuple[str, ...] | list[str]) -> str:
+    """`cfg[key]` when it is one of `choices`, else a one-line ConfigError naming them."""
+    value = cfg[key]
+    if value not in choices:
+        raise ConfigError(f"{key}={value}: choose from: {', '.join(choices)}")
+    return str(value)
+
+
+def hydra_value(text: str) -> str:
+    """`text` as an override value Hydra reads back as the same string: as it is where that holds (`0.5`, a plain
+    path), else quoted (a path with `=`, `,`, `~` or a space; `--constraint=a100`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        (o,) = OverridesParser.create().parse_overrides([f"k={text}"])
+        value = o.value()
+        if not o.is_sweep_override() and (value == text or isinstance(value, int | float | bool)):
+            return text
+    except HydraException:
+        pass
+    # in a quoted value only backslashes before a quote or at the end are escapes
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text) + "'"
+
+
+def legacy_flags(argv: list[str] | tuple[str, ...], flags: dict[str, str], switches: tuple[str, ...] = (),
+                 lists: tuple[str, ...] = (), positional: str | None = None, keep: tuple[str, ...] = (),
+                 translate: dict[str, Callable[[str], str]] | None = None, hint: str = "") -> list[str]:
+    """The old argparse spellings, `--flag value`, `--flag=value` and a bare switch, as `key=value` arguments
+    (kept for one release; one `note:` line on stderr says the new spelling).
+
+    `flags` maps each old flag to its key, `switches` take no value (`--merge` -> `merge=true`), `lists` may
+    repeat (`--metric a --metric b` -> `metrics=[a,b]`), words without `=` go to the list key `positional`
+    (compare's run dirs), `keep` pass as they are (submit's `-m`), and `translate` maps a flag's value to its
+    argument where that is not `key=value` (`--calibrate budget=1` -> `calibrate.budget=1`). Another `--flag` is
+    a ConfigError naming the keys."""
+    out: list[tuple[str, bool]] = []  # (argument, translated)
+    old: list[str] = []
+    listed: dict[str, tuple[int, list[str]]] = {}  # list key -> (where it goes: where it first stood, values)
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg in keep or not arg or (not arg.startswith("-") and ("=" in arg or positional is None)):
+            out.append((arg, False))  # key=value (or a stray word: compose_command says what is wrong with it)
+            continue
+        if not arg.startswith("-"):
+            listed.setdefault(positional, (len(out), []))[1].append(arg)
+            old.append(arg)
+            continue
+        flag, eq, value = arg.partition("=")
+        if flag not in flags:
+            keys = ", ".join(dict.fromkeys(flags.values()))
+            raise ConfigError(f"unknown option {flag!r}: arguments are key=value; valid keys: {keys}"
+                              + (f" ({hint})" if hint else ""))
+        key = flags[flag]
+        if flag in switches:
+            if eq:
+                raise ConfigError(f"{arg}: {flag} takes no value (it is now {key}=true)")
+            old.append(arg)
+            out.append((f"{key}=true", True))
+            continue
+        if not eq:
+            if i >= len(args):
+                raise ConfigError(f"{flag} needs a value (it is now {key}=VALUE)")
+            value = args[i]
+            i += 1
+        old += [flag, value] if not eq else [arg]
+        if flag in lists:
+            listed.setdefault(key, (len(out), []))[1].append(value)
+        else:
+            out.append((translate[flag](value) if flag in (translate or {}) else f"{key}={hydra_value(value)}", True))
+    for at, _, key, values in sorted(((at, n, k, v) for n, (k, (at, v)) in enumerate(listed.items())), reverse=True):
+        out.insert(at, (f"{key}=[{','.join(hydra_value(v) for v in values)}]", True))  # from the end: indices hold
+    if old:
+        new = shlex.join(a for a, translated in out if translated)
+        print(f"note: {shlex.join(old)} is now {new} (the --flag spelling goes in the next release)", file=sys.stderr)
+    return [a for a, _ in out]

@@ -207,13 +207,13 @@ def test_evaluate_and_route_estimate_a_checkpoint_on_a_bandit_log(tmp_path, caps
     with pytest.raises(ValueError, match="bandit log"):
         evaluate.run(evaluate.compose([*data, f"routers={{r: {ckpt}}}", "student={model: x}"]))
 
-    # the same log as a served-traffic file: route --ope estimates the checkpoint before it serves
+    # the same log as a served-traffic file: route ope= estimates the checkpoint before it serves
     logs = load_from_config({**SMALL, "synthetic": {"n_queries": 240, "models": 4}, "bandit": {"logger": "uniform"}})
     recs = [{"task_name": r["task"], "query": r["query"], "llm": r["model"], "performance": r["performance"],
              "cost": r["cost"] * 1e6, "propensity": r["propensity"], "policy": r["policy"]}
             for r in logs.table.to_pylist()]
     path = _write(tmp_path / "requests.jsonl", recs)
-    assert route.main(["--ckpt", str(ckpt), "--ope", str(path)]) == 0
+    assert route.main([f"ckpt={ckpt}", f"ope={path}"]) == 0
     out = capsys.readouterr().out
     assert "| router | dr |" in out and "| task_best | dr |" in out and "effective sample size" in out
 

@@ -86,10 +86,9 @@ def test_tolerance_routes_to_cheaper_models_within_the_margin(trained: Path, tmp
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"query": q, "task": t}) + "\n" for q, t in QUERIES))
     out = tmp_path / "out.jsonl"
-    assert route_main(["--ckpt", str(trained), "--input", str(src), "--output", str(out), "--tolerance", "1"]) == 0
+    assert route_main([f"ckpt={trained}", f"input={src}", f"output={out}", "tolerance=1"]) == 0
     assert [json.loads(x)["model"] for x in out.read_text().splitlines()] == wide.models
-    assert route_main(["--ckpt", str(trained), "--input", str(src), "--output", str(out), "--tolerance", "0.1",
-                       "--lam", "1"]) == 1
+    assert route_main([f"ckpt={trained}", f"input={src}", f"output={out}", "tolerance=0.1", "lam=1"]) == 1
 
 
 def test_loaded_router_matches_the_module_it_was_saved_from(trained: Path) -> None:
@@ -142,7 +141,7 @@ def test_cli_routes_jsonl_and_reports_bad_lines(trained: Path, tmp_path: Path, c
     good = tmp_path / "in.jsonl"
     good.write_text("".join(json.dumps({"id": i, "query": q, "task": t}) + "\n" for i, (q, t) in enumerate(QUERIES)))
     out = tmp_path / "out.jsonl"
-    assert route_main(["--ckpt", str(trained), "--input", str(good), "--output", str(out), "--lam", "0"]) == 0
+    assert route_main([f"ckpt={trained}", f"input={good}", f"output={out}", "lam=0"]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1, 2] and rows[0]["model"] == "alpha" and rows[1]["model"] == "beta"
     assert set(rows[0]["scores"]) == {"alpha", "beta", "gamma", "delta"}
@@ -150,10 +149,51 @@ def test_cli_routes_jsonl_and_reports_bad_lines(trained: Path, tmp_path: Path, c
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "ok"}\n{"query": ""}\nnot json\n{"text": "x"}\n')
     out2 = tmp_path / "out2.jsonl"
-    assert route_main(["--ckpt", str(trained), "--input", str(bad), "--output", str(out2)]) == 1
+    assert route_main([f"ckpt={trained}", f"input={bad}", f"output={out2}"]) == 1
     err = capsys.readouterr().err
     assert "3 bad input line(s)" in err and "line 2" in err and "line 3" in err and "line 4" in err
     assert not out2.exists()
+
+
+def test_cli_old_flags_route_the_same_and_print_the_new_spelling(trained: Path, tmp_path: Path, capsys) -> None:
+    """`--flag value` and `--flag=value` (the previous release's argparse) still work: the same output, and one
+    note line with the key=value spelling."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"query": q, "task": t}) + "\n" for q, t in QUERIES))
+    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    assert route_main([f"ckpt={trained}", f"input={src}", f"output={new}", "tolerance=0.1", "batch_size=2"]) == 0
+    assert capsys.readouterr().err == ""
+    assert route_main(["--ckpt", str(trained), f"--input={src}", "--output", str(old), "--tolerance", "0.1",
+                       "--batch-size", "2"]) == 0
+    assert capsys.readouterr().err == (
+        f"note: --ckpt {trained} --input={src} --output {old} --tolerance 0.1 --batch-size 2 is now "
+        f"ckpt={trained} input={src} output={old} tolerance=0.1 batch_size=2 (the --flag spelling goes in the next "
+        "release)\n")
+    assert old.read_text() == new.read_text() and len(new.read_text().splitlines()) == len(QUERIES)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["input=q.jsonl", "tolerence=0.1"], "unknown config key 'tolerence' (use +tolerence=... to add a new key); "
+                                          "valid keys at the top level: batch_size, calibrate, ckpt, format, input,"),
+    (["--tolerence", "0.1"], "unknown option '--tolerence': arguments are key=value; valid keys: ckpt, input,"),
+    (["format=csv"], "format=csv: choose from: jsonl, routerarena, routellm"),
+    (["calibrate.fraction=0.3"], "unknown config key 'calibrate.fraction' (use +calibrate.fraction=... to add a new "
+                                 "key); valid keys under 'calibrate': budget, strong_fraction"),
+    (["input=q.jsonl"], "input= and output= are required to route"),
+])
+def test_cli_errors_are_one_line_naming_the_keys(trained: Path, capsys, argv: list[str], message: str) -> None:
+    assert route_main([f"ckpt={trained}", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_cli_help_prints_the_keys_with_their_defaults(capsys) -> None:
+    assert route_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("`python -m fusion_lightning.route ckpt=PATH input=queries.jsonl output=routed.jsonl")
+    for line in ("ckpt: null", "tolerance: null", "mode: auto", "  strong_fraction: null", "batch_size: 256",
+                 "propensity: logged"):
+        assert f"\n{line} " in out, line
 
 
 def test_repeated_prompts_are_embedded_once(trained: Path) -> None:

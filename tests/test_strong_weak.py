@@ -1,4 +1,4 @@
-"""Strong/weak threshold calibration (`route --calibrate`), its use by `route`, the peers' metrics in a run's
+"""Strong/weak threshold calibration (`route calibrate.strong_fraction=`), its use by `route`, the peers' metrics in a run's
 summary and routing table, and the RouterArena / RouteLLM export formats read back."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_summary_and_routing_table_have_the_peer_metrics(run: dict) -> None:
 def test_calibration_hits_the_strong_fraction_on_held_out_data(ckpt: Path, tmp_path: Path, fraction: float,
                                                                capsys) -> None:
     before = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert route_main(["--ckpt", str(ckpt), "--calibrate", f"strong_fraction={fraction}"]) == 0
+    assert route_main([f"ckpt={ckpt}", f"calibrate.strong_fraction={fraction}"]) == 0
     assert "strong=gamma weak=delta" in capsys.readouterr().out
     after = torch.load(ckpt, map_location="cpu", weights_only=True)
     rec = after[CALIBRATION_KEY]
@@ -91,28 +91,27 @@ def test_calibration_hits_the_strong_fraction_on_held_out_data(ckpt: Path, tmp_p
     assert abs(share - fraction) <= 0.02
     # later `route` runs use the stored threshold: the val queries routed from text hit the fraction too
     out = tmp_path / "routed.jsonl"
-    assert route_main(["--ckpt", str(ckpt), "--input", str(val_queries(ckpt, tmp_path)), "--output", str(out)]) == 0
+    assert route_main([f"ckpt={ckpt}", f"input={val_queries(ckpt, tmp_path)}", f"output={out}"]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert {r["model"] for r in rows} <= {"gamma", "delta"}
     assert abs(np.mean([r["model"] == "gamma" for r in rows]) - fraction) <= 0.02
     assert all((r["model"] == "gamma") == (r["strong_score"] >= r["threshold"]) for r in rows)
-    # an explicit cost weight (or --mode argmax) routes by argmax over all models as before
-    assert route_main(["--ckpt", str(ckpt), "--input", str(val_queries(ckpt, tmp_path)), "--output", str(out),
-                       "--lam", "0"]) == 0
+    # an explicit cost weight (or mode=argmax) routes by argmax over all models as before
+    assert route_main([f"ckpt={ckpt}", f"input={val_queries(ckpt, tmp_path)}", f"output={out}", "lam=0"]) == 0
     assert "strong_score" not in json.loads(out.read_text().splitlines()[0])
 
 
 def test_budget_calibration_stays_within_budget(ckpt: Path, capsys) -> None:
-    assert route_main(["--ckpt", str(ckpt), "--calibrate", "budget=1e9"]) == 0  # everything strong
+    assert route_main([f"ckpt={ckpt}", "calibrate.budget=1e9"]) == 0  # everything strong
     rec = torch.load(ckpt, map_location="cpu", weights_only=True)[CALIBRATION_KEY]
     assert rec["strong_fraction"] == 1.0
     all_strong = rec["usd_per_1k"]
-    assert route_main(["--ckpt", str(ckpt), "--calibrate", "budget=0"]) == 1  # below all-weak: a clear error
+    assert route_main([f"ckpt={ckpt}", "calibrate.budget=0"]) == 1  # below all-weak: a clear error
     assert "below the cost of sending every held-out query to the weak model" in capsys.readouterr().err
-    assert route_main(["--ckpt", str(ckpt), "--calibrate", "strong_fraction=0"]) == 0
+    assert route_main([f"ckpt={ckpt}", "calibrate.strong_fraction=0"]) == 0
     all_weak = torch.load(ckpt, map_location="cpu", weights_only=True)[CALIBRATION_KEY]["usd_per_1k"]
     budget = (all_weak + all_strong) / 2
-    assert route_main(["--ckpt", str(ckpt), "--calibrate", f"budget={budget}"]) == 0
+    assert route_main([f"ckpt={ckpt}", f"calibrate.budget={budget}"]) == 0
     rec = torch.load(ckpt, map_location="cpu", weights_only=True)[CALIBRATION_KEY]
     assert rec["usd_per_1k"] <= budget and 0.2 < rec["strong_fraction"] < 0.8
 
@@ -120,8 +119,8 @@ def test_budget_calibration_stays_within_budget(ckpt: Path, capsys) -> None:
 def test_calibrate_on_input_into_a_new_checkpoint(ckpt: Path, tmp_path: Path) -> None:
     new = tmp_path / "calibrated.ckpt"
     queries = val_queries(ckpt, tmp_path)
-    assert route_main(["--ckpt", str(ckpt), "--input", str(queries), "--calibrate", "strong_fraction=0.4",
-                       "--pair", "alpha,delta", "--save-ckpt", str(new)]) == 0
+    assert route_main([f"ckpt={ckpt}", f"input={queries}", "calibrate.strong_fraction=0.4", "pair=[alpha,delta]",
+                       f"save_ckpt={new}"]) == 0
     assert CALIBRATION_KEY not in torch.load(ckpt, map_location="cpu", weights_only=True)  # left untouched
     rec = Router.load(new).calibration
     assert (rec["strong"], rec["weak"]) == ("alpha", "delta") and abs(rec["strong_fraction"] - 0.4) <= 0.02
@@ -129,7 +128,12 @@ def test_calibrate_on_input_into_a_new_checkpoint(ckpt: Path, tmp_path: Path) ->
     assert set(result.models) <= {"alpha", "delta"}
     with pytest.raises(ValueError, match="no strong/weak threshold"):
         Router.load(ckpt).route_strong_weak(["sum the numbers"])
-    assert route_main(["--ckpt", str(ckpt), "--calibrate", "strong_fraction=0.4", "--pair", "alpha,nope"]) == 1
+    assert route_main([f"ckpt={ckpt}", "calibrate.strong_fraction=0.4", "pair=[alpha,nope]"]) == 1
+    # the previous release's spelling calibrates the same
+    old = tmp_path / "old.ckpt"
+    assert route_main(["--ckpt", str(ckpt), "--input", str(queries), "--calibrate", "strong_fraction=0.4",
+                       "--pair", "alpha,delta", "--save-ckpt", str(old)]) == 0
+    assert Router.load(old).calibration == rec
 
 
 def test_threshold_quantile_generalises_within_two_points() -> None:
@@ -154,7 +158,7 @@ def test_routerarena_prediction_file(ckpt: Path, tmp_path: Path) -> None:
     src = tmp_path / "router_data.json"
     src.write_text(json.dumps(dataset))
     out = tmp_path / "predictions.json"
-    assert route_main(["--ckpt", str(ckpt), "--input", str(src), "--output", str(out), "--format", "routerarena"]) == 0
+    assert route_main([f"ckpt={ckpt}", f"input={src}", f"output={out}", "format=routerarena"]) == 0
     preds = json.loads(out.read_text())
     assert [p["global index"] for p in preds] == ["ArcMMLU_0", "ArcMMLU_1"]
     assert [p["prompt"] for p in preds] == [d["prompt_formatted"] for d in dataset]  # as RouterArena checks it
@@ -164,8 +168,7 @@ def test_routerarena_prediction_file(ckpt: Path, tmp_path: Path) -> None:
     nameless = tmp_path / "no_index.jsonl"
     nameless.write_text('{"query": "a"}\n{"query": "b", "global_index": "X_1"}\n')
     out2 = tmp_path / "p2.json"
-    assert route_main(["--ckpt", str(ckpt), "--input", str(nameless), "--output", str(out2),
-                       "--format", "routerarena"]) == 1
+    assert route_main([f"ckpt={ckpt}", f"input={nameless}", f"output={out2}", "format=routerarena"]) == 1
     assert not out2.exists()
 
 
@@ -174,15 +177,15 @@ def test_routellm_decision_csv(ckpt: Path, tmp_path: Path) -> None:
     src.write_text("".join(json.dumps({"query": q}) + "\n" for q in
                            ["add the sum of these numbers", "which river crosses the capital", "a sonnet, please"]))
     out = tmp_path / "decisions.csv"
-    assert route_main(["--ckpt", str(ckpt), "--input", str(src), "--output", str(out), "--format", "routellm"]) == 0
+    assert route_main([f"ckpt={ckpt}", f"input={src}", f"output={out}", "format=routellm"]) == 0
     rows = list(csv.DictReader(out.open(newline="")))
     assert [r["prompt"] for r in rows][0] == "add the sum of these numbers" and list(rows[0]) == ["prompt", "model", "score"]
     router = Router.load(ckpt)
     result = router.route([r["prompt"] for r in rows])
     assert [r["model"] for r in rows] == result.models
     np.testing.assert_allclose([float(r["score"]) for r in rows], result.scores.max(1), rtol=1e-6)
-    assert route_main(["--ckpt", str(ckpt), "--calibrate", "strong_fraction=0.5"]) == 0
-    assert route_main(["--ckpt", str(ckpt), "--input", str(src), "--output", str(out), "--format", "routellm"]) == 0
+    assert route_main([f"ckpt={ckpt}", "calibrate.strong_fraction=0.5"]) == 0
+    assert route_main([f"ckpt={ckpt}", f"input={src}", f"output={out}", "format=routellm"]) == 0
     rows = list(csv.DictReader(out.open(newline="")))
     threshold = Router.load(ckpt).calibration["threshold"]
     assert all(r["model"] == ("gamma" if float(r["score"]) >= threshold else "delta") for r in rows)

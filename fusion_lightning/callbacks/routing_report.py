@@ -9,7 +9,7 @@ writes `routing_table.md`, `routing_table.csv` and `pareto.png`.
 A curve point is not a setting one can deploy when it interpolates, and a point picked on test is a
 result read off the answers. So on val the report also picks one decision — the cheapest single λ or
 τ whose mean performance reaches best single's on val — and on test says what that decision gives
-(`test/decision/cost_ratio`, `test/decision/perf_delta`): the setting to put in `route --tolerance`
+(`test/decision/cost_ratio`, `test/decision/perf_delta`): the setting to put in `route tolerance=`
 or `serve`'s `router.tolerance`, with its out-of-sample result. The math is in
 `fusion_lightning.query.metrics`; this file only does I/O. Modules without routing outputs
 (other levels) are left alone.
