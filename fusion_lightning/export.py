@@ -1,21 +1,26 @@
-"""`python -m fusion_lightning.export --ckpt PATH --out DIR [--merge]`: a student checkpoint as a Hugging Face dir.
+"""`python -m fusion_lightning.export ckpt=PATH out=DIR [merge=true]`: a student checkpoint as a Hugging Face dir.
 
 - full fine-tuning: DIR holds the fine-tuned weights + tokenizer;
-- LoRA with --merge: the adapter merged into the base weights (loads like any model; vLLM serves it);
-- LoRA without --merge: DIR holds the base weights + tokenizer and DIR/adapter the peft adapter
+- LoRA with merge=true: the adapter merged into the base weights (loads like any model; vLLM serves it);
+- LoRA without: DIR holds the base weights + tokenizer and DIR/adapter the peft adapter
   (`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR), DIR/adapter)`, or vLLM's
   `--enable-lora --lora-modules student=DIR/adapter`).
 A DeepSpeed ZeRO-3 checkpoint directory is consolidated into one state dict first.
+
+The keys and their defaults are recipes/export.yaml (composed by Hydra, as `fit` is); the old `--ckpt PATH
+--out DIR --merge` spelling still works for one release (a note says the new one).
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from fusion_lightning.config import ConfigError, command_help, compose_command, legacy_flags
 
 
 def _load_checkpoint(ckpt: Path) -> dict:
@@ -69,15 +74,22 @@ def _save_base(name_or_path: str, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fusion_lightning.export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="student checkpoint (.ckpt file or ZeRO-3 checkpoint dir)")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(command_help(__doc__, "export"))
+        return 0 if argv else 2
     try:
-        out = export_student(args.ckpt, args.out, merge=args.merge)
+        cfg = compose_command("export", legacy_flags(argv, {"--ckpt": "ckpt", "--out": "out", "--merge": "merge"},
+                                                     switches=("--merge",)))
+        for key in ("ckpt", "out"):
+            if not cfg[key]:
+                raise ConfigError(f"{key}= is required")
+        if not isinstance(cfg["merge"], bool):
+            raise ConfigError(f"merge={cfg['merge']}: true or false")
+        out = export_student(str(cfg["ckpt"]), str(cfg["out"]), merge=bool(cfg["merge"]))
     except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("FUSION_LIGHTNING_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"exported: {out}")

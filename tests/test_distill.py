@@ -24,7 +24,7 @@ from fusion_lightning.model.sft import (
     tokenize_example,
 )
 from fusion_lightning.model.student import Student
-from fusion_lightning.model.students import resolve_student
+from fusion_lightning.zoo import resolve
 
 # query -> rows of (model, response, performance, judge, cost)
 LOG = {
@@ -87,7 +87,7 @@ def test_selection_pool_gold_min_judge_and_report() -> None:
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[str, object]:
-    path = resolve_student("tiny-llama")
+    path = resolve("tiny-llama")
     return path, AutoTokenizer.from_pretrained(path)
 
 
@@ -257,10 +257,14 @@ def test_export_merged_and_adapter_reload_with_the_same_logits(lora_ckpt: Path, 
     student.load_state_dict(ckpt["state_dict"], strict=False)
     ids = torch.tensor([[4, 205, 885, 286, 285, 381, 17, 24]])
     want = _logits_of(student.model, ids)
-    assert export_main(["--ckpt", str(lora_ckpt), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    assert export_main([f"ckpt={lora_ckpt}", f"out={tmp_path / 'merged'}", "merge=true"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(_logits_of(merged, ids), want, atol=1e-4, rtol=1e-4)
-    assert export_main(["--ckpt", str(lora_ckpt), "--out", str(tmp_path / "split")]) == 0
+    # the previous release's spelling (a bare --merge switch) exports the same merged model
+    assert export_main(["--ckpt", str(lora_ckpt), "--out", str(tmp_path / "merged_old"), "--merge"]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_old")
+    torch.testing.assert_close(_logits_of(again, ids), _logits_of(merged, ids), atol=0, rtol=0)
+    assert export_main([f"ckpt={lora_ckpt}", f"out={tmp_path / 'split'}"]) == 0
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "split")
     adapted = PeftModel.from_pretrained(base, tmp_path / "split" / "adapter")
     torch.testing.assert_close(_logits_of(adapted, ids), want, atol=1e-4, rtol=1e-4)
