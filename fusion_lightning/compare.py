@@ -1,17 +1,20 @@
-"""`python -m fusion_lightning.compare RUN_DIR... | --root checkpoints/runs [--metric test/perf ...] [--out DIR]`
+"""`python -m fusion_lightning.compare runs=[RUN_DIR,...] | root=checkpoints/runs [metrics=[test/perf,...]] [out=DIR]`
 
 A side-by-side table of runs: recipe, the config keys whose values differ between the runs (from
 each run dir's config.yaml), seed and the chosen metrics (from summary.json), as comparison.md,
 comparison.csv and comparison.png. Reads run dirs only, so it works offline and without W&B;
-`--wandb-project ENTITY/PROJECT` reads the same fields from W&B runs through the public API instead.
+`wandb_project=ENTITY/PROJECT` reads the same fields from W&B runs through the public API instead.
+
+The keys and their defaults are recipes/compare.yaml (composed by Hydra, as `fit` is); the old spelling
+(`RUN_DIR... --root DIR --metric M --out DIR`) still works for one release (a note says the new one).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fusion_lightning.config import ConfigError, command_help, compose_command, legacy_flags
 from fusion_lightning.io import atomic_open, atomic_write
 
 DEFAULT_METRICS = ("test/perf", "test/cost", "test/reward", "test/aiq", "test/gap_closed", "test/loss")
@@ -220,30 +224,39 @@ class SweepSummary(Callback):
         atomic_write(sweep_dir / "sweep.json", json.dumps(record, indent=2))
 
 
+# the argparse spelling of the previous release: flag -> key (run dirs were positional, --metric repeated)
+FLAGS = {"--root": "root", "--wandb-project": "wandb_project", "--metric": "metrics", "--out": "out"}
+
+
+def _paths(cfg: dict[str, Any], key: str) -> list[str]:
+    value = cfg[key]
+    return [str(v) for v in ([] if value is None else value if isinstance(value, list) else [value])]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fusion_lightning.compare", description=__doc__.split("\n\n")[1])
-    p.add_argument("runs", nargs="*", help="run dirs (each with summary.json and config.yaml)")
-    p.add_argument("--root", help="compare every fit run dir found under this folder")
-    p.add_argument("--wandb-project", help="ENTITY/PROJECT: read runs from W&B (online) instead of run dirs")
-    p.add_argument("--metric", action="append", help=f"metric to show (repeatable; default: {DEFAULT_METRICS})")
-    p.add_argument("--out", help="output folder (default: <root>/comparison or ./comparison)")
-    a = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(command_help(__doc__, "compare"))
+        return 0 if argv else 2
     try:
-        if a.wandb_project:
-            runs = wandb_runs(a.wandb_project)
+        cfg = compose_command("compare", legacy_flags(argv, FLAGS, lists=("--metric",), positional="runs"))
+        if cfg["wandb_project"]:
+            runs = wandb_runs(str(cfg["wandb_project"]))
         else:
-            dirs = [Path(r) for r in a.runs]
-            if a.root:
-                found, skipped = find_runs(a.root)
+            dirs = [Path(r) for r in _paths(cfg, "runs")]
+            if cfg["root"]:
+                found, skipped = find_runs(str(cfg["root"]))
                 dirs += found
                 for s in skipped:
                     print(f"skipped {s}: not a fit summary (no 'recipe')", file=sys.stderr)
             if not dirs:
-                p.error("give RUN_DIR..., --root DIR or --wandb-project ENTITY/PROJECT")
+                raise ConfigError("give runs=[RUN_DIR,...], root=DIR or wandb_project=ENTITY/PROJECT")
             runs = [load_run(d) for d in dirs]
-        out = Path(a.out) if a.out else Path(a.root or ".") / "comparison"
-        paths = compare(runs, a.metric, out)
+        out = Path(str(cfg["out"])) if cfg["out"] else Path(str(cfg["root"] or ".")) / "comparison"
+        paths = compare(runs, _paths(cfg, "metrics"), out)
     except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("FUSION_LIGHTNING_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(paths["md"].read_text())

@@ -45,7 +45,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 def test_compare_run_dirs_shows_differing_overrides_seed_and_metrics(runs, tmp_path: Path, capsys) -> None:
     root, summaries = runs
     dirs = [str(root / "runs" / n) for n in ("a", "b")]
-    assert main([*dirs, "--metric", "test/perf", "--metric", "test/aiq", "--out", str(tmp_path)]) == 0
+    assert main([f"runs=[{','.join(dirs)}]", "metrics=[test/perf,test/aiq]", f"out={tmp_path}"]) == 0
     rows = _csv(tmp_path / "comparison.csv")
     assert [r["run"] for r in rows] == dirs
     assert [r["recipe"] for r in rows] == ["router_mlp", "router_mlp"]
@@ -73,7 +73,7 @@ def test_compare_root_finds_fit_runs_and_says_what_it_skipped(runs, tmp_path: Pa
     other = root / "runs" / "eval"
     other.mkdir(exist_ok=True)
     (other / "summary.json").write_text(json.dumps({"split": "test", "overall": {}}))  # an evaluate summary
-    assert main(["--root", str(root / "runs"), "--out", str(tmp_path)]) == 0
+    assert main([f"root={root / 'runs'}", f"out={tmp_path}"]) == 0
     rows = _csv(tmp_path / "comparison.csv")
     assert sorted(Path(r["run"]).name for r in rows) == ["a", "b"]
     assert {"test/perf", "test/cost", "test/aiq"} <= set(rows[0])  # the default metrics present in the runs
@@ -82,12 +82,35 @@ def test_compare_root_finds_fit_runs_and_says_what_it_skipped(runs, tmp_path: Pa
 
 def test_compare_errors_name_the_problem(runs, tmp_path: Path, capsys) -> None:
     root, _ = runs
-    assert main([str(root / "runs" / "a"), "--metric", "test/nope", "--out", str(tmp_path)]) == 1
+    assert main([f"runs=[{root / 'runs' / 'a'}]", "metrics=[test/nope]", f"out={tmp_path}"]) == 1
     assert "metric(s) ['test/nope'] in none of the runs" in capsys.readouterr().err
-    assert main([str(tmp_path / "missing"), "--out", str(tmp_path)]) == 1
+    assert main([f"runs=[{tmp_path / 'missing'}]", f"out={tmp_path}"]) == 1
     assert "no summary.json" in capsys.readouterr().err
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "summary.json").write_text('{"recipe": "x",\n "metrics": }')
-    assert main([str(bad), "--out", str(tmp_path)]) == 1
+    assert main([f"runs=[{bad}]", f"out={tmp_path}"]) == 1
     assert f"{bad / 'summary.json'}: line 2: not valid JSON" in capsys.readouterr().err
+    assert main([f"runs=[{bad}]", "metric=test/perf"]) == 1  # a misspelt key: one line naming the keys
+    err = capsys.readouterr().err
+    assert err == ("error: unknown config key 'metric' (use +metric=... to add a new key); valid keys at the top "
+                   "level: metrics, out, root, runs, wandb_project\n")
+    assert main([]) == 2 and main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("`python -m fusion_lightning.compare runs=[RUN_DIR,...]") and "\nruns: []" in out
+
+
+def test_compare_old_spelling_gives_the_same_table_and_the_new_spelling(runs, tmp_path: Path, capsys) -> None:
+    """Run dirs as words, `--metric` repeated and `--out DIR` (the previous release) still work, with one note."""
+    root, _ = runs
+    dirs = [str(root / "runs" / n) for n in ("a", "b")]
+    assert main([f"runs=[{','.join(dirs)}]", "metrics=[test/perf,test/aiq]", f"out={tmp_path / 'new'}"]) == 0
+    assert main([*dirs, "--metric", "test/perf", "--metric=test/aiq", "--out", str(tmp_path / "old")]) == 0
+    err = capsys.readouterr().err
+    assert err == (f"note: {dirs[0]} {dirs[1]} --metric test/perf --metric=test/aiq --out {tmp_path / 'old'} is now "
+                   f"'runs=[{dirs[0]},{dirs[1]}]' 'metrics=[test/perf,test/aiq]' out={tmp_path / 'old'} "
+                   "(the --flag spelling goes in the next release)\n")
+    assert _csv(tmp_path / "old" / "comparison.csv") == _csv(tmp_path / "new" / "comparison.csv")
+    assert main(["--root", str(root / "runs"), "--out", str(tmp_path / "root_old")]) == 0
+    assert main([f"root={root / 'runs'}", f"out={tmp_path / 'root_new'}"]) == 0
+    assert _csv(tmp_path / "root_old" / "comparison.csv") == _csv(tmp_path / "root_new" / "comparison.csv")

@@ -55,7 +55,7 @@ def test_multirun_gives_a_run_dir_per_combination_and_a_sweep_summary(tmp_path: 
     assert any("seed=1" in o for o in record["jobs"][0]["overrides"])
     table = (sweep / "comparison" / "comparison.md").read_text()
     assert "| 1 |" in table and "| 2 |" in table
-    assert compare_main(["--root", str(sweep), "--out", str(tmp_path / "cmp")]) == 0
+    assert compare_main([f"root={sweep}", f"out={tmp_path / 'cmp'}"]) == 0
     assert "Comparison of 2 runs" in capsys.readouterr().out
 
 
