@@ -5,7 +5,7 @@ The same run as `python -m fusion_lightning.fit recipe=embed ...` (recipes/recip
 `out` (`out/<encoder>/shard-*.npz`), so a later `fit ... datamodule.embedding_cache=DIR` (the same
 folder, the default for both) embeds nothing. Being a fit recipe, it runs unchanged on one CPU, with
 `trainer.devices=N` (DDP: each rank writes its own shards), and on a cluster with
-`python -m fusion_lightning.submit recipe=embed --nodes N --gpus-per-node G`. Re-running the same
+`python -m fusion_lightning.submit recipe=embed slurm.nodes=N slurm.gpus_per_node=G`. Re-running the same
 command after a kill skips the finished shards; texts already cached are never embedded again.
 
   encoder=minilm | minilm+onnx | minilm+onnx-int8 (ONNX Runtime, the fast CPU path) | hashing | PATH

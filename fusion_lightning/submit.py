@@ -1,15 +1,20 @@
-"""`python -m fusion_lightning.submit recipe=NAME [options] [overrides]`: run a recipe as a SLURM batch job.
+"""`python -m fusion_lightning.submit recipe=NAME [slurm.KEY=VALUE ...] [overrides]`: run a recipe as a SLURM batch job.
 
 Renders one of the templates in `slurm/` (a layout header of `#SBATCH` lines + the shared body
-`slurm/job.sh`) with the chosen resources and calls `sbatch`; `--dry-run` prints the script and the
-command instead. The recipe and overrides are composed first, so a typo fails here, not in the queue.
-`-m` turns Hydra sweep overrides (`seed=1,2,3 model.lr=0.1,0.01`) into an array job whose task i runs
-the i-th combination.
+`slurm/job.sh`) with the chosen resources and calls `sbatch`; `slurm.dry_run=true` prints the script and
+the command instead. The job's settings are the `slurm.` keys (recipes/submit.yaml: nodes, gpus_per_node,
+template, time, ...); every other `key=value` is an override of the recipe, composed first, so a typo fails
+here, not in the queue. `-m` turns Hydra sweep overrides (`seed=1,2,3 model.lr=0.1,0.01`) into an array
+job whose task i runs the i-th combination. For example:
+
+    python -m fusion_lightning.submit recipe=distill_top_k slurm.template=deepspeed slurm.nodes=2 \
+        slurm.gpus_per_node=8 slurm.time=12:00:00 trainer.max_epochs=3
+
+The old `--nodes 2 --gpus-per-node 8 --dry-run` spelling still works for one release (a note says the new one).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import re
 import shlex
@@ -18,14 +23,29 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from fusion_lightning.config import ConfigError, compose_recipe, config_root
+from fusion_lightning.config import (
+    ConfigError,
+    command_help,
+    compose_command,
+    compose_recipe,
+    config_root,
+    legacy_flags,
+    primary_config,
+)
 
 TEMPLATES = ("ddp", "deepspeed", "cpu")
 # set by the template from the allocation; giving them as overrides would contradict the #SBATCH lines
 RESERVED = ("run_dir", "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "+cluster", "cluster")
+PREFIX = "slurm"  # `slurm.KEY=VALUE` is the job's (recipes/submit.yaml); no recipe has a top-level `slurm` key
+COUNTS = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task")
+# the argparse flags of the previous release -> their keys
+FLAGS = {f"--{k.replace('_', '-')}": f"{PREFIX}.{k}" for k in (
+    "template", *COUNTS, "mem", "time", "partition", "account", "qos", "job_name", "array", "wait", "dry_run")}
+FLAGS["--sbatch-arg"] = f"{PREFIX}.sbatch_args"
 
 
 class SubmitError(ValueError):
@@ -87,42 +107,41 @@ def _directive(key: str, value: str | None) -> str:
     return f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={value}"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m fusion_lightning.submit",
-        allow_abbrev=False,  # `--dry` must not pass for --dry-run here while main() (exact flag) submits
-        description="Render a SLURM template for a recipe and submit it with sbatch.",
-        epilog="example: python -m fusion_lightning.submit recipe=distill_top_k --template deepspeed "
-               "--nodes 2 --gpus-per-node 8 --time 12:00:00 trainer.max_epochs=3")
-    p.add_argument("--template", default=None, choices=TEMPLATES,
-                   help="layout: ddp (one node, multi-GPU), deepspeed (multi-node), cpu (debugging); "
-                        "default: cpu without --gpus-per-node, deepspeed with --nodes > 1, else ddp")
-    p.add_argument("--nodes", type=int)
-    p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--ntasks-per-node", type=int, help="default: --gpus-per-node (one task per GPU)")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--mem")
-    p.add_argument("--time")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--qos")
-    p.add_argument("--job-name")
-    p.add_argument("--array", help="SLURM array spec; with -m only a throttle like %%4 may be given")
-    p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
-                   help="extra sbatch option, e.g. --sbatch-arg=--exclusive (repeatable)")
-    p.add_argument("-m", "--multirun", action="store_true",
-                   help="sweep: overrides like seed=1,2,3 become an array job, one task per combination")
-    p.add_argument("--wait", action="store_true", help="sbatch --wait: return when the job ends, with its exit code")
-    p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; submit nothing")
-    return p
+def parse(argv: list[str] | tuple[str, ...]) -> tuple[bool, list[str], dict[str, Any]]:
+    """(-m given, the recipe's arguments, the job's settings: recipes/submit.yaml's `slurm` node with the
+    `slurm.` arguments) for a submit command line; the old flags are translated first."""
+    try:
+        args = legacy_flags(argv, FLAGS, switches=("--wait", "--dry-run"), lists=("--sbatch-arg",),
+                            keep=("-m", "--multirun"), hint=f"sbatch options go through {PREFIX}.sbatch_args=[--exclusive]")
+    except ConfigError as e:
+        raise SubmitError(str(e)) from None
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    mine = [a for a in args if a.split("=", 1)[0].lstrip("+~").split(".", 1)[0] == PREFIX]
+    rest = [a for a in args if a not in ("-m", "--multirun") and a not in mine]
+    try:
+        job = compose_command("submit", mine)[PREFIX]
+    except ConfigError as e:  # `+slurm.KEY=` adds nothing the job reads: no such advice
+        raise SubmitError(re.sub(r" \(use \+[\w.]+=\.\.\. to add a new key\)", "", str(e))) from None
+    if not isinstance(job, dict) or set(job) - set(primary_config("submit")[PREFIX]):
+        raise SubmitError(f"{' '.join(mine)}: the slurm keys are {', '.join(primary_config('submit')[PREFIX])}")
+    for key in COUNTS:
+        if job[key] is not None and (not isinstance(job[key], int) or isinstance(job[key], bool) or job[key] < 1):
+            raise SubmitError(f"{PREFIX}.{key}={job[key]}: a whole number ≥ 1")
+    for key in ("wait", "dry_run"):
+        if not isinstance(job[key], bool):
+            raise SubmitError(f"{PREFIX}.{key}={job[key]}: true or false")
+    if not isinstance(job["sbatch_args"], list):
+        job["sbatch_args"] = [job["sbatch_args"]]
+    return multirun, rest, job
 
 
-def build(argv: list[str]) -> tuple[str, list[str], Path]:
+def build(argv: list[str] | tuple[str, ...]) -> tuple[str, list[str], Path]:
     """(script text, sbatch argv after the script path, the recipe's log folder) for a submit command line."""
-    args, rest = _parser().parse_known_args(argv)
-    unknown = [a for a in rest if a.startswith("-")]
-    if unknown:
-        raise SubmitError(f"unknown option {unknown[0]!r} (sbatch options go through --sbatch-arg=...)")
+    return assemble(*parse(argv))
+
+
+def assemble(multirun: bool, rest: list[str], job: dict[str, Any]) -> tuple[str, list[str], Path]:
+    """`build` from a parsed command line (`parse`)."""
     recipes = [a.split("=", 1)[1] for a in rest if a.startswith("recipe=")]
     overrides = [a for a in rest if not a.startswith("recipe=")]
     if len(recipes) != 1:
@@ -131,10 +150,10 @@ def build(argv: list[str]) -> tuple[str, list[str], Path]:
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("~")
         if key in RESERVED:
-            raise SubmitError(f"{o!r}: {key} is set by the template from the allocation "
-                              "(use --nodes / --gpus-per-node / --ntasks-per-node / --template)")
-    fixed, sweep = expand_sweep(overrides) if args.multirun else (overrides, [])
-    if args.multirun and not sweep:
+            raise SubmitError(f"{o!r}: {key} is set by the template from the allocation (use {PREFIX}.nodes / "
+                              f"{PREFIX}.gpus_per_node / {PREFIX}.ntasks_per_node / {PREFIX}.template)")
+    fixed, sweep = expand_sweep(overrides) if multirun else (overrides, [])
+    if multirun and not sweep:
         raise SubmitError("-m given but no sweep override (like seed=1,2,3)")
     for combo in sweep or [[]]:  # every task's config must compose before anything is queued
         try:
@@ -142,61 +161,64 @@ def build(argv: list[str]) -> tuple[str, list[str], Path]:
         except ConfigError as e:
             raise SubmitError(f"{' '.join(combo) or 'config'}: {e}") from None
 
-    template = args.template or ("cpu" if not args.gpus_per_node else
-                                 "deepspeed" if (args.nodes or 1) > 1 else "ddp")
+    gpus, tasks_given = job["gpus_per_node"], job["ntasks_per_node"]
+    template = job["template"] or ("cpu" if not gpus else "deepspeed" if (job["nodes"] or 1) > 1 else "ddp")
     if template == "deepspeed" and str(cfg.model.get("_target_", "")).endswith((".EncoderModule", ".LayerProbe")) \
             and not any(o.startswith("strategy=") for o in fixed):
         fixed = [*fixed, "strategy=ddp"]  # recipe=embed / layer_probe predict: DDP across the nodes, no sharded optimizer
-    if template == "cpu" and args.gpus_per_node:
-        raise SubmitError("--gpus-per-node with --template cpu: pick ddp or deepspeed for GPUs")
+    if template == "cpu" and gpus:
+        raise SubmitError(f"{PREFIX}.gpus_per_node with {PREFIX}.template=cpu: pick ddp or deepspeed for GPUs")
     options: dict[str, str | None] = {}
     for key in ("nodes", "cpus_per_task", "mem", "time", "partition", "account", "qos", "job_name"):
-        if getattr(args, key) is not None:
-            options[key.replace("_", "-")] = str(getattr(args, key))
-    if args.gpus_per_node is not None:
-        options["gpus-per-node"] = str(args.gpus_per_node)
-    tasks = args.ntasks_per_node or args.gpus_per_node
+        if job[key] is not None:
+            options[key.replace("_", "-")] = str(job[key])
+    if gpus is not None:
+        options["gpus-per-node"] = str(gpus)
+    tasks = tasks_given or gpus
     if tasks is not None:
         options["ntasks-per-node"] = str(tasks)
-    if args.gpus_per_node and args.ntasks_per_node and args.ntasks_per_node != args.gpus_per_node:
-        raise SubmitError(f"--ntasks-per-node {args.ntasks_per_node} != --gpus-per-node {args.gpus_per_node}: "
+    if gpus and tasks_given and tasks_given != gpus:
+        raise SubmitError(f"{PREFIX}.ntasks_per_node={tasks_given} != {PREFIX}.gpus_per_node={gpus}: "
                           "Lightning runs one task per GPU (trainer.devices)")
+    array = None if job["array"] is None else str(job["array"])
     if sweep:
-        throttle = args.array or ""
+        throttle = array or ""
         if throttle and not throttle.startswith("%"):
-            raise SubmitError(f"--array {throttle!r} with -m: the sweep sets the indices; only a throttle like %4")
+            raise SubmitError(f"{PREFIX}.array={throttle} with -m: the sweep sets the indices; only a throttle like %4")
         options["array"] = f"0-{len(sweep) - 1}{throttle}"
-    elif args.array:
-        options["array"] = args.array
+    elif array:
+        options["array"] = array
     runs_root = Path(str(cfg.get("runs_root") or "checkpoints/runs"))
     log_dir = runs_root / recipe
     pattern = "slurm-%A_%a" if "array" in options else "slurm-%j"
     options["output"] = str(log_dir / f"{pattern}.out")
     options["error"] = str(log_dir / f"{pattern}.err")
     script = render(template, options, sweep)
-    extra = [*args.sbatch_arg, *(["--wait"] if args.wait else []), "--parsable"]
+    extra = [*map(str, job["sbatch_args"]), *(["--wait"] if job["wait"] else []), "--parsable"]
     return script, [*extra, "\0SCRIPT", f"recipe={recipe}", *fixed], log_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        _parser().print_help()
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(command_help(__doc__, "submit"))
         return 0 if argv else 2
     try:
-        script, sbatch_args, log_dir = build(argv)
-    except SubmitError as e:
+        multirun, rest, job = parse(argv)
+        script, sbatch_args, log_dir = assemble(multirun, rest, job)
+    except (SubmitError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     def command(path: Path | str) -> list[str]:
         return ["sbatch", *[str(path) if a == "\0SCRIPT" else a for a in sbatch_args]]
 
-    if "--dry-run" in argv:  # exact: the parser takes no abbreviations
+    if job["dry_run"]:
         print(script)
         print("# " + shlex.join(command("<script>")))
         return 0
     if shutil.which("sbatch") is None:  # before writing anything
-        print("error: sbatch not found on PATH (run on a SLURM login node, or use --dry-run)", file=sys.stderr)
+        print(f"error: sbatch not found on PATH (run on a SLURM login node, or use {PREFIX}.dry_run=true)",
+              file=sys.stderr)
         return 2
     log_dir.mkdir(parents=True, exist_ok=True)  # sbatch opens --output before the job starts
     path = log_dir / f"submit-{datetime.now():%Y-%m-%d_%H-%M-%S-%f}.sbatch"

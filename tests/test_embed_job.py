@@ -21,7 +21,8 @@ from hydra.errors import InstantiationException
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.data.embed_job import CPU_BATCH_SIZE, auto_batch_size, plan_shards, shard_name
 from fusion_lightning.data.embed_progress import EmbedProgress, progress_line
-from fusion_lightning.data.embeddings import EmbeddingCache, HashingEncoder, text_key
+from fusion_lightning.data.embeddings import EmbeddingCache, text_key
+from fusion_lightning.data.encoders import HashingEncoder
 from fusion_lightning.fit import build, fit, run
 from fusion_lightning.query.datamodule import UNKNOWN_TASK
 
@@ -208,6 +209,6 @@ def test_embed_writes_the_cache_format_and_bad_specs_fail_clearly(tmp_path: Path
 def test_submit_sends_the_embed_recipe_with_ddp_across_nodes() -> None:
     from fusion_lightning.submit import build as submit_build
 
-    script, argv, _ = submit_build(["recipe=embed", "--nodes", "2", "--gpus-per-node", "8", "data=llmrouter"])
+    script, argv, _ = submit_build(["recipe=embed", "slurm.nodes=2", "slurm.gpus_per_node=8", "data=llmrouter"])
     assert "--nodes=2" in script and "fusion_lightning.fit" in script
     assert argv[-3:] == ["recipe=embed", "data=llmrouter", "strategy=ddp"]  # not the template's DeepSpeed

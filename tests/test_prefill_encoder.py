@@ -21,7 +21,8 @@ from planted import write_subtopic_logs
 import fusion_lightning.zoo as zoo
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.data import prefill_encoder as pe
-from fusion_lightning.data.embeddings import ConcatEncoder, EmbeddingCache, HashingEncoder, build_encoder
+from fusion_lightning.data.embeddings import ConcatEncoder, EmbeddingCache, build_encoder
+from fusion_lightning.data.encoders import HashingEncoder
 from fusion_lightning.data.layer_probe import (
     candidate_layers,
     fisher_separability,
@@ -367,6 +368,6 @@ def test_layer_probe_ranks_the_planted_layer_first_and_hf_name_then_uses_it(
 def test_submit_sends_the_layer_probe_with_ddp_across_nodes() -> None:
     from fusion_lightning.submit import build as submit_build
 
-    script, argv, _ = submit_build(["recipe=layer_probe", "--nodes", "2", "--gpus-per-node", "8", "data=llmrouter",
+    script, argv, _ = submit_build(["recipe=layer_probe", "slurm.nodes=2", "slurm.gpus_per_node=8", "data=llmrouter",
                                     "encoder=hf:smollm2-135m"])
     assert "--nodes=2" in script and argv[-1] == "strategy=ddp"  # a predict job: not the template's DeepSpeed

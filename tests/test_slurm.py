@@ -1,4 +1,4 @@
-"""SLURM: template rendering (submit --dry-run), and jobs on a REAL one-node SLURM (tests/slurm_cluster.py):
+"""SLURM: template rendering (submit slurm.dry_run=true; the old --flags too), and jobs on a REAL one-node SLURM (tests/slurm_cluster.py):
 `sbatch --test-only` per template, a router submitted with `sbatch --wait`, 2-task CPU DDP via `srun`,
 and SIGUSR1 preemption -> requeue -> resume with the same metrics as an uninterrupted run."""
 
@@ -35,20 +35,20 @@ def _directives(script: str) -> dict[str, str | None]:
 
 
 @pytest.mark.parametrize(("argv", "expect"), [
-    (["--template", "ddp", "--gpus-per-node", "4"], {"nodes": "1", "ntasks-per-node": "4", "gpus-per-node": "4"}),
-    (["--nodes", "2", "--gpus-per-node", "8"], {"nodes": "2", "ntasks-per-node": "8", "gpus-per-node": "8"}),
-    (["--template", "cpu", "--ntasks-per-node", "2", "--cpus-per-task", "1"],
+    (["slurm.template=ddp", "slurm.gpus_per_node=4"], {"nodes": "1", "ntasks-per-node": "4", "gpus-per-node": "4"}),
+    (["slurm.nodes=2", "slurm.gpus_per_node=8"], {"nodes": "2", "ntasks-per-node": "8", "gpus-per-node": "8"}),
+    (["slurm.template=cpu", "slurm.ntasks_per_node=2", "slurm.cpus_per_task=1"],
      {"nodes": "1", "ntasks-per-node": "2", "cpus-per-task": "1"}),
 ])
 def test_templates_render_consistent_counts_and_requeue_directives(argv: list[str], expect: dict) -> None:
-    script, sbatch_args, log_dir = build(["recipe=router_mlp", *argv, "--time", "00:20:00", "--partition", "p1",
+    script, sbatch_args, log_dir = build(["recipe=router_mlp", *argv, "slurm.time=00:20:00", "slurm.partition=p1",
                                           "trainer.max_epochs=2"])
     d = _directives(script)
     assert {k: d[k] for k in expect} == expect
     assert d["signal"] == "SIGUSR1@90" and "requeue" in d and d["open-mode"] == "append"
     assert d["time"] == "00:20:00" and d["partition"] == "p1"
     assert d["output"] == f"{log_dir}/slurm-%j.out" and d["error"] == f"{log_dir}/slurm-%j.err"
-    assert "gpus-per-node" not in d if "cpu" in argv else True
+    assert "gpus-per-node" not in d if "slurm.template=cpu" in argv else True
     # the body passes node/task counts from the allocation and the SLURM preset to fit
     assert 'trainer.num_nodes="$NODES" trainer.devices="$TASKS_PER_NODE"' in script and "+cluster=slurm" in script
     assert 'RUN_DIR="$RUNS_ROOT/$RECIPE/slurm-$JOB_TAG"' in script and "WANDB_RUN_GROUP" in script
@@ -60,7 +60,7 @@ def test_sweep_becomes_array_job_with_one_combination_per_task() -> None:
     assert fixed == ["trainer.max_epochs=3"]
     assert combos == [["seed=1", "model.lr=0.1"], ["seed=1", "model.lr=0.01"],
                       ["seed=2", "model.lr=0.1"], ["seed=2", "model.lr=0.01"]]
-    script, _, log_dir = build(["-m", "recipe=router_mlp", "seed=1,2", "model.lr=0.1,0.01", "--array", "%2"])
+    script, _, log_dir = build(["-m", "recipe=router_mlp", "seed=1,2", "model.lr=0.1,0.01", "slurm.array=%2"])
     d = _directives(script)
     assert d["array"] == "0-3%2" and d["output"] == f"{log_dir}/slurm-%A_%a.out"
     assert "SWEEP=('seed=1 model.lr=0.1' 'seed=1 model.lr=0.01' 'seed=2 model.lr=0.1' 'seed=2 model.lr=0.01')" in script
@@ -71,15 +71,68 @@ def test_sweep_becomes_array_job_with_one_combination_per_task() -> None:
     (["recipe=router_mlp", "run_dir=/x"], "set by the template"),
     (["recipe=nope"], "unknown recipe 'nope'"),
     (["recipe=router_mlp", "trainer.max_epoch=3"], "unknown config key 'trainer.max_epoch'"),
-    (["recipe=router_mlp", "--template", "cpu", "--gpus-per-node", "2"], "--gpus-per-node with --template cpu"),
-    (["recipe=router_mlp", "--gpus-per-node", "2", "--ntasks-per-node", "4"], "one task per GPU"),
-    (["-m", "recipe=router_mlp", "seed=1,2", "--array", "0-5"], "only a throttle"),
-    (["recipe=router_mlp", "--exclusive"], "--sbatch-arg"),
+    (["recipe=router_mlp", "slurm.template=cpu", "slurm.gpus_per_node=2"],
+     "slurm.gpus_per_node with slurm.template=cpu"),
+    (["recipe=router_mlp", "slurm.gpus_per_node=2", "slurm.ntasks_per_node=4"], "one task per GPU"),
+    (["-m", "recipe=router_mlp", "seed=1,2", "slurm.array=0-5"], "only a throttle"),
+    (["recipe=router_mlp", "--exclusive"], "slurm.sbatch_args"),
+    (["recipe=router_mlp", "slurm.node=2"], "unknown config key 'slurm.node'; valid keys under 'slurm': account,"),
+    (["recipe=router_mlp", "slurm.nodes=two"], "slurm.nodes=two: a whole number"),
+    (["recipe=router_mlp", "slurm.template=gpu"], "unknown template 'gpu'; choose from: ddp, deepspeed, cpu"),
 ])
 def test_bad_submit_requests_are_one_line_errors(argv: list[str], message: str, capsys) -> None:
     with pytest.raises(SubmitError, match=re.escape(message)):
         build(argv)
-    assert main([*argv, "--dry-run"]) == 2 and message in capsys.readouterr().err
+    assert main([*argv, "slurm.dry_run=true"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1  # one line
+
+
+DRY_RUN = ["recipe=embed", "slurm.nodes=2", "slurm.gpus_per_node=8", "slurm.template=ddp", "slurm.time=02:00:00",
+           "slurm.sbatch_args=[--exclusive]", "slurm.wait=true", "slurm.dry_run=true", "data=llmrouter"]
+
+
+def test_dry_run_prints_the_script_with_the_slurm_settings(capsys) -> None:
+    """`slurm.*` is the job: it fills the #SBATCH lines and the sbatch command, and none of it reaches fit."""
+    assert main(DRY_RUN) == 0
+    out = capsys.readouterr().out
+    d = _directives(out)
+    assert {k: d[k] for k in ("job-name", "nodes", "gpus-per-node", "ntasks-per-node", "time")} == \
+        {"job-name": "fusion-ddp", "nodes": "2", "gpus-per-node": "8", "ntasks-per-node": "8", "time": "02:00:00"}
+    assert out.rstrip().splitlines()[-1] == "# sbatch --exclusive --wait --parsable '<script>' recipe=embed data=llmrouter"
+    assert "slurm." not in out.replace("slurm/job.sh", "")
+
+
+def test_old_flags_give_the_same_job_and_a_note_with_the_new_spelling(capsys) -> None:
+    old = ["recipe=embed", "--nodes", "2", "--gpus-per-node=8", "--template", "ddp", "--time", "02:00:00",
+           "--sbatch-arg=--exclusive", "--wait", "--dry-run", "data=llmrouter"]
+    assert main(DRY_RUN) == 0
+    new_out = capsys.readouterr()
+    assert main(old) == 0
+    old_out = capsys.readouterr()
+    assert old_out.out == new_out.out and new_out.err == ""
+    assert old_out.err == ("note: --nodes 2 --gpus-per-node=8 --template ddp --time 02:00:00 --sbatch-arg=--exclusive "
+                           "--wait --dry-run is now slurm.nodes=2 slurm.gpus_per_node=8 slurm.template=ddp "
+                           "slurm.time=02:00:00 'slurm.sbatch_args=[--exclusive]' slurm.wait=true slurm.dry_run=true "
+                           "(the --flag spelling goes in the next release)\n")
+    assert build(["-m", "recipe=router_mlp", "seed=1,2", "--array", "%2"]) == \
+        build(["-m", "recipe=router_mlp", "seed=1,2", "slurm.array=%2"])
+
+
+def test_help_prints_the_job_keys(capsys) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("`python -m fusion_lightning.submit recipe=NAME") and "\nslurm:\n  template: null" in out
+
+
+def test_the_slurm_prefix_is_no_config_key_of_fit() -> None:
+    """`slurm.KEY` arguments are submit's: no recipe, group option or the SLURM preset may have a top-level `slurm`."""
+    from fusion_lightning.config import recipes_dir
+
+    assert "slurm" not in compose_recipe("router_mlp", ["+cluster=slurm"])
+    tops = {p for p in recipes_dir().rglob("*.yaml") if p.name != "submit.yaml"
+            and "slurm" in (yaml.safe_load(p.read_text()) or {})}
+    assert not tops
 
 
 def test_slurm_preset_adds_lightning_slurm_environment_and_requeue_callback() -> None:
@@ -99,8 +152,8 @@ def _job_env(cluster: SlurmCluster, tmp: Path) -> dict[str, str]:
 
 
 def _submit(cluster: SlurmCluster, tmp: Path, *argv: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "fusion_lightning.submit", "recipe=router_mlp", "--template", "cpu",
-           "--cpus-per-task", "2", "--time", "00:10:00", f"runs_root={tmp / 'runs'}", *TINY, *argv]
+    cmd = [sys.executable, "-m", "fusion_lightning.submit", "recipe=router_mlp", "slurm.template=cpu",
+           "slurm.cpus_per_task=2", "slurm.time=00:10:00", f"runs_root={tmp / 'runs'}", *TINY, *argv]
     return subprocess.run(cmd, cwd=tmp, env=_job_env(cluster, tmp), capture_output=True, text=True, timeout=300)
 
 
@@ -111,12 +164,12 @@ def _job_id(out: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("argv", [
-    ["--template", "ddp", "--gpus-per-node", "2", "--cpus-per-task", "1"],
-    ["--template", "deepspeed", "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1"],
-    ["--template", "cpu", "--ntasks-per-node", "2", "--cpus-per-task", "1"],
+    ["slurm.template=ddp", "slurm.gpus_per_node=2", "slurm.cpus_per_task=1"],
+    ["slurm.template=deepspeed", "slurm.nodes=1", "slurm.gpus_per_node=2", "slurm.cpus_per_task=1"],
+    ["slurm.template=cpu", "slurm.ntasks_per_node=2", "slurm.cpus_per_task=1"],
 ])
 def test_each_template_passes_sbatch_test_only(slurm_cluster: SlurmCluster, tmp_path: Path, argv: list[str]) -> None:
-    script, sbatch_args, _ = build(["recipe=router_mlp", *argv, "--time", "00:05:00"])
+    script, sbatch_args, _ = build(["recipe=router_mlp", *argv, "slurm.time=00:05:00"])
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     out = slurm_cluster.run("sbatch", "--test-only", str(path), *sbatch_args[-1:], check=False, cwd=tmp_path)
@@ -125,9 +178,9 @@ def test_each_template_passes_sbatch_test_only(slurm_cluster: SlurmCluster, tmp_
 
 @pytest.fixture(scope="module")
 def reference_run(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The tiny router submitted through `fusion_lightning.submit --wait` (the uninterrupted run)."""
+    """The tiny router submitted through `fusion_lightning.submit slurm.wait=true` (the uninterrupted run)."""
     tmp = tmp_path_factory.mktemp("ref")
-    out = _submit(slurm_cluster, tmp, "--wait")
+    out = _submit(slurm_cluster, tmp, "slurm.wait=true")
     job = _job_id(out)
     run = tmp / "runs" / "router_mlp" / f"slurm-{job}"
     log = run.with_name(f"slurm-{job}.out")
@@ -166,8 +219,8 @@ def test_embed_recipe_submitted_as_two_ddp_tasks_covers_every_text_once(slurm_cl
     """`submit recipe=embed` as users send it: sbatch, two CPU tasks under SLURMEnvironment, DDP; the two
     ranks' shards hold every unique query exactly once, and both ranks' progress lines reach its .out file."""
     out_dir = tmp_path / "emb"
-    cmd = [sys.executable, "-m", "fusion_lightning.submit", "recipe=embed", "--template", "cpu",
-           "--ntasks-per-node", "2", "--cpus-per-task", "1", "--time", "00:10:00", "--wait",
+    cmd = [sys.executable, "-m", "fusion_lightning.submit", "recipe=embed", "slurm.template=cpu",
+           "slurm.ntasks_per_node=2", "slurm.cpus_per_task=1", "slurm.time=00:10:00", "slurm.wait=true",
            f"runs_root={tmp_path / 'runs'}", "data.synthetic.n_queries=300", "encoder=hashing",
            "datamodule.shard_size=64", f"out={out_dir}", "progress_interval=0.01"]
     out = subprocess.run(cmd, cwd=tmp_path, env=_job_env(slurm_cluster, tmp_path), capture_output=True, text=True,
