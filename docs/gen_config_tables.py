@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-PRIMARY = ("fit", "templates", "collect", "serve", "evaluate")  # the primary configs: one per key=value command
+# the primary configs: one per key=value command
+PRIMARY = ("fit", "templates", "collect", "serve", "evaluate", "route", "export", "compare", "submit")
 
 
 def _config():
