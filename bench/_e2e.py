@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fusion_lightning.data.schema import make_query_id
-from fusion_lightning.evaluation import Evaluation, add_confidence, table_rows
+from fusion_lightning.fusion_table import Evaluation, add_confidence, table_rows
 from fusion_lightning.scoring import resolve_metric
 from fusion_lightning.serving.base import Generation, to_messages
 

@@ -196,7 +196,7 @@ class Pipeline:
         return {"type": "local", "model": model, "device": self.a.device, "progress": False}
 
     def evaluate(self, **live):
-        from fusion_lightning.evaluation import evaluate
+        from fusion_lightning.fusion_table import evaluate
 
         return evaluate(self.logs(), split="test", seed=self.a.seed, sampling=self.sampling, **live)
 
@@ -227,7 +227,7 @@ class Pipeline:
         tasks = self.done("questions")["tasks"]
         if not self.a.probe:
             return {"tasks": tasks, "probe": "skipped (--probe 0): all candidate tasks kept"}
-        from fusion_lightning.serving.collect import collect, read_query_file
+        from fusion_lightning.serving.make_log import collect, read_query_file
 
         qs = read_query_file(self.out / "questions" / "train.jsonl")
         per: dict[str, list] = {}
@@ -241,7 +241,7 @@ class Pipeline:
         return {"tasks": kept, "scores": means, "probe_questions": len(probe)}
 
     def stage_collect(self) -> dict[str, Any]:
-        from fusion_lightning.serving.collect import collect, read_query_file
+        from fusion_lightning.serving.make_log import collect, read_query_file
 
         tasks = set(self.done("probe")["tasks"])
         self.log_dir.mkdir(parents=True, exist_ok=True)

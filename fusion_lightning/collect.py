@@ -19,7 +19,7 @@ from typing import Any
 
 from fusion_lightning.config import ConfigError, compose_command, recipes_dir
 from fusion_lightning.data.schema import ModelCatalog
-from fusion_lightning.serving.collect import collect, read_query_file
+from fusion_lightning.serving.make_log import collect, read_query_file
 
 FILE_KEYS = ("backends", "judge", "sampling")  # a .yaml/.json file name as their value: its content
 

@@ -3,7 +3,7 @@
 On a bandit log (one model, or a few, per query: served traffic), the routers' off-policy estimates
 instead (fusion_lightning/query/offline.py: `ope_table.md`, `summary.json` with `ope/<router>/<estimator>/<metric>`).
 
-The paper-style fusion table (fusion_lightning/evaluation.py): rows = tasks grouped by domain with
+The paper-style fusion table (fusion_lightning/fusion_table.py): rows = tasks grouped by domain with
 domain and overall averages; columns = every single model in the log, best single (chosen on
 train), each fusion level given, and oracle; performance and cost. Writes to the run dir
 (`out=DIR`, default checkpoints/runs/evaluate/<timestamp>):
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion_lightning.config import ConfigError, compose_command, recipes_dir, run_dir_for
-from fusion_lightning.evaluation import Evaluation, add_confidence, evaluate, table_rows
+from fusion_lightning.fusion_table import Evaluation, add_confidence, evaluate, table_rows
 from fusion_lightning.io import atomic_open, atomic_write
 
 FILE_KEYS = ("routers", "thought", "student", "sampling")  # a .yaml/.json file name as their value: its content

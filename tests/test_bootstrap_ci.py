@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fusion_lightning.evaluate import write_report
-from fusion_lightning.evaluation import Evaluation, add_confidence, table_rows
+from fusion_lightning.fusion_table import Evaluation, add_confidence, table_rows
 
 TASKS = np.array(["gsm8k"] * 4 + ["mmlu"] * 3 + ["arc"] * 5)
 DOMAINS = np.array(["math"] * 4 + ["world_knowledge"] * 3 + ["commonsense"] * 5)

@@ -14,8 +14,8 @@ from fusion_lightning.collect import main as collect_main
 from fusion_lightning.data.logtable import load_logs
 from fusion_lightning.data.schema import LOG_FIELDS, ModelCatalog, ModelInfo
 from fusion_lightning.serving import OpenAICompatibleBackend, build_backend
-from fusion_lightning.serving.collect import THINK_LINE, collect, read_query_file
 from fusion_lightning.serving.judge import parse_judgement
+from fusion_lightning.serving.make_log import THINK_LINE, collect, read_query_file
 
 QUERIES = [{"task_name": "gsm8k", "query": f"What is {a} plus {b}?", "ground_truth": f"#### {a + b}", "metric": "GSM8K"}
            for a, b in ((2, 3), (10, 7), (4, 4))]

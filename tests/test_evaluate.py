@@ -17,11 +17,11 @@ from tiny_lm import build_tiny_lm
 from fusion_lightning.config import compose_recipe
 from fusion_lightning.data.logtable import load_logs
 from fusion_lightning.evaluate import main as evaluate_main
-from fusion_lightning.evaluation import evaluate, table_rows
 from fusion_lightning.fit import fit
+from fusion_lightning.fusion_table import evaluate, table_rows
 from fusion_lightning.query.router import Router
 from fusion_lightning.serving import OpenAICompatibleBackend
-from fusion_lightning.serving.collect import QueryRecord, collect
+from fusion_lightning.serving.make_log import QueryRecord, collect
 
 
 @pytest.fixture(scope="module")

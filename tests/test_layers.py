@@ -12,7 +12,7 @@ A part may import itself, the package root and the parts `MAY_IMPORT` names, not
 - `serving/`'s clients (backends, cache, judge, collect) may use data and scoring, never a level;
 - the three levels (`query/`, `thought/`, `model/`) build on data and scoring and never import each
   other; only the thought level asks an LLM (its LLM summariser is a serving client);
-- `callbacks/` and the compositions (`serving/pipeline.py`, `evaluation.py`) put levels together;
+- `callbacks/` and the compositions (`serving/pipeline.py`, `fusion_table.py`) put levels together;
 - run support (config, checkpointing, tracking) imports only itself and data's config
   schema, and serves the CLIs;
 - the CLIs (top-level modules run as `python -m fusion_lightning.NAME`) may import anything, and no
@@ -28,7 +28,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fusion_lightning"
 LEVELS = ("query", "thought", "model")
-COMPOSITIONS = {"fusion_lightning.serving.pipeline", "fusion_lightning.evaluation"}
+COMPOSITIONS = {"fusion_lightning.serving.pipeline", "fusion_lightning.fusion_table"}
 SUPPORT = {"fusion_lightning.config", "fusion_lightning.checkpointing", "fusion_lightning.tracking"}
 UTIL = {"fusion_lightning.io", "fusion_lightning.cache"}  # file writes and locks, the cache root: below everything
 PARTS = ("root", "util", "scoring", "data", "zoo", "serving", *LEVELS, "callbacks", "composition", "support", "cli")

@@ -11,10 +11,10 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_builds_offline_and_answers(tmp_path: Path) -> None:
     pytest.importorskip("gguf", reason="reading the GGUF file needs the gguf package (pip install gguf)")
-    from fusion_lightning.model.students import resolve_student
     from fusion_lightning.serving.local import LocalBackend
+    from fusion_lightning.zoo import resolve
 
-    path = resolve_student("smollm2-135m")
+    path = resolve("smollm2-135m")
     backend = LocalBackend(path, device="cpu", progress=False)
     assert backend.has_chat_template
     n_params = sum(p.numel() for p in backend.model.parameters())

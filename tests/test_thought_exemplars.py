@@ -194,7 +194,7 @@ def test_serve_config_mode_exemplars_reaches_the_upstream_model(tmp_path) -> Non
 
 
 def test_evaluate_scores_the_exemplar_column_and_never_shows_a_query_its_own_answer(tmp_path) -> None:
-    from fusion_lightning.evaluation import evaluate
+    from fusion_lightning.fusion_table import evaluate
 
     rows = []
     for i in range(12):
@@ -236,7 +236,7 @@ def test_random_few_shot_is_like_for_like_with_exemplars(tmp_path) -> None:
     """The few-shot column beside `exemplars`: as many examples (shots defaults to k), drawn from the same
     pool (the library's exemplars, partial answers included: not only the fully solved questions), of the
     query's task (the task filter), in the same prompt and token budget; only the retrieval differs."""
-    from fusion_lightning.evaluation import evaluate
+    from fusion_lightning.fusion_table import evaluate
 
     rows = []
     for i in range(12):

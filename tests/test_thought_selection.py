@@ -237,7 +237,7 @@ def letters(n: int) -> str:
 def _gsm_log(folder: Path) -> None:
     """GSM8K-style sums: model `solver` right with worked answers, `weak` wrong; train, val, test files."""
     from fusion_lightning.serving import OpenAICompatibleBackend
-    from fusion_lightning.serving.collect import QueryRecord, collect
+    from fusion_lightning.serving.make_log import QueryRecord, collect
 
     def worked(messages):  # a distinct tag per question, so the rule summariser's templates do not all merge
         text = last_user(messages)
@@ -260,8 +260,8 @@ def _gsm_log(folder: Path) -> None:
 
 def test_thought_auto_recipe_writes_the_choice_that_serve_and_evaluate_apply(tmp_path: Path, monkeypatch) -> None:
     from fusion_lightning.config import compose_recipe
-    from fusion_lightning.evaluation import evaluate
     from fusion_lightning.fit import fit
+    from fusion_lightning.fusion_table import evaluate
     from fusion_lightning.serve import compose, pipeline_config, serve_in_thread
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

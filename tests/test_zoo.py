@@ -10,7 +10,6 @@ import pytest
 from tiny_lm import build_tiny_lm
 
 from fusion_lightning import zoo
-from fusion_lightning.model.students import resolve_student
 from fusion_lightning.serving import build_backend
 from fusion_lightning.zoo.__main__ import main as zoo_main
 
@@ -28,7 +27,6 @@ def test_names_and_aliases_resolve_to_the_cache_dir(cache: Path) -> None:
     (cache / "smollm2-135m-instruct" / "config.json").write_text("{}")
     assert zoo.resolve("gemma-3-270m") == str(cache / "gemma-3-270m")
     assert zoo.resolve("smollm2-135m") == zoo.resolve("smollm2-135m-instruct") == str(cache / "smollm2-135m-instruct")
-    assert resolve_student("gemma-3-270m") == str(cache / "gemma-3-270m")  # student=... goes through the zoo
     assert zoo.resolve("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"  # any other name: unchanged
     assert zoo.is_cached("gemma-3-270m") and not zoo.is_cached("tiny-llama")
     with pytest.raises(ValueError, match="not a zoo model"):

@@ -22,7 +22,7 @@ from fusion_lightning.model.sft import (
     pack,
     tokenize_example,
 )
-from fusion_lightning.model.students import resolve_student
+from fusion_lightning.zoo import resolve
 
 
 class DistillDataModule(LogDataModule):
@@ -30,7 +30,7 @@ class DistillDataModule(LogDataModule):
                  max_length: int = 512, batch_size: int = 8, packing: bool = False, group_by_length: bool = True,
                  num_workers: int = 0, seed: int = 0):
         super().__init__(data)
-        self.student_path = resolve_student((student or {}).get("name_or_path", "tiny-llama"))
+        self.student_path = resolve((student or {}).get("name_or_path", "tiny-llama"))
         self.selection = SelectionConfig(**(selection or {}))
         self.max_length, self.batch_size, self.packing = max_length, batch_size, packing
         self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
