@@ -13,7 +13,7 @@ import torch
 from _folds import mean_ci, mean_std, rate, sklearn_routers
 
 from fusion_lightning.config import router_names
-from fusion_lightning.data.embeddings import SentenceTransformerEncoder
+from fusion_lightning.data.encoders import SentenceTransformerEncoder
 from fusion_lightning.query.router import Router
 
 BASELINES = ("best_single", "task_best", "oracle", "random")

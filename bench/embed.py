@@ -174,7 +174,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ.setdefault("FUSION_LIGHTNING_CACHE", str(work / "cache"))  # the ONNX exports: made here
-        from fusion_lightning.data.embeddings import SentenceTransformerEncoder
+        from fusion_lightning.data.encoders import SentenceTransformerEncoder
 
         st = SentenceTransformerEncoder("minilm", device=args.device)._load()
         st.encode(texts[:8])  # warm

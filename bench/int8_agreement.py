@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from fusion_lightning.data.embeddings import SentenceTransformerEncoder
+    from fusion_lightning.data.encoders import SentenceTransformerEncoder
     from fusion_lightning.data.onnx_encoder import OnnxEncoder, quantize_int8, routing_agreement
 
     torch.set_num_threads(args.threads)

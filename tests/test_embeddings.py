@@ -7,14 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from fusion_lightning.data.embeddings import (
-    EmbeddingCache,
-    Encoder,
-    HashingEncoder,
-    SentenceTransformerEncoder,
-    build_encoder,
-    embed_texts,
-)
+from fusion_lightning.data.embeddings import EmbeddingCache, build_encoder, embed_texts
+from fusion_lightning.data.encoders import Encoder, HashingEncoder, SentenceTransformerEncoder
 
 TEXTS = [
     "What is the capital of France?",

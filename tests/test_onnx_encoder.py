@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion_lightning.data.embeddings import build_encoder, parse_encoder_spec
+from fusion_lightning.data.embeddings import build_encoder
+from fusion_lightning.data.encoders import parse_encoder_spec
 from fusion_lightning.data.onnx_encoder import routing_agreement
 
 pytest.importorskip("onnxruntime", reason="the +onnx encoders need the onnx extra (onnxruntime, onnx)")
@@ -131,7 +132,7 @@ def test_the_default_encoder_is_onnx_fp32_with_torchs_vectors_name_and_picks() -
     """`minilm` (no backend option) runs on ONNX Runtime fp32 on the CPU: the torch encoder's vectors
     within tolerance, its cache key and checkpoint name, and the same routing picks; `+torch` forces torch."""
     from fusion_lightning.data.embed_job import EncoderModule
-    from fusion_lightning.data.embeddings import SentenceTransformerEncoder
+    from fusion_lightning.data.encoders import SentenceTransformerEncoder
     from fusion_lightning.data.onnx_encoder import OnnxEncoder
 
     default, torch_enc = build_encoder("minilm"), build_encoder("minilm+torch")

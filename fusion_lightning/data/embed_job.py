@@ -30,13 +30,13 @@ from fusion_lightning.data.datamodule import LogDataModule
 from fusion_lightning.data.embeddings import (
     ConcatEncoder,
     EmbeddingCache,
-    Encoder,
     build_encoder,
     encode_together,
     encoder_spec,
     group_encoders,
     text_key,
 )
+from fusion_lightning.data.encoders import Encoder
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.io import atomic_open, file_lock
 

@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from fusion_lightning.data.encoders import (  # noqa: F401  the base encoders, importable from here as before
+from fusion_lightning.data.encoders import (
     DEFAULT_MAX_SEQ_LENGTH,
     MINILM_ALIASES,
-    PACKAGED_MINILM,
     Encoder,
     HashingEncoder,
     SentenceTransformerEncoder,
@@ -28,7 +27,6 @@ from fusion_lightning.data.encoders import (  # noqa: F401  the base encoders, i
     l2_normalise,
     onnxruntime_available,
     parse_encoder_spec,
-    resolve_pretrained,
 )
 from fusion_lightning.io import atomic_open
 

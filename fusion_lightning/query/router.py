@@ -6,7 +6,7 @@
     result.scores       # predicted reward per (query, model)
 
 The checkpoint holds everything routing needs: the router class, the model list, the encoder name,
-the task list and the normalisation constants; after `route --calibrate` also a strong/weak threshold
+the task list and the normalisation constants; after `route calibrate.strong_fraction=F` (or `calibrate.budget=`) also a strong/weak threshold
 (`router.calibration`, used by `route_strong_weak`; fusion_lightning/query/calibrate.py).
 
 Two decision rules over one checkpoint's predictions: `lam=λ`, the argmax of predicted performance −
@@ -30,12 +30,13 @@ import numpy as np
 import torch
 
 import fusion_lightning.zoo  # noqa: F401  registers the zoo's model names with the hf: encoders (a checkpoint's)
-from fusion_lightning.data.embeddings import Encoder, build_encoder
+from fusion_lightning.data.embeddings import build_encoder
+from fusion_lightning.data.encoders import Encoder
 from fusion_lightning.query.base import RouterModule
 from fusion_lightning.query.metrics import check_decision, tolerance_decision
 from fusion_lightning.query.routers import current_path
 
-CALIBRATION_KEY = "fusion_lightning_strong_weak"  # checkpoint entry written by `route --calibrate`
+CALIBRATION_KEY = "fusion_lightning_strong_weak"  # checkpoint entry written by `route calibrate.*=`
 
 
 @dataclass
@@ -215,11 +216,11 @@ class Router:
     def route_strong_weak(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None,
                           calibration: dict | None = None, batch_size: int = 256) -> RouteResult:
         """RouteLLM-style routing: the strong model where predicted perf(strong) − perf(weak) ≥ the calibrated
-        threshold, else the weak one. `calibration` defaults to the checkpoint's (`route --calibrate`)."""
+        threshold, else the weak one. `calibration` defaults to the checkpoint's (`route calibrate.*=`)."""
         cal = calibration or self.calibration
         if not cal:
             raise ValueError("this checkpoint has no strong/weak threshold: calibrate it first "
-                             "(python -m fusion_lightning.route --ckpt CKPT --calibrate strong_fraction=0.3)")
+                             "(python -m fusion_lightning.route ckpt=CKPT calibrate.strong_fraction=0.3)")
         result = self.route(queries, tasks, lam=0.0, batch_size=batch_size)
         s, w = self.models.index(cal["strong"]), self.models.index(cal["weak"])
         result.strong_score = result.perf[:, s] - result.perf[:, w]

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from fusion_lightning.data.arrow import as_objects
-from fusion_lightning.data.embeddings import Encoder
+from fusion_lightning.data.encoders import Encoder
 from fusion_lightning.data.logtable import LogTable
 from fusion_lightning.data.select import Example
 from fusion_lightning.io import atomic_write

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion_lightning.data.embeddings import build_encoder, resolve_pretrained
+from fusion_lightning.data.embeddings import build_encoder
+from fusion_lightning.data.encoders import resolve_pretrained
 from fusion_lightning.thought.metrics import outcome_at_k, retrieval_metrics
 
 MODES = ("auto", "finetune", "head")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
-from fusion_lightning.data.embeddings import resolve_pretrained
+from fusion_lightning.data.encoders import resolve_pretrained
 from fusion_lightning.query.base import LogitRouter
 from fusion_lightning.query.datamodule import RouterDataModule
 
