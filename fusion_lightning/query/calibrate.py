@@ -145,7 +145,7 @@ def calibrate(held: HeldOut, target: str, value: float, models: list[str]) -> di
         threshold = threshold_for_fraction(scores, value)
     else:
         if held.cost_usd is None:
-            raise ValueError(f"--calibrate budget=...: the costs of {held.source} are unknown; use strong_fraction=")
+            raise ValueError(f"calibrate.budget=...: the costs of {held.source} are unknown; use calibrate.strong_fraction=")
         threshold = threshold_for_budget(scores, held.cost_usd[:, held.strong], held.cost_usd[:, held.weak], value)
     strong = scores >= threshold
     record = {"strong": models[held.strong], "weak": models[held.weak], "threshold": threshold,

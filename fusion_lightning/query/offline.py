@@ -5,7 +5,7 @@ performance, cost and reward from the logged calls (fusion_lightning.query.ope: 
 DR with bootstrap intervals), beside the per-task lookup and best single learnt from the log's train
 split by DR, and uniform random. The reward model reads the same query embeddings the routers read
 (`encoder`), cross-fitted by query. `python -m fusion_lightning.evaluate` (on a bandit log) and
-`python -m fusion_lightning.route --ope LOG` are its command lines.
+`python -m fusion_lightning.route ope=LOG` are its command lines.
 """
 
 from __future__ import annotations
