@@ -225,3 +225,47 @@ def test_cv_resume_reuses_the_checkpoints_selection_without_refolding(tmp_path: 
     with pytest.raises(ValueError, match="model.selection=holdout"):
         fit(compose_recipe("router_auto", [*part, "trainer.max_epochs=4", "trainer.devices=2",
                                            "strategy=ddp", f"run_dir={tmp_path / 'ddp'}"]))
+
+
+def test_candidates_may_read_a_feature_set_and_selection_chooses_among_them(tmp_path: Path) -> None:
+    """`features: PART`: a candidate reads only that part of a concatenated encoder's vectors (its layers are
+    sized for it, the other part's columns never reach it), selection weighs it like any candidate, and the
+    checkpoint reloads the view without rebuilding the encoders."""
+    import torch
+
+    from fusion_lightning.query.feature_view import view_columns
+
+    views = [
+        "~model.candidates", "~model.ensembles", "datamodule.encoder=[hashing,hashing-64]",
+        "+model.candidates.lookup._target_=fusion_lightning.query.routers.residual.ResidualRouter",
+        "+model.candidates.lookup.alphas=[0.0]", "+model.candidates.lookup.hidden_dims=[]",
+        "+model.candidates.residual_all._target_=fusion_lightning.query.routers.residual.ResidualRouter",
+        "+model.candidates.residual_64._target_=fusion_lightning.query.routers.residual.ResidualRouter",
+        "+model.candidates.residual_64.features=hashing-64",
+        "model.selection=holdout", "trainer.max_epochs=15",
+    ]
+    summary = fit(compose_recipe("router_auto", _subtopic(tmp_path, *views)))
+    sel = summary["selection"]
+    assert set(sel["val_reward"]) == {"lookup", "residual_all", "residual_64"}
+    assert sel["winner"] in ("residual_all", "residual_64"), sel  # both views carry the planted sub-topics
+    m = summary["metrics"]
+    assert m["test/perf"] >= m["test/task_best/perf"] + 0.1, m
+    router = Router.load(tmp_path / "run" / summary["artifacts"]["best_checkpoint"])
+    module = router.module
+    assert module.hparams.feature_columns == {"residual_64": list(range(256, 320))}
+    assert module.candidates["residual_64"].hparams.embed_dim == 64
+    assert module.candidates["residual_all"].hparams.embed_dim == 320
+    x = torch.as_tensor(router.embed(["add the sum of these numbers plus digits", "which river crosses the city"]))
+    task = router.task_ids(None, 2)
+    module.winner.fill_(module.choices.index("residual_64"))
+    noisy = x.clone()
+    noisy[:, :256] = torch.randn(2, 256)  # the part residual_64 does not read
+    own = x.clone()
+    own[:, 256:] = torch.randn(2, 64)  # the part it reads
+    assert float(module.candidates["residual_64"].alpha) > 0  # it learned something from its part
+    with torch.no_grad():
+        torch.testing.assert_close(module.predict(x, task), module.predict(noisy, task))
+        assert not torch.allclose(module.predict(x, task)[0], module.predict(own, task)[0])
+    with pytest.raises(ValueError, match="'minilm' is not a part of the encoder 'hashing&hashing-64'; its parts: "
+                                         "hashing-256, hashing-64"):
+        view_columns("minilm", "hashing&hashing-64")

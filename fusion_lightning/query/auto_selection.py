@@ -31,7 +31,14 @@ import torch
 from hydra.utils import instantiate
 
 from fusion_lightning.io import atomic_open, atomic_write
-from fusion_lightning.query.metrics import select_over_reference
+from fusion_lightning.query.base import split_arrays
+from fusion_lightning.query.metrics import (
+    baseline_choices,
+    choose,
+    gap_closed,
+    outcome,
+    select_over_reference,
+)
 
 SELECTIONS = ("cv", "holdout")
 
@@ -189,6 +196,46 @@ def cross_validate(model: Any, r: Any) -> dict[str, Any]:
             "members": needed if winner not in model.candidates else [], "refit_epochs": refit,
             "refit_values": refit_values, "rows": table,
             "cv_seconds": round(time.perf_counter() - seconds, 1)}
+
+
+def kind_of(router: torch.nn.Module) -> str:
+    """'MLPRouter' -> 'mlp': the name ensembles use for "the val-best candidate of this kind"."""
+    name = type(router).__name__
+    return (name[:-len("Router")] if name.endswith("Router") else name).lower()
+
+
+def selection_rows(model: Any, rewards: dict, perf_cost: dict, winner: str, arrays: Any) -> list[dict[str, Any]]:
+    """selection.md's rows: per choice of router_auto `model`, its val reward, perf, cost, gap closed, gain over the
+    reference with its SE, epochs and settings (`perf_cost`: its val predictions; `arrays`: the val split)."""
+    train = split_arrays(model.trainer.datamodule.splits["train"].tensors)
+    bandit, arrays = arrays.bandit, arrays.estimable()  # a bandit log: DR estimates, no oracle
+    base = baseline_choices(train, arrays, "performance_first", model.hparams.model_sizes)
+    single, oracle = (outcome(base[b], arrays, "performance_first")["perf"] for b in ("best_single", "oracle"))
+    ref = rewards[model.hparams.reference]
+    rows = []
+    for name in model.choices:
+        if name not in rewards:
+            continue
+        o = outcome(choose(model.predicted_reward(*(torch.from_numpy(a) for a in perf_cost[name]),
+                                                 model.hparams.setting).numpy(), arrays.mask), arrays,
+                    model.hparams.setting)
+        diff = rewards[name] - ref
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        is_cand = name in model.candidates
+        spec = {k: v for k, v in (model.hparams.candidates.get(name) or {}).items() if k != "_target_"}
+        rows.append({
+            "candidate": name, "kind": kind_of(model.candidates[name]) if is_cand else "ensemble",
+            "selected": name == winner, "val_reward": float(rewards[name].mean()), "val_perf": o["perf"],
+            "val_cost": o["cost"], "val_gap_closed": None if bandit else gap_closed(o["perf"], single, oracle),
+            "gain_over_reference": float(diff.mean()), "gain_se": se,
+            "best_epoch": model.best[name]["epoch"] if is_cand else None,
+            "epochs": model.epochs[name] if is_cand else None,
+            "train_s": round(model.train_seconds[name], 3) if is_cand else None,
+            "settings": ", ".join(f"{k}={v}" for k, v in spec.items()) if is_cand else
+            "mean of " + ", ".join(np.array(list(model.candidates))[
+                model.members[model.choices.index(name) - len(model.candidates)].numpy()].tolist()),
+        })
+    return rows
 
 
 def write_selection(selection: dict[str, Any], out_dir: Path) -> dict[str, str]:

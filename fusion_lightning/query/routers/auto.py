@@ -36,15 +36,14 @@ from fusion_lightning.query.auto_selection import (
     SELECTIONS,
     concat_splits,
     cross_validate,
+    kind_of,
+    selection_rows,
     selection_z,
     write_selection,
 )
 from fusion_lightning.query.base import RouterModule, split_arrays
+from fusion_lightning.query.feature_view import view, view_columns, view_split
 from fusion_lightning.query.metrics import (
-    baseline_choices,
-    choose,
-    gap_closed,
-    outcome,
     per_query_reward,
     select_over_reference,
 )
@@ -52,12 +51,6 @@ from fusion_lightning.query.off_policy import logged_view
 from fusion_lightning.query.routers import current_path
 
 _PREFIX = "candidates."
-
-
-def kind_of(router: RouterModule) -> str:
-    """'MLPRouter' -> 'mlp': the name ensembles use for "the val-best candidate of this kind"."""
-    name = type(router).__name__
-    return (name[:-len("Router")] if name.endswith("Router") else name).lower()
 
 
 def _plain(node: Any) -> Any:
@@ -76,7 +69,8 @@ class AutoRouter(RouterModule):
                  normaliser: dict, model_sizes: list[float | None], candidates: dict[str, dict[str, Any]],
                  ensembles: dict[str, list[str]] | None = None, reference: str = "lookup",
                  setting: str = "performance_first", patience: int = 5, se_factor: float | str = "bonferroni",
-                 out_dir: str | None = None, selection: str = "cv", folds: int = 5):
+                 out_dir: str | None = None, selection: str = "cv", folds: int = 5,
+                 feature_columns: dict[str, list[int]] | None = None):
         super().__init__()
         if selection not in SELECTIONS:
             raise ValueError(f"model.selection={selection!r}; choose from: {', '.join(SELECTIONS)}")
@@ -97,9 +91,18 @@ class AutoRouter(RouterModule):
         bad = {n: v for n, v in self.learners.items() if v not in ("auto", "direct")}
         if bad:
             raise ValueError(f"candidate off_policy must be auto or direct, got {bad}")
-        self.candidates = nn.ModuleDict({n: instantiate({k: v for k, v in spec.items() if k != "off_policy"},
-                                                        **shared, _convert_="all")
-                                         for n, spec in candidates.items()})
+        # `features: PART` (or a list): the candidate reads only those parts of a concatenated encoder's vectors,
+        # so selection chooses among feature sets as among architectures (query/feature_view.py). The columns
+        # are resolved once and kept in the hparams: a checkpoint reloads without building the encoders
+        if feature_columns is None:
+            feature_columns = {n: view_columns(spec["features"], encoder)
+                               for n, spec in candidates.items() if spec.get("features") is not None}
+        self.hparams.update(feature_columns=feature_columns)
+        self._cols = {n: torch.tensor(feature_columns[n]) if n in feature_columns else None for n in candidates}
+        self.candidates = nn.ModuleDict({
+            n: instantiate({k: v for k, v in spec.items() if k not in ("off_policy", "features")},
+                           **{**shared, "embed_dim": len(feature_columns.get(n, [])) or embed_dim}, _convert_="all")
+            for n, spec in candidates.items()})
         self.ensembles = dict(ensembles or {})
         kinds = {kind_of(c) for c in self.candidates.values()}
         for e, members in self.ensembles.items():
@@ -182,9 +185,9 @@ class AutoRouter(RouterModule):
             raise RuntimeError("no candidate is selected yet: fit router_auto or load its checkpoint")
         name = self.choices[w]
         if name in self.candidates:
-            return self.candidates[name].predict(x, task)
+            return self.candidates[name].predict(view(x, self._cols[name]), task)
         names = list(self.candidates)
-        preds = [self.candidates[names[i]].predict(x, task)
+        preds = [self.candidates[names[i]].predict(view(x, self._cols[names[i]]), task)
                  for i in self.members[w - len(names)].nonzero().flatten().tolist()]
         return torch.stack([p for p, _ in preds]).mean(0), torch.stack([c for _, c in preds]).mean(0)
 
@@ -192,7 +195,14 @@ class AutoRouter(RouterModule):
         """The selected candidate's loss (val/test loss); before a selection, the reference's."""
         w = int(self.winner)
         name = self.choices[w] if w >= 0 else self.hparams.reference
-        return self.candidates[name].loss(batch) if name in self.candidates else torch.zeros(())
+        if name not in self.candidates:
+            return torch.zeros(())
+        return self.candidates[name].loss(view_split(batch, self._cols[name]))
+
+    def _input(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch or split as candidate `name` reads it: its feature view, and the logged calls alone for an
+        `off_policy: direct` learner."""
+        return view_split(logged_view(tensors) if self.learners[name] == "direct" else tensors, self._cols[name])
 
     # training: every live candidate on every batch -------------------------------------------------
     def configure_optimizers(self):
@@ -216,8 +226,7 @@ class AutoRouter(RouterModule):
                 self.stopped.add(name)  # a full log (or off_policy=direct): the same learner as its twin
                 continue
             full = train.tensors
-            if self.learners[name] == "direct":  # what it reads from the split (kNN's index, the task prior)
-                train.tensors = logged_view(full)
+            train.tensors = self._input(name, full)  # what it reads from the split (kNN's index, the task prior)
             try:
                 c.on_fit_start()
             finally:
@@ -236,7 +245,7 @@ class AutoRouter(RouterModule):
             if name in self.stopped:
                 continue
             t0 = time.perf_counter()
-            loss = self.candidates[name].loss(logged_view(batch) if self.learners[name] == "direct" else batch)
+            loss = self.candidates[name].loss(self._input(name, batch))
             opts[i].zero_grad()
             self.manual_backward(loss)
             opts[i].step()
@@ -255,8 +264,9 @@ class AutoRouter(RouterModule):
             super().validation_step(batch, batch_idx)
 
     @torch.no_grad()
-    def _val_predictions(self, c: RouterModule, val: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        x, task = val["x"].to(self.device), val["task"].to(self.device)
+    def _val_predictions(self, name: str, val: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        c = self.candidates[name]
+        x, task = view(val["x"], self._cols[name]).to(self.device), val["task"].to(self.device)
         perf, cost = zip(*(c.predict(x[i:i + 4096], task[i:i + 4096]) for i in range(0, len(x), 4096)), strict=True)
         return torch.cat(perf).float().cpu().numpy(), torch.cat(cost).float().cpu().numpy()
 
@@ -279,8 +289,8 @@ class AutoRouter(RouterModule):
                 continue
             c.eval()
             if hasattr(c, "select_alpha"):
-                c.select_alpha(val)
-            perf, cost = self._val_predictions(c, val)
+                c.select_alpha(view_split(val, self._cols[name]))
+            perf, cost = self._val_predictions(name, val)
             rewards = self._rewards(perf, cost, arrays)
             r = float(rewards.mean())
             self.epochs[name] += 1
@@ -351,38 +361,7 @@ class AutoRouter(RouterModule):
         self.selection = {"winner": winner, "selection": "holdout", "reference": self.hparams.reference,
                           "setting": self.hparams.setting,
                           "se_factor": z, "rule": str(self.hparams.se_factor),
-                          "rows": self._rows(rewards, perf_cost, winner, arrays)}
-
-    def _rows(self, rewards: dict, perf_cost: dict, winner: str, arrays) -> list[dict[str, Any]]:
-        train = split_arrays(self.trainer.datamodule.splits["train"].tensors)
-        bandit, arrays = arrays.bandit, arrays.estimable()  # a bandit log: DR estimates, no oracle
-        base = baseline_choices(train, arrays, "performance_first", self.hparams.model_sizes)
-        single, oracle = (outcome(base[b], arrays, "performance_first")["perf"] for b in ("best_single", "oracle"))
-        ref = rewards[self.hparams.reference]
-        rows = []
-        for name in self.choices:
-            if name not in rewards:
-                continue
-            o = outcome(choose(self.predicted_reward(*(torch.from_numpy(a) for a in perf_cost[name]),
-                                                     self.hparams.setting).numpy(), arrays.mask), arrays,
-                        self.hparams.setting)
-            diff = rewards[name] - ref
-            se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
-            is_cand = name in self.candidates
-            spec = {k: v for k, v in (self.hparams.candidates.get(name) or {}).items() if k != "_target_"}
-            rows.append({
-                "candidate": name, "kind": kind_of(self.candidates[name]) if is_cand else "ensemble",
-                "selected": name == winner, "val_reward": float(rewards[name].mean()), "val_perf": o["perf"],
-                "val_cost": o["cost"], "val_gap_closed": None if bandit else gap_closed(o["perf"], single, oracle),
-                "gain_over_reference": float(diff.mean()), "gain_se": se,
-                "best_epoch": self.best[name]["epoch"] if is_cand else None,
-                "epochs": self.epochs[name] if is_cand else None,
-                "train_s": round(self.train_seconds[name], 3) if is_cand else None,
-                "settings": ", ".join(f"{k}={v}" for k, v in spec.items()) if is_cand else
-                "mean of " + ", ".join(np.array(list(self.candidates))[
-                    self.members[self.choices.index(name) - len(self.candidates)].numpy()].tolist()),
-            })
-        return rows
+                          "rows": selection_rows(self, rewards, perf_cost, winner, arrays)}
 
     # the end of fitting: best states in place, selection written ----------------------------------
     def on_train_end(self) -> None:
