@@ -100,18 +100,34 @@ def test_commongen_coverage_gives_an_echoed_concept_list_nothing(echo):
 
 def test_commongen_coverage_counts_only_the_sentence_of_a_partial_answer():
     gold = "dog, frisbee, catch, run, park, boy"
-    assert commongen_coverage("The dog runs in the park, frisbee, catch, boy", gold) == pytest.approx(3 / 6)
+    # a sentence that turns into a list of more than MAX_LIST_RUN items: only the sentence counts
+    assert commongen_coverage("The dog runs in the park, frisbee, catch, boy, ball", gold) == pytest.approx(3 / 6)
     # the real log: a sentence opening that turns into the list ('The game of "roast, sand, ...') keeps 1 concept
     assert commongen_coverage('The game of "roast, sand, vest, stick, pit, road, cube', "roast, sand, vest, stick, pit, road, "
                               "cube") == pytest.approx(1 / 7)
-    # "The concepts are X, Y, Z and W." embeds only its first concept in a clause
-    assert commongen_coverage("The concepts are dog, frisbee, catch and run.", "dog, frisbee, catch, run") == 0.25
+    # "The concepts are X, Y, Z, ..." embeds only its first concept in a clause once more than MAX_LIST_RUN
+    # items follow; with fewer it reads like any sentence that ends in a short list ("A chef cooks with a
+    # knife, pan and stove.") and counts in full - the price of crediting those
+    assert commongen_coverage("The concepts are dog, frisbee, catch, run, park and boy.", gold) == pytest.approx(1 / 6)
+    assert commongen_coverage("The concepts are dog, frisbee, catch and run.", "dog, frisbee, catch, run") == 1.0
     # a short list inside a sentence (running text after it) counts; so do article-led items
     assert commongen_coverage("An athlete, chef, bride and officer dance at the party.",
                               "athlete, chef, bride, officer, dance, party") == 1.0
     assert commongen_coverage("A boy, a dog and a frisbee.", gold) == pytest.approx(3 / 6)
     # a run of more than MAX_LIST_RUN bare items is a list even with a clause after it (park and boy count)
     assert commongen_coverage("dog, frisbee, catch, run, park and the boy laughs", gold) == pytest.approx(2 / 6)
+
+
+def test_commongen_coverage_counts_a_short_list_that_ends_a_sentence():
+    # up to MAX_LIST_RUN bare items after running text in the same sentence are the sentence's objects
+    # (they scored 0.5, 0.5 and 1/3 when only a run with running text after it counted)
+    assert commongen_coverage("A man walks his dog, cat and bird.", "dog, cat, bird, walk") == 1.0
+    assert commongen_coverage("A chef cooks with a knife, pan and stove.", "chef, knife, pan, stove") == 1.0
+    assert commongen_coverage("I like dogs, cats, birds", "dog, cat, bird") == 1.0
+    # still no running text, no credit: the list alone, or alone in its chunk after a colon or sentence end
+    assert commongen_coverage("cat and bird", "dog, cat, bird, walk") == 0.0
+    assert commongen_coverage("A man walks. Dog, cat, bird.", "dog, cat, bird, walk") == 0.25
+    assert commongen_coverage("Here they are: dog, cat, bird.", "dog, cat, bird, walk") == 0.0
 
 
 # --------------------------------------------------------------------------------------------- numeric

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from statistics import NormalDist
 
@@ -188,6 +189,55 @@ def test_cross_fit_plan_falls_back_to_val_only_and_says_why() -> None:
         cross_fit_plan(True, "val", 1, 30)
     with pytest.raises(ValueError, match="choose auto"):
         cross_fit_plan("sometimes", "val", 2, 30)
+
+
+def test_cross_fitting_is_decided_after_sampling_from_the_train_questions_used() -> None:
+    from thought_logs import planted_logs
+
+    from fusion_lightning.callbacks.thought_selection import selection_plan
+
+    logs = planted_logs(n_per_task=20, tasks=2)  # 8 scorable val questions, 24 train ones
+    qs, use, why = selection_plan(logs, "auto", "val", 2, max_questions=20, seed=0)
+    assert Counter(q.split for q in qs) == {"val": 8, "train": 12} and use is True and why.startswith("cross-fitted")
+    # max_questions filled by the val questions alone: no train question, so no fold retriever - and the
+    # record says val only, and why (it said "cross-fitted" and cross_fit: true)
+    for room in (8, 5):
+        qs, use, why = selection_plan(logs, "auto", "val", 2, max_questions=room, seed=0)
+        assert {q.split for q in qs} == {"val"} and len(qs) == room and use is False
+        assert why == (f"val only (cross-fitting not possible: max_questions={room} is filled by the "
+                       f"{room} val questions alone)")
+    with pytest.raises(ValueError, match="cross_fit=true is not possible here: max_questions=8"):
+        selection_plan(logs, True, "val", 2, max_questions=8, seed=0)
+    qs, use, why = selection_plan(logs, False, "val", 2, max_questions=20, seed=0)
+    assert {q.split for q in qs} == {"val"} and use is False and why == "val only (cross_fit: false): val questions"
+
+
+def test_fold_retrievers_train_as_many_epochs_as_the_best_checkpoint(tmp_path: Path) -> None:
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from fusion_lightning.callbacks.thought_selection import best_checkpoint_epochs
+    from fusion_lightning.checkpointing import checkpoint_plugins
+
+    class BestAtEpoch2(BoringModel):
+        def validation_step(self, batch, batch_idx):
+            loss = torch.tensor(abs(self.current_epoch - 2.0))
+            self.log("val/loss", loss)
+            return loss
+
+    # the checkpoint callback as recipes/callbacks/default.yaml has it: best-02.ckpt, no "epoch=" in the name
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="best-{epoch:02d}", monitor="val/loss", mode="min",
+                           save_top_k=1, auto_insert_metric_name=False)
+    trainer = L.Trainer(max_epochs=5, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", devices=1,
+                        logger=False, callbacks=[ckpt], enable_progress_bar=False, enable_model_summary=False,
+                        plugins=checkpoint_plugins(None))
+    trainer.fit(BestAtEpoch2())
+    assert Path(ckpt.best_model_path).name == "best-02.ckpt" and trainer.current_epoch == 5
+    assert best_checkpoint_epochs(trainer) == 3  # epochs 0, 1 and 2; not the 5 run (patience included)
+    ckpt.best_model_path = ""  # no best checkpoint (checkpointing off): the epochs run
+    assert best_checkpoint_epochs(trainer) == 5
 
 
 def test_the_file_merges_models_and_the_pipeline_applies_each_ones_choice(tmp_path: Path) -> None:

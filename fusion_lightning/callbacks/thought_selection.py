@@ -18,8 +18,8 @@ retriever that never trained on it: the train questions are split into `folds` f
 (`thought.auto.fold_of`) and fold f is answered through a retriever fitted, like the main one (same
 hyper-parameters, as many epochs as its best checkpoint), on the other folds' rows. The paired test
 then runs over train + val. `auto` falls back to val only, saying why, where cross-fitting is not
-possible (no scorable train question, `folds` < 2, `split` is train); `cross_fit: false` is the
-val-only rule.
+possible (no scorable train question, `folds` < 2, `split` is train, or `max_questions` filled by
+the val questions alone); `cross_fit: false` is the val-only rule.
 
 Written: `<library>/thought_selection.json` (the model's entry merged in; `thought.mode: auto`, the
 pipeline's, serve's and evaluate's default, applies it) and `thought_selection.md` (the table) there
@@ -28,7 +28,6 @@ and in the run dir. `select_thought` is the same step without Lightning (bench/f
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -87,20 +86,48 @@ def select_thought(augmenter, backend, questions: Sequence[Question], modes: Seq
             "seconds": round(time.perf_counter() - start, 1), "rows": rows}
 
 
-def cross_fit_plan(cross_fit: bool | str, split: str, folds: int, train_questions: int) -> tuple[bool, str]:
-    """(cross-fit or not, why): `auto` cross-fits wherever it can, `true` must, `false` never does."""
+def cross_fit_plan(cross_fit: bool | str, split: str, folds: int, train_questions: int,
+                   blocked: str = "") -> tuple[bool, str]:
+    """(cross-fit or not, why): `auto` cross-fits wherever it can, `true` must, `false` never does.
+    `blocked`: another reason it cannot (`selection_plan`: no train question was sampled)."""
     if cross_fit not in ("auto", True, False):
         raise ValueError(f"thought selection cross_fit={cross_fit!r}: choose auto, true or false")
     if cross_fit is False:
         return False, f"val only (cross_fit: false): {split} questions"
     why = ("folds < 2" if folds < 2 else f"the selection split is {split!r}" if split == "train"
-           else "the log has no scorable train question" if not train_questions else "")
+           else "the log has no scorable train question" if not train_questions else blocked)
     if why and cross_fit is True:
         raise ValueError(f"thought selection cross_fit=true is not possible here: {why}")
     if why:
         return False, f"val only (cross-fitting not possible: {why})"
     return True, (f"cross-fitted: {split} + train questions, each train question leave-own-out and through a "
                   f"retriever of {folds} folds that never trained on it")
+
+
+def selection_plan(logs, cross_fit: bool | str, split: str, folds: int, max_questions: int | None,
+                   seed: int) -> tuple[list[Question], bool, str]:
+    """The selection's questions and (cross-fit or not, why), decided after sampling: cross-fitted only
+    where a train question was drawn, so a `max_questions` the `split` questions fill alone is val only
+    (`auto`, saying so) or an error (`true`)."""
+    train_qs = selection_questions(logs, ("train",)) if cross_fit is not False else []
+    use, why = cross_fit_plan(cross_fit, split, folds, len(train_qs))
+    questions = selection_questions(logs, (split, "train") if use else (split,), max_questions, seed)
+    if use and not any(q.split == "train" for q in questions):
+        use, why = cross_fit_plan(cross_fit, split, folds, len(train_qs), blocked=(
+            f"max_questions={max_questions} is filled by the {len(questions)} {split} questions alone"))
+    return questions, use, why
+
+
+def best_checkpoint_epochs(trainer: L.Trainer) -> int:
+    """How many epochs the best checkpoint had trained (a fold retriever trains as many): its saved
+    `epoch` (the 0-based epoch it was saved in) + 1; without a best checkpoint file, the epochs run.
+    Read from the checkpoint: the recipe's file names (`best-03.ckpt`) do not say `epoch=`."""
+    from fusion_lightning.checkpointing import AtomicCheckpointIO
+
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+    if not best or not Path(best).is_file():
+        return max(1, trainer.current_epoch)
+    return int(AtomicCheckpointIO().load_checkpoint(best, map_location="cpu")["epoch"]) + 1
 
 
 def train_fold_retrievers(pl_module: L.LightningModule, dm, folds: int, seed: int, epochs: int) -> list[L.LightningModule]:
@@ -167,16 +194,12 @@ class ThoughtSelection(L.Callback):
                                      task_filter=dm.task_filter, budget_tokens=self.budget_tokens)
 
         augmenter = augmenter_of(pl_module)
-        train_qs = selection_questions(dm.logs, ("train",)) if self.cross_fit is not False else []
-        use, why = cross_fit_plan(self.cross_fit, self.split, self.folds, len(train_qs))
-        splits = (self.split, "train") if use else (self.split,)
-        questions = selection_questions(dm.logs, splits, self.max_questions, self.seed)
+        questions, use, why = selection_plan(dm.logs, self.cross_fit, self.split, self.folds, self.max_questions,
+                                             self.seed)
         augmenter_for = None
-        if use and any(q.split == "train" for q in questions):
+        if use:
             start = time.perf_counter()
-            ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
-            found = re.search(r"epoch=(\d+)", Path(ckpt).name)
-            epochs = int(found.group(1)) + 1 if found else max(1, trainer.current_epoch)
+            epochs = best_checkpoint_epochs(trainer)
             fold_augs = [augmenter_of(m) for m in train_fold_retrievers(pl_module, dm, self.folds, self.seed, epochs)]
             print(f"thought selection: {self.folds} fold retrievers ({epochs} epochs each) in "
                   f"{time.perf_counter() - start:.0f} s")

@@ -216,8 +216,9 @@ def running_text_words(response: str, concept_list: Iterable[str]) -> set[str]:
     "The dog runs", "a chef", "dogs catch frisbees" (inflected forms are not the list's words) are;
     "frisbee", "1. dog", "catch and run", "dog frisbee catch" are not (bare items). A run of at most
     `MAX_LIST_RUN` bare items counts too when running text follows it in the same chunk, as a list does
-    inside a sentence ("An athlete, chef, bride and officer dance"); a longer run, or one that ends its
-    chunk (an echoed concept list, with or without a comment after it), does not.
+    inside a sentence ("An athlete, chef, bride and officer dance"), or precedes it, as the list that ends
+    a sentence ("A man walks his dog, cat and bird"); a longer run, or one alone in its chunk (an echoed
+    concept list, with or without a comment after it, or after "Concepts:"), does not.
     """
     exact = {w for c in concept_list for w in c.split()}
     kept: set[str] = set()
@@ -235,6 +236,8 @@ def running_text_words(response: str, concept_list: Iterable[str]) -> set[str]:
                 kept.update(w for b in bare for w in b)
             bare = []
             kept.update(seg)
+        if any(running) and len(bare) <= MAX_LIST_RUN:  # the short list that ends a sentence
+            kept.update(w for b in bare for w in b)
     return kept
 
 
