@@ -81,7 +81,7 @@ def test_fit_stores_the_scaling_in_the_best_checkpoint_and_route_applies_it(run)
     router = Router.load(ckpt_path)
     torch.testing.assert_close(router.module.score_calibration, state, equal_nan=True)
     table = (run_dir / "routing_table.md").read_text()
-    assert "decision picked on val" in table or "costs unknown" in table
+    assert "decision picked on val" in table or "no decision picked on val" in table or "costs unknown" in table
     for m in kept:
         assert f"{m} " in table and "(Platt)" in table
     assert json.loads((run_dir / "summary.json").read_text())["score_calibration"] == fits
@@ -106,3 +106,29 @@ def test_calibration_can_be_turned_off(tmp_path: Path) -> None:
     state = torch.load(tmp_path / "run" / summary["artifacts"]["best_checkpoint"], map_location="cpu",
                        weights_only=True)["state_dict"]["score_calibration"]
     assert state.numel() == 0
+
+
+def test_the_val_decision_is_reported_on_test_reached_or_not_and_never_stale() -> None:
+    """The decision picked on val is what test reports, whether it reaches best single there or not; a val
+    report with no pick (or an in-sample val) clears it and says why."""
+    from fusion_lightning.callbacks.routing_report import RoutingReport
+    from fusion_lightning.query.metrics import decision_labels
+
+    rr = RoutingReport()
+    pts = np.array([[1.0, 0.5], [2.0, 0.7], [3.0, 0.8]])
+    rr._val_decision({"decision_points": True, "match": 1, "points": pts, "best": (3.0, 0.7), "scalars": {}}, "val")
+    test = {"decision_points": True, "points": np.array([[1.0, 0.5], [2.0, 0.6], [3.0, 0.8]]), "best": (3.0, 0.75),
+            "scalars": {}}
+    rr._val_decision(test, "test")  # misses best single on test: still reported
+    assert test["decision"]["label"] == decision_labels()[1]
+    assert test["scalars"]["decision/perf_delta"] == pytest.approx(-0.15)
+    assert test["scalars"]["decision/cost_ratio"] == pytest.approx(2 / 3)
+    rr._val_decision({"decision_points": True, "points": pts, "best": (3.0, 0.9), "scalars": {}}, "val")
+    again = {"decision_points": True, "points": pts, "best": (3.0, 0.7), "scalars": {}}
+    rr._val_decision(again, "test")
+    assert "decision" not in again and again["decision_note"] == "no single λ or τ reaches best single on val"
+    rr._val_decision({"decision_points": True, "match": 1, "points": pts, "best": (3.0, 0.7), "scalars": {}}, "val",
+                     in_sample=True)
+    third = {"decision_points": True, "points": pts, "best": (3.0, 0.7), "scalars": {}}
+    rr._val_decision(third, "test")
+    assert "decision" not in third and "refit's training data" in third["decision_note"]

@@ -58,6 +58,7 @@ class RoutingReport(Callback):
         self.on_validation = on_validation
         self.artifacts: dict[str, str] = {}
         self.val_decision: int | None = None  # the row of decision_choices picked on the last val report
+        self.val_decision_note: str | None = None  # why there is none
 
     # hooks ------------------------------------------------------------------------------------
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -77,7 +78,9 @@ class RoutingReport(Callback):
         if not bandit:
             fits = getattr(pl_module, "platt_fits", None) or []
             report["calibrated"] = [f.model for f in fits if f.kept]
-            self._val_decision(report, stage)
+            # router_auto's cross-validated refit trains on val too: a pick there would be read off its training data
+            in_sample = getattr(pl_module, "refit_epochs", None) is not None
+            self._val_decision(report, stage, in_sample)
         scalars = {f"{stage}/{k}": v for k, v in report["scalars"].items()}
         for k in ("cost_to_match_best", "aiq", "single_models/aiq", "reaches_best_single"):
             k = f"ope/{k}" if bandit else k
@@ -91,14 +94,20 @@ class RoutingReport(Callback):
             run_dir = Path(self.out_dir or trainer.default_root_dir)
             self.artifacts = write_bandit(report, run_dir, stage) if bandit else self.write(report, run_dir, stage)
 
-    def _val_decision(self, report: dict[str, Any], stage: str) -> None:
-        """On val: remember the cheapest decision reaching best single; on test: what it gives there."""
-        if "match" not in report:
+    def _val_decision(self, report: dict[str, Any], stage: str, in_sample: bool = False) -> None:
+        """On val: remember the cheapest decision reaching best single (None when none does, or when val was
+        trained on); on test: what it gives there, reached or not."""
+        if not report.get("decision_points"):
             return
         if stage == "val":
-            self.val_decision = report["match"]
+            self.val_decision = None if in_sample else report.get("match")
+            self.val_decision_note = ("val is in the refit's training data (router_auto, selection: cv)" if in_sample
+                                      else None if report.get("match") is not None
+                                      else "no single λ or τ reaches best single on val")
             return
         if self.val_decision is None:
+            if self.val_decision_note:
+                report["decision_note"] = self.val_decision_note
             return
         cost, perf = report["points"][self.val_decision]
         best_cost, best_perf = report["best"]
@@ -139,6 +148,7 @@ class RoutingReport(Callback):
                 "rows": per_task_rows(choices, ev, tasks, out.get("choice_costs")), "choices": list(choices),
                 "metrics": metrics, "sweep_rows": out.get("sweep_rows"), "ece": ece,
                 "sweep_label": out.get("sweep_label", "router (λ and tolerance sweeps)"),
+                "decision_points": known and "points" not in out,
                 **({"match": match} if match is not None else {})}
 
     def write(self, report: dict[str, Any], run_dir: Path, stage: str) -> dict[str, str]:
@@ -170,6 +180,8 @@ def _markdown(report: dict[str, Any], stage: str) -> str:
         lines += [f"- AIQ: {s['aiq']:.4f} (single models' hull: {s['single_models/aiq']:.4f})",
                   f"- cost to match best single: {match}"]
         d = report.get("decision")
+        if report.get("decision_note"):
+            lines.append(f"- no decision picked on val: {report['decision_note']}")
         if d:
             best_cost, best_perf = report["best"]
             ratio = f"{d['cost'] / best_cost:.3g}× its cost" if best_cost > 0 else f"cost {d['cost']:.4g}"
