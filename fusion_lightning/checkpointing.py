@@ -112,6 +112,8 @@ def check_checkpoint(path: str | Path, module: L.LightningModule, recipe: str | 
     ckpt = _read(path)
     meta = ckpt.get("fusion_lightning") or {}
     saved_cls = meta.get("module_class") or ckpt.get("router_class")
+    if saved_cls:  # a class that moved since (e.g. the routers into query/routers/) maps to where it is now
+        saved_cls = getattr(module, "class_path_now", lambda c: c)(saved_cls)
     if saved_cls and saved_cls != module_class(module):
         raise ValueError(f"checkpoint {path} was saved by {saved_cls}, this run trains {module_class(module)}")
     if recipe and meta.get("recipe") and meta["recipe"] != recipe:
@@ -136,7 +138,9 @@ def check_checkpoint(path: str | Path, module: L.LightningModule, recipe: str | 
             raise ValueError(f"checkpoint {path}: parameter {name!r} has shape {tuple(tensor.shape)}, "
                              f"this run's is {tuple(own[name].shape)}")
     partial = bool((ckpt.get("student") or {}).get("lora"))  # LoRA checkpoints hold only the adapter
-    missing = [] if partial else [n for n in own if n not in ckpt["state_dict"]]
+    # state a newer version added with a default (e.g. a router's score_calibration): an older checkpoint lacks it
+    optional = set(getattr(module, "optional_state", ()))
+    missing = [] if partial else [n for n in own if n not in ckpt["state_dict"] and n.rsplit(".", 1)[-1] not in optional]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} parameter(s) of this run's "
                          f"{type(module).__name__}, e.g. {missing[:3]}")

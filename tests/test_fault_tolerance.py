@@ -191,8 +191,8 @@ def test_a_mismatched_checkpoint_names_what_differs(router_runs) -> None:
     tmp, full = router_runs
     last = tmp / "full" / full["artifacts"]["last_checkpoint"]
     check_checkpoint(last, _module("router_mlp", _router(tmp, "ok")), "router_mlp")  # the matching one passes
-    with pytest.raises(ValueError, match=r"saved by fusion_lightning\.query\.mlp\.MLPRouter, this run trains "
-                                         r"fusion_lightning\.query\.irt\.IRTRouter"):
+    with pytest.raises(ValueError, match=r"saved by fusion_lightning\.query\.routers\.mlp\.MLPRouter, this run trains "
+                                         r"fusion_lightning\.query\.routers\.irt\.IRTRouter"):
         check_checkpoint(last, _module("router_irt", _router(tmp, "irt")), "router_irt")
     with pytest.raises(ValueError, match=r"different models \(6 vs 5 in this run; only in the checkpoint"):
         check_checkpoint(last, _module("router_mlp", _router(tmp, "m5", "data.synthetic.models=5")), "router_mlp")

@@ -122,6 +122,21 @@ def test_checkpoints_from_before_the_routers_moved_still_load(trained: Path, tmp
     torch.save(data, old)
     queries, tasks = [q for q, _ in QUERIES], [t for _, t in QUERIES]
     assert Router.load(old).route(queries, tasks).models == Router.load(trained).route(queries, tasks).models
+    # resuming from it (fit ckpt_path=...): the old class path and the buffer it predates pass the checks
+    from fusion_lightning.checkpointing import check_checkpoint
+
+    meta = data.get("fusion_lightning") or {}
+    if meta.get("module_class"):
+        meta["module_class"] = "fusion_lightning.query.mlp.MLPRouter"
+    del data["state_dict"]["score_calibration"]
+    torch.save(data, old)
+    check_checkpoint(old, Router.load(trained).module)
+    data["router_class"] = "fusion_lightning.query.knn.KNNRouter"
+    data.pop("fusion_lightning", None)
+    torch.save(data, old)
+    with pytest.raises(ValueError, match="saved by fusion_lightning.query.routers.knn.KNNRouter, this run trains "
+                                         "fusion_lightning.query.routers.mlp.MLPRouter"):
+        check_checkpoint(old, Router.load(trained).module)
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path: Path) -> None:
@@ -180,6 +195,12 @@ def test_cli_old_flags_route_the_same_and_print_the_new_spelling(trained: Path, 
     (["calibrate.fraction=0.3"], "unknown config key 'calibrate.fraction' (use +calibrate.fraction=... to add a new "
                                  "key); valid keys under 'calibrate': budget, strong_fraction"),
     (["input=q.jsonl"], "input= and output= are required to route"),
+    (["calibrate=null"], "calibrate=None: give calibrate.strong_fraction=F or calibrate.budget=USD_PER_1K"),
+    (["lam=true"], "lam=True: a number"),
+    (["input=runs/epoch=3.jsonl"], "'input=runs/epoch=3.jsonl': mismatched input '=' expecting <EOF>; a value "
+                                   "holding '=', ',' or spaces needs quotes, e.g. input='runs/epoch=3.jsonl'"),
+    (["ope=log.jsonl", "tolerance=0.1"], "ope= estimates the lam= argmax policy; tolerance= is not supported"),
+    (["lam=0.5", "tolerance=0.1"], "give lam (a price per unit of score) or tolerance (a margin of score), not both"),
 ])
 def test_cli_errors_are_one_line_naming_the_keys(trained: Path, capsys, argv: list[str], message: str) -> None:
     assert route_main([f"ckpt={trained}", *argv]) == 1

@@ -19,6 +19,7 @@ from fusion_lightning.query.metrics import RoutingArrays, routing_metrics, task_
 from fusion_lightning.query.objectives import score_cost_loss
 from fusion_lightning.query.ope import ope_routing_metrics, truth_metrics
 from fusion_lightning.query.peer_metrics import peer_metrics
+from fusion_lightning.query.routers import current_path
 from fusion_lightning.query.task_classifier import task_posterior
 
 TARGETS = ("perf", "perf_n", "cost", "cost_n", "mask", "task")
@@ -71,6 +72,13 @@ class RouterModule(L.LightningModule):
     # a router whose predicted performance is not a success probability (the cascade's acceptance rule reads
     # its own) opts out of Platt scaling
     calibrates = True
+    # state a checkpoint from before it existed lacks (its default is used): resume checks skip it
+    optional_state = ("score_calibration",)
+
+    @staticmethod
+    def class_path_now(saved: str) -> str:
+        """Where a checkpoint's recorded router class lives now (the routers moved into query/routers/)."""
+        return current_path(saved)
 
     def calibrated(self, perf: torch.Tensor) -> torch.Tensor:
         """`perf` through the stored Platt scaling, sigmoid(a · logit(p) + b), for the models that have one."""
