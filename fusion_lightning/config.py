@@ -244,6 +244,14 @@ def _check_file_keys(mapping: dict, ref: dict, where: str, prefix: str, free: se
             _check_file_keys(v, ref[k], where, f"{key}.", free)
 
 
+def _parses(parser: object, arg: str) -> bool:
+    try:
+        parser.parse_overrides([arg])  # type: ignore[attr-defined]
+        return True
+    except HydraException:
+        return False
+
+
 def compose_command(config_name: str, argv: list[str] | tuple[str, ...],
                     file_keys: tuple[str, ...] = ()) -> dict:
     """`recipes/<config_name>.yaml` composed with a command's `key=value` arguments -> a plain dict
@@ -271,10 +279,14 @@ def compose_command(config_name: str, argv: list[str] | tuple[str, ...],
     primary = primary_config(config_name)
     groups = {k for d in primary.get("defaults") or [] if isinstance(d, dict) for k in d}
     free = {k for k, v in primary.items() if v == {}}
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides([a for a in argv if a])
+        parsed = parser.parse_overrides([a for a in argv if a])
     except HydraException as e:
-        raise ConfigError(str(e).strip().splitlines()[0]) from None
+        bad = next((a for a in argv if a and not _parses(parser, a)), None)
+        hint = (f"{bad!r}: {str(e).strip().splitlines()[0]}; a value holding '=', ',' or spaces needs quotes, e.g. "
+                f"{bad.split('=', 1)[0]}='{bad.split('=', 1)[-1]}'") if bad and "=" in bad else str(e).strip().splitlines()[0]
+        raise ConfigError(hint) from None
     free |= set(file_keys)
     files = [str(o.value()) for o in parsed if o.key_or_group == "config"]
     late = [o for o in parsed if o.key_or_group.split(".")[0] in free]

@@ -42,6 +42,7 @@ from fusion_lightning.query.calibrate import (
     parse_target,
     save_calibration,
 )
+from fusion_lightning.query.metrics import check_decision
 from fusion_lightning.query.route_formats import (
     FORMATS,
     global_indices,
@@ -83,6 +84,8 @@ def compose(argv: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     check_choice(cfg, "format", FORMATS)
     check_choice(cfg, "mode", ("auto", "argmax", "threshold"))
     check_choice(cfg, "propensity", ("logged", "estimate"))
+    if not isinstance(cfg["calibrate"], dict):
+        raise ConfigError(f"calibrate={cfg['calibrate']}: give calibrate.strong_fraction=F or calibrate.budget=USD_PER_1K")
     targets = {k: v for k, v in cfg["calibrate"].items() if v is not None}
     if len(targets) > 1:
         raise ConfigError("calibrate: give one of calibrate.strong_fraction= and calibrate.budget=")
@@ -94,8 +97,11 @@ def compose(argv: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
             raise ConfigError(f"calibrate.{cfg['calibrate']}: strong_fraction takes a share in [0, 1], budget "
                               "USD per 1,000 queries (≥ 0)") from None
     for key in ("lam", "tolerance"):
-        if cfg[key] is not None and not isinstance(cfg[key], int | float):
+        if cfg[key] is not None and (isinstance(cfg[key], bool) or not isinstance(cfg[key], int | float)):
             raise ConfigError(f"{key}={cfg[key]}: a number")
+    if cfg["ope"] and cfg["tolerance"] is not None:  # the off-policy estimates are of the λ argmax policy
+        raise ConfigError("ope= estimates the lam= argmax policy; tolerance= is not supported with it")
+    check_decision(float(cfg["lam"] or 0.0), None if cfg["tolerance"] is None else float(cfg["tolerance"]))
     for key in ("ckpt", "input", "output", "save_ckpt", "ope"):
         cfg[key] = str(cfg[key]) if cfg[key] is not None else None
     return cfg

@@ -85,7 +85,7 @@ def find_run_config(ckpt: Path) -> Path:
         if (folder / "config.yaml").is_file():
             return folder / "config.yaml"
     raise FileNotFoundError(f"{ckpt}: no config.yaml of its run next to it or above it; calibrate on "
-                            "--input queries instead")
+                            "input= queries instead")
 
 
 def heldout_from_run(router: Router, ckpt: Path, pair: tuple[int, int] | None = None) -> HeldOut:

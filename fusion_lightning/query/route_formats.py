@@ -64,7 +64,7 @@ def global_indices(path: Path, records: list[dict[str, Any]]) -> list[Any]:
             out.append(v)
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else "")
-        raise ValueError(f"{path}: --format routerarena needs field 'global index' (or 'global_index') in every "
+        raise ValueError(f"{path}: format=routerarena needs field 'global index' (or 'global_index') in every "
                          f"record; record(s) {shown} (0-based) lack it")
     return out
 
