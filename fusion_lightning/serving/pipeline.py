@@ -63,6 +63,15 @@ ROUTER_KEYS = ("ckpt", "lam", "tolerance", *EXPLORE_KEYS)
 THOUGHT_KEYS = ("library", "retriever_ckpt", "k", "task_filter", "mode", "budget_tokens", "selection")
 
 
+def _section(cfg: Mapping[str, Any], name: str, keys: Sequence[str]) -> dict[str, Any]:
+    """cfg[name] as a dict, checked: only `keys`, and the first of them (the required one) present."""
+    section = dict(cfg[name])
+    if sorted(set(section) - set(keys)) or keys[0] not in section:
+        raise ValueError(f"{name} config takes {keys[0]!r} (required), {', '.join(map(repr, keys[1:]))}; "
+                         f"got {sorted(section)}")
+    return section
+
+
 class Augmenter(Protocol):
     """The thought stage (fusion_lightning.thought.prompt.TemplateAugmenter)."""
 
@@ -180,11 +189,7 @@ class FusedPipeline:
         if cfg.get("router"):
             from fusion_lightning.query.router import Router
 
-            r = dict(cfg["router"])
-            bad = sorted(set(r) - set(ROUTER_KEYS))
-            if bad or "ckpt" not in r:
-                raise ValueError(f"router config takes 'ckpt' (required), {', '.join(map(repr, ROUTER_KEYS[1:]))}; "
-                                 f"got {sorted(r)}")
+            r = _section(cfg, "router", ROUTER_KEYS)
             explore = Exploration.from_config(r)  # settings first: a typo fails before the checkpoint loads
             lam, tolerance = float(r.get("lam") or 0.0), r.get("tolerance")
             check_decision(lam, None if tolerance is None else float(tolerance))
@@ -194,11 +199,7 @@ class FusedPipeline:
         if cfg.get("thought"):
             from fusion_lightning.thought.prompt import TemplateAugmenter
 
-            t = dict(cfg["thought"])
-            bad = sorted(set(t) - set(THOUGHT_KEYS))
-            if bad or "library" not in t:
-                raise ValueError(f"thought config takes 'library' (required), "
-                                 f"{', '.join(map(repr, THOUGHT_KEYS[1:]))}; got {sorted(t)}")
+            t = _section(cfg, "thought", THOUGHT_KEYS)
             augmenter = TemplateAugmenter.load(t["library"], t.get("retriever_ckpt"), k=int(t.get("k") or 3),
                                                task_filter=bool(t.get("task_filter", True)),
                                                mode=t.get("mode") or "auto",
