@@ -8,9 +8,11 @@ that checkpoint file (rank 0, atomically; weights untouched). The val and test r
 are then those of the calibrated router: what `Router.load` gives later.
 
 Not for: a bandit log (one logged model per query, chosen by a policy: its val outcomes are not a
-sample of every model's; left raw and said so), scores that are not 0/1, routers that opt out
-(`calibrates = False`, the cascade), and router_auto refitted after cross-validated selection (val
-is in its training data then, so a fit there would be in-sample). Off: `callbacks.score_calibration.enabled=false`.
+sample of every model's; left raw and said so), scores that are not 0/1, and routers that opt out
+(`calibrates = False`): the cascade (its acceptance rule reads its own predictions) and router_auto
+(its paired test vouched for the winner's decisions on the raw predictions — "never below the
+lookup" — and a per-model rescaling would change them, the lookup's too; after its cross-validated
+refit val is in its training data as well). Off: `callbacks.score_calibration.enabled=false`.
 """
 
 from __future__ import annotations
@@ -79,9 +81,8 @@ class ScoreCalibration(Callback):
 
     def _why_not(self, trainer: L.Trainer, module: RouterModule) -> str | None:
         if not module.calibrates:
-            return f"{type(module).__name__} reads its own predictions (calibrates = False)"
-        if getattr(module, "refit_epochs", None) is not None:
-            return "val is in the refit's training data (router_auto, selection: cv): no held-out outcomes"
+            return (f"{type(module).__name__} keeps its predictions as selected or trained (calibrates = False): "
+                    "a per-model rescaling would change decisions nothing tested")
         dm = trainer.datamodule
         val = getattr(dm, "splits", {}).get("val")
         if val is None or "x" not in val.tensors:

@@ -65,6 +65,10 @@ class AutoRouter(RouterModule):
     """Selects one of `candidates` (name -> router config with `_target_`) or `ensembles` (name -> kinds or
     candidate names) by val reward; predicts with the selected one."""
 
+    # its paired test vouched for the winner's decisions on its raw predictions (never below the lookup);
+    # Platt scaling them afterwards would change those decisions (even the lookup's) without that test
+    calibrates = False
+
     def __init__(self, embed_dim: int, models: list[str], tasks: list[str], binary: bool, encoder: str,
                  normaliser: dict, model_sizes: list[float | None], candidates: dict[str, dict[str, Any]],
                  ensembles: dict[str, list[str]] | None = None, reference: str = "lookup",
