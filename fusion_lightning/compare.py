@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fusion_lightning.config import ConfigError, command_help, compose_command, legacy_flags
+from fusion_lightning.config import ConfigError, compose_command, help_requested, legacy_flags
 from fusion_lightning.io import atomic_open, atomic_write
 
 DEFAULT_METRICS = ("test/perf", "test/cost", "test/reward", "test/aiq", "test/gap_closed", "test/loss")
@@ -235,9 +235,8 @@ def _paths(cfg: dict[str, Any], key: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(command_help(__doc__, "compare"))
-        return 0 if argv else 2
+    if (code := help_requested(argv, __doc__, "compare")) is not None:
+        return code
     try:
         cfg = compose_command("compare", legacy_flags(argv, FLAGS, lists=("--metric",), positional="runs"))
         if cfg["wandb_project"]:

@@ -348,6 +348,15 @@ def command_help(doc: str, config_name: str) -> str:
     return f"{doc.strip()}\n\n{(recipes_dir() / f'{config_name}.yaml').read_text(encoding='utf-8')}"
 
 
+def help_requested(argv: list[str], doc: str, config_name: str) -> int | None:
+    """A `key=value` command asked for `--help`/`-h` (exit 0) or given nothing (exit 2): print `command_help` and
+    return the exit code; None when it should run."""
+    if argv and not any(a in ("-h", "--help") for a in argv):
+        return None
+    print(command_help(doc, config_name))
+    return 0 if argv else 2
+
+
 def check_choice(cfg: dict, key: str, choices: tuple[str, ...] | list[str]) -> str:
     """`cfg[key]` when it is one of `choices`, else a one-line ConfigError naming them."""
     value = cfg[key]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fusion_lightning.config import ConfigError, command_help, compose_command, legacy_flags
+from fusion_lightning.config import ConfigError, compose_command, help_requested, legacy_flags
 
 
 def _load_checkpoint(ckpt: Path) -> dict:
@@ -75,9 +75,8 @@ def _save_base(name_or_path: str, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(command_help(__doc__, "export"))
-        return 0 if argv else 2
+    if (code := help_requested(argv, __doc__, "export")) is not None:
+        return code
     try:
         cfg = compose_command("export", legacy_flags(argv, {"--ckpt": "ckpt", "--out": "out", "--merge": "merge"},
                                                      switches=("--merge",)))

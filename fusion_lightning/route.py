@@ -30,8 +30,8 @@ from typing import Any
 from fusion_lightning.config import (
     ConfigError,
     check_choice,
-    command_help,
     compose_command,
+    help_requested,
     hydra_value,
     legacy_flags,
 )
@@ -153,9 +153,8 @@ def _ope(cfg: dict[str, Any]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(command_help(__doc__, "route"))
-        return 0 if argv else 2
+    if (code := help_requested(argv, __doc__, "route")) is not None:
+        return code
     try:
         cfg = compose(legacy(argv))
         if cfg["ope"]:

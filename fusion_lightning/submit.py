@@ -7,7 +7,7 @@ template, time, ...); every other `key=value` is an override of the recipe, comp
 here, not in the queue. `-m` turns Hydra sweep overrides (`seed=1,2,3 model.lr=0.1,0.01`) into an array
 job whose task i runs the i-th combination. For example:
 
-    python -m fusion_lightning.submit recipe=distill_top_k slurm.template=deepspeed slurm.nodes=2 \
+    python -m fusion_lightning.submit recipe=distill_top_k slurm.template=deepspeed slurm.nodes=2 \\
         slurm.gpus_per_node=8 slurm.time=12:00:00 trainer.max_epochs=3
 
 The old `--nodes 2 --gpus-per-node 8 --dry-run` spelling still works for one release (a note says the new one).
@@ -29,10 +29,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from fusion_lightning.config import (
     ConfigError,
-    command_help,
     compose_command,
     compose_recipe,
     config_root,
+    help_requested,
     legacy_flags,
     primary_config,
 )
@@ -200,9 +200,8 @@ def assemble(multirun: bool, rest: list[str], job: dict[str, Any]) -> tuple[str,
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(command_help(__doc__, "submit"))
-        return 0 if argv else 2
+    if (code := help_requested(argv, __doc__, "submit")) is not None:
+        return code
     try:
         multirun, rest, job = parse(argv)
         script, sbatch_args, log_dir = assemble(multirun, rest, job)
