@@ -400,7 +400,9 @@ def legacy_flags(argv: list[str] | tuple[str, ...], flags: dict[str, str], switc
     while i < len(args):
         arg = args[i]
         i += 1
-        if arg in keep or not arg or (not arg.startswith("-") and ("=" in arg or positional is None)):
+        # a key has no '/': `runs/lr=0.1` is a run dir (compare's positional), not the key `runs/lr`
+        is_key = "=" in arg and "/" not in arg.split("=", 1)[0]
+        if arg in keep or not arg or (not arg.startswith("-") and (is_key or positional is None)):
             out.append((arg, False))  # key=value (or a stray word: compose_command says what is wrong with it)
             continue
         if not arg.startswith("-"):

@@ -114,3 +114,12 @@ def test_compare_old_spelling_gives_the_same_table_and_the_new_spelling(runs, tm
     assert main(["--root", str(root / "runs"), "--out", str(tmp_path / "root_old")]) == 0
     assert main([f"root={root / 'runs'}", f"out={tmp_path / 'root_new'}"]) == 0
     assert _csv(tmp_path / "root_old" / "comparison.csv") == _csv(tmp_path / "root_new" / "comparison.csv")
+
+
+def test_an_old_positional_run_dir_with_an_equals_sign_is_a_run_dir() -> None:
+    """`compare runs/lr=0.1 ...`: a word whose part before '=' holds a '/' is a path, not a key."""
+    from fusion_lightning.config import compose_command, legacy_flags
+
+    out = legacy_flags(["runs/lr=0.1", "runs/lr=0.01", "out=cmp"], {"--out": "out"}, positional="runs")
+    cfg = compose_command("compare", out)
+    assert cfg["runs"] == ["runs/lr=0.1", "runs/lr=0.01"] and cfg["out"] == "cmp"
