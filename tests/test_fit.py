@@ -114,6 +114,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration  # starts the CLI as a process
 def test_cli_help_lists_recipes_with_descriptions(tmp_path: Path) -> None:
     r = _cli("--help", cwd=tmp_path)
     assert r.returncode == 0
@@ -121,6 +122,7 @@ def test_cli_help_lists_recipes_with_descriptions(tmp_path: Path) -> None:
         assert name in r.stdout and desc[:30] in r.stdout
 
 
+@pytest.mark.integration  # starts the CLI as a process
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     r = _cli("recipe=nope", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "choose from" in r.stderr
@@ -133,6 +135,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1 and "missing.parquet" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.integration  # starts the CLI as a process
 def test_cli_runs_from_another_directory_and_prints_run_dir_last(tmp_path: Path) -> None:
     r = _cli("recipe=router_mlp", *_small(tmp_path, "+trainer.fast_dev_run=true"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
