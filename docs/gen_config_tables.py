@@ -39,22 +39,9 @@ def cell(text: str) -> str:
     return text.replace("[", "\\[").replace("]", "\\]")
 
 
-def leading_comment(path: Path) -> str:
-    """The comment block a YAML file opens with (Hydra's `# @package` line skipped), as one line."""
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        s = line.strip()
-        if not s.startswith("#"):
-            break
-        s = s.lstrip("#").strip()
-        if not s.startswith("@package"):
-            lines.append(s)
-    return " ".join(" ".join(lines).split())
-
-
 def describe(path: Path) -> str:
     """An option's line: the first sentence of its opening comment, else the class it instantiates."""
-    text = first_sentence(leading_comment(path))
+    text = first_sentence(_config().opening_comment(path))
     if text:
         return cell(text)
     node = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -88,12 +88,16 @@ def router_names() -> list[str]:
 
 
 def opening_comment(path: Path) -> str:
-    """The comment block a YAML file opens with, as one line (a config option's description)."""
+    """The comment block a YAML file opens with (Hydra's `# @package` line skipped), as one line: a config
+    option's description (the derived router recipes and the docs' config tables read it)."""
     lines = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.startswith("#"):
+        s = line.strip()
+        if not s.startswith("#"):
             break
-        lines.append(line.lstrip("#").strip())
+        s = s.lstrip("#").strip()
+        if not s.startswith("@package"):
+            lines.append(s)
     return " ".join(" ".join(lines).split())
 
 
