@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -30,19 +29,6 @@ from fusion_lightning.query import platt
 from fusion_lightning.query.base import RouterModule
 
 STATE_KEY = "score_calibration"
-
-
-@torch.no_grad()
-def split_predictions(module: RouterModule, split: dict[str, torch.Tensor], batch_size: int = 4096) -> np.ndarray:
-    """[N, M] the router's raw predicted performance on a split's tensors (no Platt scaling), in batches."""
-    was_training = module.training
-    module.eval()
-    out = []
-    for i in range(0, len(split["x"]), batch_size):
-        p, _ = module.predict(split["x"][i:i + batch_size].to(module.device), split["task"][i:i + batch_size].to(module.device))
-        out.append(p.float().cpu())
-    module.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, len(module.hparams.models)), np.float32)
 
 
 class ScoreCalibration(Callback):
@@ -68,7 +54,10 @@ class ScoreCalibration(Callback):
             self.skipped = why
             return
         val = trainer.datamodule.splits["val"].tensors
-        perf_hat = split_predictions(pl_module, val)
+        was_training = pl_module.training
+        pl_module.eval()
+        perf_hat, _ = pl_module.predict_split(val["x"], val["task"])
+        pl_module.train(was_training)
         mask, perf = val["mask"].bool().numpy(), val["perf"].float().numpy()
         self.fits = platt.fit_all(perf_hat, perf, mask, list(pl_module.hparams.models), self.folds, self.seed)
         table = torch.from_numpy(platt.as_table(self.fits)).to(pl_module.device)

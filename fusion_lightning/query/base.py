@@ -105,6 +105,18 @@ class RouterModule(L.LightningModule):
     def predict(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def predict_split(self, x: torch.Tensor, task: torch.Tensor,
+                      batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """([N, M] perf, [N, M] cost) as numpy: `predict` over a whole split in batches, on this module's
+        device (raw: no Platt scaling). The module's train/eval mode is left as it was."""
+        x, task = x.to(self.device), task.to(self.device)
+        out = [self.predict(x[i:i + batch_size], task[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        if not out:
+            empty = np.zeros((0, len(self.hparams.models)), np.float32)
+            return empty, empty.copy()
+        return tuple(torch.cat(t).float().cpu().numpy() for t in zip(*out, strict=True))  # type: ignore[return-value]
+
     def featurize(self, texts: list[str]) -> torch.Tensor | None:
         """Features for new query texts when the router reads more than the embedding (e.g. token ids);
         None means: embed them with the checkpoint's encoder."""

@@ -267,12 +267,8 @@ class AutoRouter(RouterModule):
         if self.trainer.state.fn != "fit":
             super().validation_step(batch, batch_idx)
 
-    @torch.no_grad()
     def _val_predictions(self, name: str, val: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        c = self.candidates[name]
-        x, task = view(val["x"], self._cols[name]).to(self.device), val["task"].to(self.device)
-        perf, cost = zip(*(c.predict(x[i:i + 4096], task[i:i + 4096]) for i in range(0, len(x), 4096)), strict=True)
-        return torch.cat(perf).float().cpu().numpy(), torch.cat(cost).float().cpu().numpy()
+        return self.candidates[name].predict_split(view(val["x"], self._cols[name]), val["task"])
 
     def _rewards(self, perf: np.ndarray, cost: np.ndarray, arrays) -> np.ndarray:
         s = self.hparams.setting
