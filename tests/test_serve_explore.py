@@ -305,6 +305,26 @@ def test_greedy_serving_logs_propensity_one_and_its_policy_id(router_ckpt, upstr
         assert "fusion_explored_total{" not in metrics  # greedy: nothing explored
 
 
+def test_server_with_tolerance_answers_from_the_rule_s_model_through_the_openai_client(router_ckpt, upstreams, tmp_path):
+    """`router.tolerance` served for real: the official client's answers come from the backend the rule picks,
+    and the request log says the policy (`:tol=τ`) with propensity 1."""
+    pipe = FusedPipeline.from_config(pipeline_config(upstreams, {"ckpt": str(router_ckpt), "tolerance": 1.0}))
+    expected = pipe.route(list(QUERIES))
+    server, url = serve_in_thread(pipe, log_dir=str(tmp_path / "log"))
+    try:
+        c = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+        answers = [c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": q}],
+                                             max_tokens=2) for q in QUERIES]
+        server.fusion.request_log.flush()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [a.choices[0].message.content for a in answers] == [f"{m} answers" for m in expected]
+    records = read_records(tmp_path / "log")
+    assert [r["policy"] for r in records] == [f"router:{file_hash(router_ckpt)}:tol=1"] * len(QUERIES)
+    assert all(r["propensity"] == 1.0 for r in records)
+
+
 def test_the_loop_closes_serve_explore_feedback_retrain_off_policy_and_serve_the_new_router(router_ckpt, upstreams,
                                                                                            tmp_path):
     """Served traffic with ε-exploration, scored by feedback, is a bandit log `fit` trains on off-policy (DR
