@@ -14,8 +14,8 @@ also resumes inside a stage, call by call):
   library    a template library from the log's train split (rule summariser, or `--summariser MODEL`)
   retriever  the template_retriever recipe on that library
   thought    per zoo model: val selects its thought mode (`thought_auto`'s step: zero-shot and templates,
-             exemplars, both at each k of `--thought-ks`, kept only past router_auto's paired test; written
-             to the library's thought_selection.json), then the test questions zero-shot, few-shot (k random
+             exemplars, both at each k of `--thought-ks`, kept only past router_auto's paired test, with
+             per-task exceptions; written to the library's thought_selection.json), then the test questions zero-shot, few-shot (k random
              exemplars of the library's pool, task and token budget: exemplars without the retrieval),
              templates, exemplars, both (trained retriever), the selected mode, and
              templates with the frozen encoder (unless --no-frozen), via `evaluate`'s live columns
@@ -348,7 +348,11 @@ class Pipeline:
                 entry = self.select_thought(m, lib, ckpt)
                 selected[entry["model"]] = {k: entry[k] for k in ("mode", "k", "questions", "questions_by_split",
                                                                   "cross_fit", "seconds", "z")}
+                exceptions = {t: c["candidate"] for t, c in entry.get("per_task", {}).items()
+                              if (c["mode"], c["k"]) != (entry["mode"], entry["k"])}
+                selected[entry["model"]]["per_task_exceptions"] = exceptions
                 shown = "none (zero-shot)" if entry["mode"] == "none" else f"{entry['mode']}@{entry['k']}"
+                shown += "".join(f"; {c} on {t}" for t, c in sorted(exceptions.items()))
                 print(f"   {entry['model']}: val selected {shown} ({entry['seconds']} s)", flush=True)
                 modes += ["templates", "exemplars", "both", "selected"]
             ev = self.evaluate(thought={**cfg, "retriever_ckpt": ckpt, "modes": modes})
@@ -441,8 +445,9 @@ class Pipeline:
             every = [f"{c}:{x}" for x in ("few_shot", "templates", "templates_frozen", "exemplars", "both", "selected")]
             chosen = thought.get("selected", {}).get(name)
             if chosen:
+                per_task = "".join(f"; `{c}` on {t}" for t, c in sorted(chosen.get("per_task_exceptions", {}).items()))
                 lines += [f"**{name}: val selected `{chosen['mode']}" + ("" if chosen["mode"] == "none" else f"@{chosen['k']}")
-                          + f"`** ({chosen['questions']} questions: "
+                          + f"`{per_task}** ({chosen['questions']} questions: "
                           + ", ".join(f"{n} {sp}" for sp, n in chosen.get("questions_by_split", {"val": chosen["questions"]}).items())
                           + f"; {chosen.get('cross_fit') or 'val only'}; router_auto's paired test at z = "
                           f"{chosen['z']:.2f}; the column `selected`)", ""]

@@ -248,12 +248,12 @@ def _live(out: Evaluation, logs: LogTable, ev: QueryMatrix, thought, student, sa
                         raise ValueError(f"thought.modes has 'selected' but val chose nothing for {backend.name!r} "
                                          f"(selected: {sorted(aug.selection) or 'none'}): run recipe=thought_auto "
                                          f"with this backend on the library first")
-                    chosen = aug.selection[backend.name]
-                    out.info.setdefault("thought_selected", {})[backend.name] = chosen.name
-                    settings = chosen
+                    out.info.setdefault("thought_selected", {})[backend.name] = aug.describe(backend.name)
+                    aug.set_token_counter(backend.name, count)  # per task where the selection chose per task
+                    prompts[mode] = aug.prompts(list(ev.queries), tasks, metrics, model=backend.name, exclude=own)
                 else:
-                    settings = ThoughtSettings(mode, k, budget)
-                prompts[mode] = aug.render(list(ev.queries), tasks, metrics, settings, count, own)
+                    prompts[mode] = aug.render(list(ev.queries), tasks, metrics, ThoughtSettings(mode, k, budget),
+                                               count, own)
         memo: dict = {}
         for mode in [m for m in modes if m in prompts]:
             out.add(f"thought:{mode}", "thought",

@@ -55,11 +55,12 @@ def select_thought(augmenter, backend, questions: Sequence[Question], modes: Seq
                    ks: Sequence[int] = (1, 3), budget_tokens: int | None = DEFAULT_BUDGET_TOKENS,
                    se_factor: float | str = "bonferroni", sampling: Mapping[str, Any] | None = None,
                    retriever: str | None = None, augmenter_for: Callable[[Question], Any] | None = None,
-                   cross_fit: str | None = None) -> dict[str, Any]:
+                   cross_fit: str | None = None, per_task: bool = True) -> dict[str, Any]:
     """Measure every candidate on `questions` through `backend` and choose; returns the selection entry
     (`mode`, `k`, `budget_tokens`, the rule and a row per candidate). `augmenter_for`: the augmenter that
     serves each question (cross-fitting: a fold's retriever for its train questions), default `augmenter`;
-    `cross_fit`: how the questions were cross-fitted, for the record (None: val only)."""
+    `cross_fit`: how the questions were cross-fitted, for the record (None: val only); `per_task`: also a
+    choice per task (`per_task_choices`), under `per_task` in the entry."""
     if not questions:
         raise ValueError("thought selection needs val questions with a ground truth and a known metric; there are none")
     start = time.perf_counter()
@@ -80,10 +81,49 @@ def select_thought(augmenter, backend, questions: Sequence[Question], modes: Seq
                      "perf_by_split": {s: float(m["scores"][splits == s].mean()) for s in sorted(set(splits.tolist()))},
                      "prompt_tokens": m["prompt_tokens"], "selected": name == winner})
     chosen = measured[winner]["settings"]
-    return {"mode": chosen.mode, "k": chosen.k, "budget_tokens": budget_tokens, "reference": REFERENCE, "z": z,
-            "rule": str(se_factor), "questions": len(questions), "questions_by_split": dict(Counter(splits.tolist())),
-            "cross_fit": cross_fit, "retriever": retriever, "tasks": sorted({q.task for q in questions}),
-            "seconds": round(time.perf_counter() - start, 1), "rows": rows}
+    entry = {"mode": chosen.mode, "k": chosen.k, "budget_tokens": budget_tokens, "reference": REFERENCE, "z": z,
+             "rule": str(se_factor), "questions": len(questions), "questions_by_split": dict(Counter(splits.tolist())),
+             "cross_fit": cross_fit, "retriever": retriever, "tasks": sorted({q.task for q in questions}),
+             "rows": rows}
+    if per_task:
+        tasks = np.array([q.task for q in questions])
+        z_task = selection_z(se_factor, (len(rewards) - 1) * len(set(tasks.tolist())) + 1)
+        entry["per_task"] = per_task_choices(rewards, tasks, winner, z_task,
+                                             {n: m["settings"] for n, m in measured.items()})
+        entry["z_task"] = z_task
+    return entry | {"seconds": round(time.perf_counter() - start, 1)}
+
+
+def per_task_choices(rewards: Mapping[str, np.ndarray], tasks: np.ndarray, overall: str, z_task: float,
+                     settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """task -> its choice, why, and the paired gain over zero-shot on its questions. One mode for every task
+    hides a task it harms (a demonstration that misleads one task's format), and a task's own questions are
+    too few to pick freely among the candidates, so the overall choice stays unless the task's questions say
+    otherwise, in the safe direction more readily than in the other:
+    - a candidate whose gain over zero-shot on the task's questions passes the paired test at `z_task`
+      (Bonferroni over candidates × tasks) is the task's own choice;
+    - else, where the overall choice's gain on the task's questions is below 0, zero-shot;
+    - else the overall choice."""
+    ref = np.asarray(rewards[REFERENCE], float)
+    out: dict[str, dict[str, Any]] = {}
+    for t in sorted(set(tasks.tolist())):
+        m = tasks == t
+        own = select_over_reference({n: np.asarray(r, float)[m] for n, r in rewards.items()}, REFERENCE, z_task)
+
+        def gain(name: str, m: np.ndarray = m) -> tuple[float, float]:  # paired gain over zero-shot on the task
+            d = np.asarray(rewards[name], float)[m] - ref[m]
+            return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+
+        g, se = gain(overall)
+        if own != REFERENCE:
+            pick, why = own, f"its own paired test: gain {gain(own)[0]:+.3f} ± {gain(own)[1]:.3f} > z_task SE"
+        elif overall != REFERENCE and g < 0:
+            pick, why = REFERENCE, f"the overall choice is below zero-shot on this task's questions ({g:+.3f} ± {se:.3f})"
+        else:
+            pick, why = overall, "the overall choice"
+        out[t] = {"mode": settings[pick].mode, "k": settings[pick].k, "candidate": pick, "questions": int(m.sum()),
+                  "gain": gain(pick)[0], "gain_se": gain(pick)[1], "overall_gain": g, "why": why}
+    return out
 
 
 def cross_fit_plan(cross_fit: bool | str, split: str, folds: int, train_questions: int,
@@ -161,7 +201,7 @@ class ThoughtSelection(L.Callback):
                  ks: Sequence[int] = (1, 3), budget_tokens: int | None = DEFAULT_BUDGET_TOKENS,
                  se_factor: float | str = "bonferroni", max_questions: int | None = 200, split: str = "val",
                  sampling: Mapping[str, Any] | None = None, seed: int = 0, out_dir: str | None = None,
-                 cross_fit: bool | str = "auto", folds: int = 2):
+                 cross_fit: bool | str = "auto", folds: int = 2, per_task: bool = True):
         if not backend:
             raise ValueError("callbacks.thought_selection.backend: the target model is required (a zoo name or "
                              "model path, or a backend config such as {type: openai_compatible, base_url: ..., model: ...})")
@@ -171,7 +211,7 @@ class ThoughtSelection(L.Callback):
         self.budget_tokens, self.se_factor, self.max_questions = budget_tokens, se_factor, max_questions
         self.split, self.sampling, self.seed, self.out_dir = split, dict(sampling or {}), seed, out_dir
         cross_fit_plan(cross_fit, split, int(folds), 1)  # a bad value fails at construction
-        self.cross_fit, self.folds = cross_fit, int(folds)
+        self.cross_fit, self.folds, self.per_task = cross_fit, int(folds), bool(per_task)
         self.artifacts: dict[str, str] = {}
         self.summary_fields: dict[str, Any] = {}
 
@@ -209,7 +249,8 @@ class ThoughtSelection(L.Callback):
         backend = build_backend(self.backend_cfg)
         ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         entry = select_thought(augmenter, backend, questions, self.modes, self.ks, self.budget_tokens, self.se_factor,
-                               self.sampling, retriever=ckpt, augmenter_for=augmenter_for, cross_fit=why)
+                               self.sampling, retriever=ckpt, augmenter_for=augmenter_for, cross_fit=why,
+                               per_task=self.per_task)
         out = Path(self.out_dir or trainer.default_root_dir)
         paths = write_selection(entry, backend.name, dm.library_dir, out)
         self.artifacts = {"thought_selection_md": paths["thought_selection_md"]}  # the run dir's copy
@@ -217,7 +258,12 @@ class ThoughtSelection(L.Callback):
                                                      "questions": entry["questions"],
                                                      "questions_by_split": entry["questions_by_split"],
                                                      "cross_fit": use, "file": paths["thought_selection_json"]}}
+        exceptions = {t: c["candidate"] for t, c in entry.get("per_task", {}).items()
+                      if (c["mode"], c["k"]) != (entry["mode"], entry["k"])}
+        if self.per_task:
+            self.summary_fields["thought_selection"]["per_task_exceptions"] = exceptions
         chosen = "none (zero-shot)" if entry["mode"] == "none" else f"{entry['mode']}@{entry['k']}"
         by = ", ".join(f"{n} {s}" for s, n in entry["questions_by_split"].items())
-        print(f"thought selection for {backend.name}: {chosen} over {entry['questions']} questions ({by}; {why}) "
-              f"({entry['seconds']} s)")
+        extra = "".join(f"; {c} on {t}" for t, c in sorted(exceptions.items()))
+        print(f"thought selection for {backend.name}: {chosen}{extra} over {entry['questions']} questions ({by}; "
+              f"{why}) ({entry['seconds']} s)")

@@ -282,8 +282,8 @@ class FusedPipeline:
         """Whether the thought stage changes `model`'s prompts (mode none: it does not)."""
         if self.augmenter is None:
             return False
-        mode_for = getattr(self.augmenter, "mode_for", None)
-        return mode_for is None or mode_for(model) != "none"
+        rewrites = getattr(self.augmenter, "rewrites", None)
+        return rewrites is None or rewrites(model)
 
     def plan(self, queries: Sequence[str] | None = None, tasks: Sequence[str | None] | None = None,
              metrics: Sequence[str | None] | None = None, *,

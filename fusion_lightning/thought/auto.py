@@ -13,9 +13,11 @@ name), merged under a file lock so several models can be selected into one libra
 
     {"version": 1, "models": {"gemma-3-270m": {"mode": "exemplars", "k": 3, "budget_tokens": 1024,
         "reference": "none", "z": 2.39, "questions": 40, "questions_by_split": {"val": 12, "train": 28},
-        "cross_fit": "cross-fitted: ...", "retriever": "...", "rows": [...]}}}
+        "cross_fit": "cross-fitted: ...", "retriever": "...", "rows": [...],
+        "per_task": {"agentverse-logicgrid": {"mode": "none", "k": 1, "why": "...", ...}, ...}}}}
 
-`thought.mode: auto` (the pipeline's, `serve`'s and `evaluate`'s default) applies it; `thought_selection.md`
+`thought.mode: auto` (the pipeline's, `serve`'s and `evaluate`'s default) applies it, a task's own choice to
+its queries where `per_task` holds one that differs (a query without a task gets the overall choice); `thought_selection.md`
 beside it is the table people read (every model's candidates, like router_auto's `selection.md`).
 """
 
@@ -187,4 +189,12 @@ def selection_markdown(data: Mapping[str, Any]) -> str:
             lines.append(f"| {name} | {r['mode']} | {r['k'] if r['mode'] != 'none' else '—'} | {r['val_perf']:.4f} | "
                          + "".join(f"{per[s]:.4f} | " if s in per else "— | " for s in splits)
                          + f"{r['gain']:+.4f} ± {r['gain_se']:.4f} | {r['prompt_tokens']:.0f} |")
+        if e.get("per_task"):
+            lines += ["", f"Per task (a task's own winner needs z_task = {e.get('z_task', float('nan')):.2f}; zero-shot "
+                      "where the overall choice is below it on the task's questions):", "",
+                      "| task | questions | choice | gain over zero-shot (± SE) | overall choice's gain | why |",
+                      "|---|---:|---|---:|---:|---|"]
+            for t, c in sorted(e["per_task"].items()):
+                lines.append(f"| {t} | {c['questions']} | {c['candidate']} | {c['gain']:+.4f} ± {c['gain_se']:.4f} | "
+                             f"{c['overall_gain']:+.4f} | {c['why']} |")
     return "\n".join(lines) + "\n"

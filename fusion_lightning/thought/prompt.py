@@ -95,12 +95,29 @@ SEPARATOR = "\n\n"
 SELECTION_FILE = "thought_selection.json"  # beside the library: written by thought_auto (thought/auto.py)
 
 
-def read_selection(path: str | Path) -> dict[str, ThoughtSettings]:
-    """backend name -> the settings val chose for it."""
+def _read_models(path: str | Path) -> dict[str, dict]:
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
         raise ValueError(f"{path} is not a thought selection (no 'models' object)")
-    return {m: ThoughtSettings(e["mode"], int(e["k"]), e.get("budget_tokens")) for m, e in data["models"].items()}
+    return data["models"]
+
+
+def read_selection(path: str | Path) -> dict[str, ThoughtSettings]:
+    """backend name -> the settings val chose for it (over all tasks)."""
+    return {m: ThoughtSettings(e["mode"], int(e["k"]), e.get("budget_tokens")) for m, e in _read_models(path).items()}
+
+
+def read_task_selection(path: str | Path) -> dict[str, dict[str, ThoughtSettings]]:
+    """backend name -> task -> the settings chosen for that task where it differs from the model's overall
+    choice (a selection made with `per_task`; empty for one made without)."""
+    out: dict[str, dict[str, ThoughtSettings]] = {}
+    for m, e in _read_models(path).items():
+        overall = (e["mode"], int(e["k"]))
+        tasks = {t: ThoughtSettings(c["mode"], int(c["k"]), e.get("budget_tokens"))
+                 for t, c in (e.get("per_task") or {}).items() if (c["mode"], int(c["k"])) != overall}
+        if tasks:
+            out[m] = tasks
+    return out
 
 
 def approx_tokens(text: str) -> int:
@@ -185,34 +202,40 @@ def render(query: str, demos: Sequence[Demonstration], mode: str, metric: str | 
 
 def load_settings(mode: str = "auto", k: int = 3, budget_tokens: int | None = DEFAULT_BUDGET_TOKENS,
                   selection: str | Path | None = None, library_dir: str | Path | None = None
-                  ) -> tuple[ThoughtSettings, dict[str, ThoughtSettings]]:
-    """(default settings, per-model selection) of a thought config. `mode: auto`: the models val chose
-    for (`selection`, default `<library>/thought_selection.json`, when it exists) get their choice, the
-    others `templates` with `k`; any other mode applies to every model."""
+                  ) -> tuple[ThoughtSettings, dict[str, ThoughtSettings], dict[str, dict[str, ThoughtSettings]]]:
+    """(default settings, per-model selection, per-model per-task exceptions) of a thought config. `mode:
+    auto`: the models val chose for (`selection`, default `<library>/thought_selection.json`, when it
+    exists) get their choice (per task where the selection made one), the others `templates` with `k`;
+    any other mode applies to every model and task."""
 
     if mode != "auto":
-        return ThoughtSettings(mode, int(k), budget_tokens), {}
+        return ThoughtSettings(mode, int(k), budget_tokens), {}, {}
     default = ThoughtSettings("templates", int(k), budget_tokens)
     path = Path(selection) if selection else (Path(library_dir) / SELECTION_FILE if library_dir else None)
     if selection and not path.is_file():
         raise FileNotFoundError(f"thought.selection {path} not found")
-    return default, (read_selection(path) if path is not None and path.is_file() else {})
+    if path is None or not path.is_file():
+        return default, {}, {}
+    return default, read_selection(path), read_task_selection(path)
 
 
 class TemplateAugmenter:
     """Retrieve from a template library for each query and build the thought stage's prompt.
 
     `mode`, `k`, `budget_tokens`: the default settings; `selection`: backend name -> its own settings
-    (what val chose for it). Token counts: `set_token_counter(model, fn)` per backend (the pipeline
+    (what val chose for it); `task_selection`: backend name -> task -> the settings for that task's queries
+    where the selection chose per task (a query without a task gets the model's overall settings). Token counts: `set_token_counter(model, fn)` per backend (the pipeline
     registers each backend's tokenizer), else `count_tokens`, else `approx_tokens`."""
 
     def __init__(self, library: TemplateLibrary, encode_queries, template_vectors: torch.Tensor | np.ndarray,
                  k: int = 3, task_filter: bool = True, mode: str = "templates",
                  budget_tokens: int | None = DEFAULT_BUDGET_TOKENS,
-                 selection: Mapping[str, ThoughtSettings] | None = None, count_tokens: TokenCounter | None = None):
+                 selection: Mapping[str, ThoughtSettings] | None = None, count_tokens: TokenCounter | None = None,
+                 task_selection: Mapping[str, Mapping[str, ThoughtSettings]] | None = None):
         self.settings = ThoughtSettings(mode, k, budget_tokens)
         self.library, self.task_filter = library, task_filter
         self.selection = dict(selection or {})
+        self.task_selection = {m: dict(v) for m, v in (task_selection or {}).items()}
         self._encode = encode_queries
         self.index = TemplateIndex(template_vectors, [t.task for t in library.templates])
         self.count_tokens = count_tokens or approx_tokens
@@ -228,11 +251,12 @@ class TemplateAugmenter:
              selection: str | Path | None = None) -> TemplateAugmenter:
         """`retriever_ckpt` None: the frozen encoder the library was embedded with (cosine top-k).
         `mode: auto` applies the val selection (see `load_settings`)."""
-        default, chosen = load_settings(mode, k, budget_tokens, selection, library_dir)
+        default, chosen, per_task = load_settings(mode, k, budget_tokens, selection, library_dir)
         lib = TemplateLibrary.load(library_dir)
         if len(lib) == 0:
             raise ValueError(f"template library {library_dir} is empty")
-        if any(s.mode in ("exemplars", "both") for s in (default, *chosen.values())) and not lib.exemplars:
+        every = (default, *chosen.values(), *(s for v in per_task.values() for s in v.values()))
+        if any(s.mode in ("exemplars", "both") for s in every) and not lib.exemplars:
             raise ValueError(f"template library {library_dir} has no exemplars (built before they existed): build "
                              "it again from its log (python -m fusion_lightning.templates build ... out=LIB) to add them")
         if retriever_ckpt is None:
@@ -246,14 +270,31 @@ class TemplateAugmenter:
             model = TemplateRetriever.load_from_checkpoint(str(retriever_ckpt), map_location="cpu")
             model.eval()
             encode, vectors = model.encode_queries, model.encode_templates([t.text for t in lib.templates])
-        return cls(lib, encode, vectors, default.k, task_filter, default.mode, default.budget_tokens, chosen)
+        return cls(lib, encode, vectors, default.k, task_filter, default.mode, default.budget_tokens, chosen,
+                   task_selection=per_task)
 
     # -- settings -------------------------------------------------------------------------------
-    def settings_for(self, model: str | None = None) -> ThoughtSettings:
-        return self.selection.get(model, self.settings) if model is not None else self.settings
+    def settings_for(self, model: str | None = None, task: str | None = None) -> ThoughtSettings:
+        """`model`'s settings for a query of `task`: its per-task choice, else its overall one, else the default."""
+        if model is None:
+            return self.settings
+        if task is not None and task in self.task_selection.get(model, {}):
+            return self.task_selection[model][task]
+        return self.selection.get(model, self.settings)
 
-    def mode_for(self, model: str | None = None) -> str:
-        return self.settings_for(model).mode
+    def rewrites(self, model: str | None = None) -> bool:
+        """Whether any of `model`'s prompts get a thought stage (its overall mode or a per-task one is not none)."""
+        every = [self.settings_for(model), *self.task_selection.get(model, {}).values()] if model else [self.settings]
+        return any(s.mode != "none" for s in every)
+
+    def describe(self, model: str) -> str:
+        """`model`'s choice in words: `both@3`, or `both@3 (none on logicgrid)` with per-task exceptions."""
+        tasks = self.task_selection.get(model, {})
+        by: dict[str, list[str]] = {}
+        for t, s in sorted(tasks.items()):
+            by.setdefault(s.name, []).append(t)
+        extra = "; ".join(f"{name} on {', '.join(ts)}" for name, ts in by.items())
+        return self.settings_for(model).name + (f" ({extra})" if extra else "")
 
     def set_token_counter(self, model: str, count: TokenCounter) -> None:
         self._counters[model] = count
@@ -359,5 +400,16 @@ class TemplateAugmenter:
 
     def prompts(self, queries: list[str], tasks: list[str | None], metrics: list[str | None],
                 model: str | None = None, exclude: Sequence[set[str]] | None = None) -> list[str]:
-        """The prompts for `model` (its val-selected settings, else the default), in its tokenizer's budget."""
-        return self.render(queries, tasks, metrics, self.settings_for(model), self.counter_for(model), exclude)
+        """The prompts for `model` (its val-selected settings per query's task, else the default), in its
+        tokenizer's budget."""
+        _check_lengths(queries, tasks, metrics)
+        groups: dict[ThoughtSettings, list[int]] = {}
+        for i, t in enumerate(tasks):
+            groups.setdefault(self.settings_for(model, t), []).append(i)
+        out = [""] * len(queries)
+        for settings, idx in groups.items():
+            got = self.render([queries[i] for i in idx], [tasks[i] for i in idx], [metrics[i] for i in idx], settings,
+                              self.counter_for(model), [exclude[i] for i in idx] if exclude is not None else None)
+            for i, p in zip(idx, got, strict=True):
+                out[i] = p
+        return out
