@@ -11,6 +11,7 @@ a fast recipe override, and the `integration` marker's meaning.
 - `fast_overrides`: the overrides that run any router recipe in seconds on the planted LLMRouter-format log
   (tests/planted.py: a routing rule a router that reads the query must learn), with the hashing encoder,
   no logger, 3 epochs, and the cache and run dir under tmp_path.
+- under pytest-xdist (`-n 2`, the quick loop) each worker runs torch on one thread (`pytest_configure`).
 - `@pytest.mark.integration`: a test that starts processes or servers (DDP, DeepSpeed, SLURM, the embed job,
   subprocess CLIs, HTTP servers). The default run takes them; `python -m pytest -m "not integration"` is
   the quick loop of unit tests.
@@ -26,6 +27,16 @@ import pytest
 
 SHARED = Path(os.environ.get("FUSION_LIGHTNING_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TEST_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "fusion_lightning"  # gitignored
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n 2`), each worker computes on one thread: two workers with torch's default
+    threads each fight over the same cores (the quick loop took longer with `-n 2` than without)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"  # and the processes a test starts
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

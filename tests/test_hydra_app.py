@@ -42,6 +42,7 @@ def test_two_process_ddp_run_leaves_one_run_dir(tmp_path: Path) -> None:
     assert f"run dir: {run_dirs[0]}" in r.stdout
 
 
+@pytest.mark.integration  # starts the CLI as a process
 def test_multirun_gives_a_run_dir_per_combination_and_a_sweep_summary(tmp_path: Path, capsys) -> None:
     r = _fit(["-m", "recipe=router_mlp", "debug=fast", "seed=1,2", f"runs_root={tmp_path / 'runs'}", "logger=none"],
              cwd=ROOT)
@@ -71,8 +72,16 @@ def test_debug_fast_is_small_hashing_and_one_epoch() -> None:
     assert cfg.trainer.max_epochs == 1 and cfg.datamodule.encoder == "hashing"
     assert cfg.data.synthetic.n_queries == 240
     assert compose_recipe("distill_top_k", ["debug=fast"]).data.synthetic.n_queries == 240
+    # a recipe's own cuts (recipes/debug_recipe/fast_<recipe>.yaml) apply under debug=fast only, to it only
+    enc = compose_recipe("router_encoder", ["debug=fast"])
+    assert (enc.datamodule.max_length, enc.trainer.max_epochs) == (16, 1)
+    assert compose_recipe("router_encoder").datamodule.max_length == 128
+    sel = compose_recipe("thought_auto", ["debug=fast"]).callbacks.thought_selection
+    assert (sel.max_questions, list(sel.ks), sel.sampling.max_new_tokens, sel.cross_fit) == (48, [1], 8, "auto")
+    assert compose_recipe("thought_auto").callbacks.thought_selection.max_questions == 200
 
 
+@pytest.mark.integration  # starts the CLI as a process
 @pytest.mark.parametrize("argv, message", [
     (["recipe=nope"], "unknown recipe 'nope'; choose from: "),
     (["recipe=router_mlp", "debug=slow"], "unknown debug 'slow'; choose from: fast"),
@@ -84,6 +93,7 @@ def test_bad_commands_are_one_line_errors(argv: list[str], message: str, tmp_pat
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.integration  # starts the CLI as a process
 def test_a_bad_model_setting_is_one_line_naming_the_class(tmp_path: Path) -> None:
     """A value the model's constructor refuses (Hydra's instantiate wraps its ValueError) is one line."""
     r = _fit(["recipe=router_knn", "debug=fast", "logger=none", "model.k=0", f"runs_root={tmp_path}"], cwd=tmp_path,

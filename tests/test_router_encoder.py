@@ -13,7 +13,6 @@ from fusion_lightning.query.router import Router
 
 
 def test_encoder_router_learns_planted_rule_and_routes_text(tmp_path: Path) -> None:
-    torch.set_num_threads(2)
     overrides = [o for o in planted_overrides(tmp_path, "trainer.max_epochs=4", "logger=none",
                                               "datamodule.max_length=32", "datamodule.batch_size=16",
                                               "model.head_lr=3e-3")
