@@ -4,7 +4,8 @@
 final rename is atomic); on a clean exit the data is flushed and fsynced, the temp file renamed over
 `path` (`os.replace`) and the folder fsynced, so the new name survives a crash too. On an error the
 temp file is removed and `path` keeps its previous content. Concurrent writers of the same path each
-write their own temp file: the last rename wins, whole. `atomic_write` is the one-call form.
+write their own temp file: the last rename wins, whole. `atomic_write` is the one-call form;
+`rewrite_checkpoint` changes a torch checkpoint in place through it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,6 +45,20 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, encoding: str = "ut
     with atomic_open(path, "wb") as fh:
         fh.write(data.encode(encoding) if isinstance(data, str) else data)
     return Path(path)
+
+
+def rewrite_checkpoint(path: str | os.PathLike, edit: Callable[[dict], None],
+                       out: str | os.PathLike | None = None) -> Path:
+    """Load a torch checkpoint, let `edit` change the dict in place, and write it to `out` (default: `path`
+    itself, replaced atomically); the weights and everything `edit` leaves alone stay as they were."""
+    import torch  # util sits below everything: torch only where a checkpoint is rewritten
+
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    edit(data)
+    target = Path(out if out is not None else path)
+    with atomic_open(target, "wb") as fh:
+        torch.save(data, fh)
+    return target
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from fusion_lightning.io import atomic_open
+from fusion_lightning.io import rewrite_checkpoint
 from fusion_lightning.query import platt
 from fusion_lightning.query.base import RouterModule
 
@@ -86,8 +86,5 @@ class ScoreCalibration(Callback):
         """The buffer into the checkpoint validate loaded, so test and `Router.load` read the same router."""
         path = trainer.ckpt_path
         if trainer.is_global_zero and path and Path(path).is_file():
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            data["state_dict"][STATE_KEY] = table
-            with atomic_open(path, "wb") as fh:
-                torch.save(data, fh)
+            rewrite_checkpoint(path, lambda data: data["state_dict"].__setitem__(STATE_KEY, table))
         trainer.strategy.barrier("score_calibration")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fusion_lightning.data.matrix import TaskNormaliser
-from fusion_lightning.io import atomic_open
+from fusion_lightning.io import rewrite_checkpoint
 from fusion_lightning.query.base import split_arrays
 from fusion_lightning.query.peer_metrics import strong_weak_pair
 from fusion_lightning.query.router import CALIBRATION_KEY, Router
@@ -160,9 +160,4 @@ def calibrate(held: HeldOut, target: str, value: float, models: list[str]) -> di
 def save_calibration(ckpt: Path, record: dict, out: Path | None = None) -> Path:
     """Write the record into the checkpoint: a new file at `out`, or `ckpt` replaced atomically in place
     (weights and the rest of the checkpoint unchanged); returns the path written."""
-    data = torch.load(ckpt, map_location="cpu", weights_only=True)
-    data[CALIBRATION_KEY] = record
-    target = out or ckpt
-    with atomic_open(target, "wb") as fh:
-        torch.save(data, fh)
-    return Path(target)
+    return rewrite_checkpoint(ckpt, lambda data: data.__setitem__(CALIBRATION_KEY, record), out)
