@@ -21,6 +21,12 @@ then runs over train + val. `auto` falls back to val only, saying why, where cro
 possible (no scorable train question, `folds` < 2, `split` is train, or `max_questions` filled by
 the val questions alone); `cross_fit: false` is the val-only rule.
 
+Per task (`per_task`, default true): one mode for every task can hide a task it harms, so the same
+scores also give each task a choice (`per_task_choices`): its own winner where its questions alone pass
+the paired test at a stricter bar (Bonferroni over candidates × tasks), zero-shot where the overall
+choice is below zero-shot on its questions, else the overall choice. `thought.mode: auto` applies a
+query's task's choice; a query without a task gets the overall one.
+
 Written: `<library>/thought_selection.json` (the model's entry merged in; `thought.mode: auto`, the
 pipeline's, serve's and evaluate's default, applies it) and `thought_selection.md` (the table) there
 and in the run dir. `select_thought` is the same step without Lightning (bench/fusion_e2e.py uses it).
