@@ -22,9 +22,10 @@ possible (no scorable train question, `folds` < 2, `split` is train, or `max_que
 the val questions alone); `cross_fit: false` is the val-only rule.
 
 Per task (`per_task`, default true): one mode for every task can hide a task it harms, so the same
-scores also give each task a choice (`per_task_choices`): its own winner where its questions alone pass
-the paired test at a stricter bar (Bonferroni over candidates × tasks), zero-shot where the overall
-choice is below zero-shot on its questions, else the overall choice. `thought.mode: auto` applies a
+scores also give each task a choice (`per_task_choices`), for tasks with at least 8 selection
+questions: its own winner where its questions alone pass the paired test (with `bonferroni`, corrected
+for candidates × tasks) and it beats the overall choice there, zero-shot where the overall choice is
+more than one SE below zero-shot on its questions, else the overall choice. `thought.mode: auto` applies a
 query's task's choice; a query without a task gets the overall one.
 
 Written: `<library>/thought_selection.json` (the model's entry merged in; `thought.mode: auto`, the
@@ -100,35 +101,52 @@ def select_thought(augmenter, backend, questions: Sequence[Question], modes: Seq
     return entry | {"seconds": round(time.perf_counter() - start, 1)}
 
 
+MIN_TASK_QUESTIONS = 8  # fewer: a task keeps the overall choice (8 of 8 paired wins is p = 0.004 by the sign test)
+HARM_Z = 1.0  # the overall choice is dropped for a task where it is this many SEs below zero-shot
+
+
+def _paired_gain(a: np.ndarray, b: np.ndarray) -> tuple[float, float | None]:
+    """Mean and standard error of a − b over paired questions (SE None for a single question)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    return float(d.mean()), (float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None)
+
+
 def per_task_choices(rewards: Mapping[str, np.ndarray], tasks: np.ndarray, overall: str, z_task: float,
-                     settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+                     settings: Mapping[str, Any], min_questions: int = MIN_TASK_QUESTIONS,
+                     harm_z: float = HARM_Z) -> dict[str, dict[str, Any]]:
     """task -> its choice, why, and the paired gain over zero-shot on its questions. One mode for every task
     hides a task it harms (a demonstration that misleads one task's format), and a task's own questions are
-    too few to pick freely among the candidates, so the overall choice stays unless the task's questions say
-    otherwise, in the safe direction more readily than in the other:
+    few, so the overall choice stays unless the task's questions say otherwise, in the safe direction more
+    readily than in the other:
+    - a task with fewer than `min_questions` questions keeps the overall choice (a paired SE over a
+      handful of questions, or none differing, is no evidence);
     - a candidate whose gain over zero-shot on the task's questions passes the paired test at `z_task`
-      (Bonferroni over candidates × tasks) is the task's own choice;
-    - else, where the overall choice's gain on the task's questions is below 0, zero-shot;
+      (with `se_factor: bonferroni`, corrected for candidates × tasks), and whose mean there beats the
+      overall choice's, is the task's own choice;
+    - else, where the overall choice is more than `harm_z` standard errors below zero-shot on the task's
+      questions, zero-shot;
     - else the overall choice."""
     ref = np.asarray(rewards[REFERENCE], float)
     out: dict[str, dict[str, Any]] = {}
     for t in sorted(set(tasks.tolist())):
         m = tasks == t
-        own = select_over_reference({n: np.asarray(r, float)[m] for n, r in rewards.items()}, REFERENCE, z_task)
-
-        def gain(name: str, m: np.ndarray = m) -> tuple[float, float]:  # paired gain over zero-shot on the task
-            d = np.asarray(rewards[name], float)[m] - ref[m]
-            return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-
-        g, se = gain(overall)
-        if own != REFERENCE:
-            pick, why = own, f"its own paired test: gain {gain(own)[0]:+.3f} ± {gain(own)[1]:.3f} > z_task SE"
-        elif overall != REFERENCE and g < 0:
-            pick, why = REFERENCE, f"the overall choice is below zero-shot on this task's questions ({g:+.3f} ± {se:.3f})"
+        n = int(m.sum())
+        task_rewards = {name: np.asarray(r, float)[m] for name, r in rewards.items()}
+        g, se = _paired_gain(task_rewards[overall], ref[m])
+        own = select_over_reference(task_rewards, REFERENCE, z_task) if n >= min_questions else REFERENCE
+        if n < min_questions:
+            pick, why = overall, f"too few questions (< {min_questions}): the overall choice"
+        elif own not in (REFERENCE, overall) and task_rewards[own].mean() > task_rewards[overall].mean():
+            og, ose = _paired_gain(task_rewards[own], ref[m])
+            pick, why = own, f"its own paired test: gain {og:+.3f} ± {ose:.3f}, past z_task = {z_task:.2f} SE"
+        elif overall != REFERENCE and se is not None and g < -harm_z * se:
+            pick, why = REFERENCE, (f"the overall choice is below zero-shot on this task's questions by more than "
+                                    f"{harm_z:g} SE ({g:+.3f} ± {se:.3f})")
         else:
             pick, why = overall, "the overall choice"
-        out[t] = {"mode": settings[pick].mode, "k": settings[pick].k, "candidate": pick, "questions": int(m.sum()),
-                  "gain": gain(pick)[0], "gain_se": gain(pick)[1], "overall_gain": g, "why": why}
+        pg, pse = _paired_gain(task_rewards[pick], ref[m])
+        out[t] = {"mode": settings[pick].mode, "k": settings[pick].k, "candidate": pick, "questions": n,
+                  "gain": pg, "gain_se": pse, "overall_gain": g, "why": why}
     return out
 
 

@@ -17,7 +17,8 @@ read):
 The thought stage (`TemplateAugmenter`, fusion_lightning/thought/prompt.py) writes each prompt for the
 backend that will answer it. `mode: auto` (the default): each backend gets the mode and k val chose
 for it (`selection`, default `<library>/thought_selection.json`, written by the `thought_auto`
-recipe; `none` where nothing beat zero-shot), a backend without an entry `templates` with `k`; an
+recipe; `none` where nothing beat zero-shot), per the request's task where the choice differs per
+task, a backend without an entry `templates` with `k`; an
 explicit `mode` (none | templates | exemplars | both) applies to every backend. The demonstrations'
 length budget (`budget_tokens`) is counted in that backend's own tokenizer where it has one (a
 local model's), else in approximate tokens (UTF-8 bytes / 4).
@@ -278,12 +279,12 @@ class FusedPipeline:
                 out[i] = p
         return out
 
-    def _rewrites(self, model: str) -> bool:
-        """Whether the thought stage changes `model`'s prompts (mode none: it does not)."""
+    def _rewrites(self, model: str, task: str | None) -> bool:
+        """Whether the thought stage changes `model`'s prompt for a query of `task` (mode none: it does not)."""
         if self.augmenter is None:
             return False
         rewrites = getattr(self.augmenter, "rewrites", None)
-        return rewrites is None or rewrites(model)
+        return rewrites is None or rewrites(model, task)
 
     def plan(self, queries: Sequence[str] | None = None, tasks: Sequence[str | None] | None = None,
              metrics: Sequence[str | None] | None = None, *,
@@ -319,7 +320,7 @@ class FusedPipeline:
         if conversations is not None:
             for i, conv in enumerate(conversations):
                 msgs = [dict(m) for m in conv]
-                if self._rewrites(chosen[i]) or metrics[i]:
+                if self._rewrites(chosen[i], tasks[i]) or metrics[i]:
                     j = max(k for k, m in enumerate(msgs) if m.get("role") == "user")
                     msgs[j]["content"] = texts[i]
                 prompts[i] = msgs

@@ -190,11 +190,13 @@ def selection_markdown(data: Mapping[str, Any]) -> str:
                          + "".join(f"{per[s]:.4f} | " if s in per else "— | " for s in splits)
                          + f"{r['gain']:+.4f} ± {r['gain_se']:.4f} | {r['prompt_tokens']:.0f} |")
         if e.get("per_task"):
-            lines += ["", f"Per task (a task's own winner needs z_task = {e.get('z_task', float('nan')):.2f}; zero-shot "
-                      "where the overall choice is below it on the task's questions):", "",
+            lines += ["", f"Per task (a task's own winner needs z_task = {e.get('z_task', float('nan')):.2f} and to beat "
+                      "the overall choice there; zero-shot where the overall choice is more than 1 SE below it on the "
+                      "task's questions; tasks with fewer than 8 questions keep the overall choice):", "",
                       "| task | questions | choice | gain over zero-shot (± SE) | overall choice's gain | why |",
                       "|---|---:|---|---:|---:|---|"]
             for t, c in sorted(e["per_task"].items()):
-                lines.append(f"| {t} | {c['questions']} | {c['candidate']} | {c['gain']:+.4f} ± {c['gain_se']:.4f} | "
+                se = "—" if c["gain_se"] is None else f"{c['gain_se']:.4f}"
+                lines.append(f"| {t} | {c['questions']} | {c['candidate']} | {c['gain']:+.4f} ± {se} | "
                              f"{c['overall_gain']:+.4f} | {c['why']} |")
     return "\n".join(lines) + "\n"

@@ -24,7 +24,8 @@ English BPE token (an OpenAI-compatible server does not expose its tokenizer).
 
 Per target model: `TemplateAugmenter.selection` maps backend names to the settings val chose for
 them (`thought_selection.json` next to the library, written by the `thought_auto` recipe; see
-`fusion_lightning.thought.auto`); `prompts(..., model=NAME)` uses them, other models the default.
+`fusion_lightning.thought.auto`), and `task_selection` to the tasks where the choice differs per task;
+`prompts(..., model=NAME)` uses them (per query's task), other models the default.
 `mode: auto` (`load_settings`) is how a config asks for that.
 """
 
@@ -282,10 +283,9 @@ class TemplateAugmenter:
             return self.task_selection[model][task]
         return self.selection.get(model, self.settings)
 
-    def rewrites(self, model: str | None = None) -> bool:
-        """Whether any of `model`'s prompts get a thought stage (its overall mode or a per-task one is not none)."""
-        every = [self.settings_for(model), *self.task_selection.get(model, {}).values()] if model else [self.settings]
-        return any(s.mode != "none" for s in every)
+    def rewrites(self, model: str | None = None, task: str | None = None) -> bool:
+        """Whether `model`'s prompt for a query of `task` gets a thought stage (its settings there are not none)."""
+        return self.settings_for(model, task).mode != "none"
 
     def describe(self, model: str) -> str:
         """`model`'s choice in words: `both@3`, or `both@3 (none on logicgrid)` with per-task exceptions."""
