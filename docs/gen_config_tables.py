@@ -74,8 +74,8 @@ def fit_defaults(recipes: Path) -> dict[str, str]:
     out = {}
     for entry in yaml.safe_load((recipes / "fit.yaml").read_text(encoding="utf-8")).get("defaults") or []:
         if isinstance(entry, dict):
-            for k, v in entry.items():
-                out[str(k)] = "null" if v is None else str(v)
+            for k, v in entry.items():  # `optional GROUP: ...` too
+                out[str(k).removeprefix("optional").strip()] = "null" if v is None else str(v)
     return out
 
 
@@ -142,9 +142,13 @@ def config_tables() -> str:
         default = f"`{defaults[g]}`" if g in defaults else "—"
         out.append(f"| [`{g}`](#{g}) | `recipes/{g}/` | {default} | {opts} |")
     for g in names:
-        out += ["", f"### {g}", "", "| option | what it is |", "|---|---|"]
+        auto = "${" in defaults.get(g, "")  # picked by fit.yaml from other choices, never on the command line
+        out += ["", f"### {g}", ""]
+        if auto:
+            out += [f"Not set by hand: `recipes/fit.yaml` applies `{g}/{defaults[g]}.yaml` where it exists.", ""]
+        out += ["| option | what it is |", "|---|---|"]
         for o in config.group_options(g):
-            out.append(f"| `{g}={o}` | {describe(recipes / g / f'{o}.yaml')} |")
+            out.append(f"| `{o if auto else f'{g}={o}'}` | {describe(recipes / g / f'{o}.yaml')} |")
     out += [
         "",
         "## Primary configs",

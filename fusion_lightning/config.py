@@ -177,10 +177,30 @@ def one_line(e: Exception, config_name: str = "fit", base: list[str] | None = No
     return msg.splitlines()[0] if msg else type(e).__name__
 
 
+def debug_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """The overrides with the debug groups checked. `debug_recipe` follows `debug` and the recipe
+    (fit.yaml: `debug_recipe/<debug>_<recipe>.yaml`, optional): set by hand it could name another recipe's
+    cuts or, misspelt, be skipped without a word, so it is refused. `debug=null` and `~debug` are the
+    default (no debug) and are dropped: Hydra refuses the first, and the second would leave `${debug}` in
+    that interpolation unresolved."""
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~").split(".")[0] == "debug_recipe":
+            raise ConfigError(f"{o}: debug_recipe is not set by hand; debug=fast applies the recipe's own cuts "
+                              "(recipes/debug_recipe/fast_<recipe>.yaml)")
+        if o == "~debug" or (key.lstrip("+") == "debug" and value in ("null", "none", "None")):
+            continue
+        out.append(o)
+    return out
+
+
 def compose_config(config_name: str, overrides: list[str] | tuple[str, ...] = (),
                    base: list[str] | None = None) -> DictConfig:
     """Compose `recipes/<config_name>.yaml` with Hydra overrides (the hydra node resolved and dropped);
     ConfigError on any problem. The one composer behind `fit`, `templates build` and the tests."""
+    if config_name == "fit":
+        overrides = debug_overrides(overrides)
     GlobalHydra.instance().clear()
     register_router_recipes()
     try:

@@ -42,6 +42,7 @@ from fusion_lightning.checkpointing import (
 from fusion_lightning.config import (
     ConfigError,
     compose_recipe,
+    debug_overrides,
     list_recipes,
     recipes_dir,
     register_router_recipes,
@@ -349,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     # Hydra reads sys.argv; Lightning's DDP launcher re-runs this command for the other ranks with
     # hydra.run.dir=<this run's dir>, so every rank shares one run dir
+    try:
+        argv = debug_overrides(argv)  # under -m too, where nothing was composed above
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     sys.argv = [sys.argv[0], *argv]
     _EXIT.clear()
     register_router_recipes()  # a router YAML without a recipe file gets one (config.py)

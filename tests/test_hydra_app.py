@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fusion_lightning.compare import main as compare_main
-from fusion_lightning.config import compose_recipe
+from fusion_lightning.config import ConfigError, compose_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +79,12 @@ def test_debug_fast_is_small_hashing_and_one_epoch() -> None:
     sel = compose_recipe("thought_auto", ["debug=fast"]).callbacks.thought_selection
     assert (sel.max_questions, list(sel.ks), sel.sampling.max_new_tokens, sel.cross_fit) == (48, [1], 8, "auto")
     assert compose_recipe("thought_auto").callbacks.thought_selection.max_questions == 200
+    # the cuts follow debug and the recipe: never set by hand (another recipe's, or a typo Hydra would skip)
+    for bad in ("debug_recipe=fast_router_encoder", "+debug_recipe=nope"):
+        with pytest.raises(ConfigError, match="debug_recipe is not set by hand"):
+            compose_recipe("thought_auto", [bad])
+    for none in ("~debug", "debug=null"):  # the default, said out loud
+        assert compose_recipe("router_encoder", [none]).datamodule.max_length == 128
 
 
 @pytest.mark.integration  # starts the CLI as a process
