@@ -224,9 +224,10 @@ class TemplateAugmenter:
     """Retrieve from a template library for each query and build the thought stage's prompt.
 
     `mode`, `k`, `budget_tokens`: the default settings; `selection`: backend name -> its own settings
-    (what val chose for it); `task_selection`: backend name -> task -> the settings for that task's queries
-    where the selection chose per task (a query without a task gets the model's overall settings). Token counts: `set_token_counter(model, fn)` per backend (the pipeline
-    registers each backend's tokenizer), else `count_tokens`, else `approx_tokens`."""
+    (what val chose for it); `task_selection`: backend name -> task -> the settings for that task's
+    queries where the selection chose per task (a query without a task gets the model's overall
+    settings). Token counts: `set_token_counter(model, fn)` per backend (the pipeline registers each
+    backend's tokenizer), else `count_tokens`, else `approx_tokens`."""
 
     def __init__(self, library: TemplateLibrary, encode_queries, template_vectors: torch.Tensor | np.ndarray,
                  k: int = 3, task_filter: bool = True, mode: str = "templates",
