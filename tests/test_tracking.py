@@ -34,6 +34,8 @@ def read_wandb_log(path: Path) -> dict[str, dict]:
         if left < 7 or (length == 0 and kind == 0):
             pos += left
             continue
+        if pos + 7 + length > len(data):
+            break  # a record wandb-core is still appending (read_wandb_run reads again)
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind not in (1, 4):
