@@ -334,6 +334,8 @@ class Pipeline:
         return {"checkpoint": str(ckpt), "metrics": {k: v for k, v in metrics.items() if k.startswith("test/")}}
 
     def stage_thought(self) -> dict[str, Any]:
+        from fusion_lightning.thought.prompt import per_task_exceptions
+
         lib, ckpt = self.done("library")["library"], self.done("retriever").get("checkpoint")
         files, selected = {}, {}
         modes = ["zero_shot", "few_shot"]
@@ -348,8 +350,7 @@ class Pipeline:
                 entry = self.select_thought(m, lib, ckpt)
                 selected[entry["model"]] = {k: entry[k] for k in ("mode", "k", "questions", "questions_by_split",
                                                                   "cross_fit", "seconds", "z")}
-                exceptions = {t: c["candidate"] for t, c in entry.get("per_task", {}).items()
-                              if (c["mode"], c["k"]) != (entry["mode"], entry["k"])}
+                exceptions = per_task_exceptions(entry)
                 selected[entry["model"]]["per_task_exceptions"] = exceptions
                 shown = "none (zero-shot)" if entry["mode"] == "none" else f"{entry['mode']}@{entry['k']}"
                 shown += "".join(f"; {c} on {t}" for t, c in sorted(exceptions.items()))

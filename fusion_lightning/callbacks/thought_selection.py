@@ -55,7 +55,7 @@ from fusion_lightning.thought.auto import (
     selection_questions,
     write_selection,
 )
-from fusion_lightning.thought.prompt import DEFAULT_BUDGET_TOKENS, token_counter
+from fusion_lightning.thought.prompt import DEFAULT_BUDGET_TOKENS, per_task_exceptions, token_counter
 
 
 def select_thought(augmenter, backend, questions: Sequence[Question], modes: Sequence[str] = ("templates", "exemplars", "both"),
@@ -81,10 +81,9 @@ def select_thought(augmenter, backend, questions: Sequence[Question], modes: Seq
     splits = np.array([q.split for q in questions])
     rows = []
     for name, m in measured.items():
-        diff = m["scores"] - ref
+        gain, se = _paired_gain(m["scores"], ref)
         rows.append({"candidate": name, "mode": m["settings"].mode, "k": m["settings"].k,
-                     "val_perf": float(m["scores"].mean()), "gain": float(diff.mean()),
-                     "gain_se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0,
+                     "val_perf": float(m["scores"].mean()), "gain": gain, "gain_se": se if se is not None else 0.0,
                      "perf_by_split": {s: float(m["scores"][splits == s].mean()) for s in sorted(set(splits.tolist()))},
                      "prompt_tokens": m["prompt_tokens"], "selected": name == winner})
     chosen = measured[winner]["settings"]
@@ -282,8 +281,7 @@ class ThoughtSelection(L.Callback):
                                                      "questions": entry["questions"],
                                                      "questions_by_split": entry["questions_by_split"],
                                                      "cross_fit": use, "file": paths["thought_selection_json"]}}
-        exceptions = {t: c["candidate"] for t, c in entry.get("per_task", {}).items()
-                      if (c["mode"], c["k"]) != (entry["mode"], entry["k"])}
+        exceptions = per_task_exceptions(entry)
         if self.per_task:
             self.summary_fields["thought_selection"]["per_task_exceptions"] = exceptions
         chosen = "none (zero-shot)" if entry["mode"] == "none" else f"{entry['mode']}@{entry['k']}"

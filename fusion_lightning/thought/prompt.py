@@ -108,14 +108,19 @@ def read_selection(path: str | Path) -> dict[str, ThoughtSettings]:
     return {m: ThoughtSettings(e["mode"], int(e["k"]), e.get("budget_tokens")) for m, e in _read_models(path).items()}
 
 
+def per_task_exceptions(entry: Mapping) -> dict[str, str]:
+    """task -> candidate name, for the tasks whose choice differs from the model's overall one."""
+    return {t: c["candidate"] for t, c in (entry.get("per_task") or {}).items()
+            if (c["mode"], int(c["k"])) != (entry["mode"], int(entry["k"]))}
+
+
 def read_task_selection(path: str | Path) -> dict[str, dict[str, ThoughtSettings]]:
     """backend name -> task -> the settings chosen for that task where it differs from the model's overall
     choice (a selection made with `per_task`; empty for one made without)."""
     out: dict[str, dict[str, ThoughtSettings]] = {}
     for m, e in _read_models(path).items():
-        overall = (e["mode"], int(e["k"]))
-        tasks = {t: ThoughtSettings(c["mode"], int(c["k"]), e.get("budget_tokens"))
-                 for t, c in (e.get("per_task") or {}).items() if (c["mode"], int(c["k"])) != overall}
+        tasks = {t: ThoughtSettings(e["per_task"][t]["mode"], int(e["per_task"][t]["k"]), e.get("budget_tokens"))
+                 for t in per_task_exceptions(e)}
         if tasks:
             out[m] = tasks
     return out
