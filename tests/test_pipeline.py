@@ -98,6 +98,19 @@ def test_thought_stage_rewrites_the_prompt_and_composes_with_the_router(router_c
     assert pipe.stages == ["router", "thought"]
 
 
+def test_thought_stage_writes_for_the_task_the_router_inferred(router_ckpt, servers) -> None:
+    """A request without a task (as most chat clients send) gets the thought stage of the task the router
+    routed it under, not the task-less default; a task the request names wins."""
+    pipe = FusedPipeline(_http(servers), router=Router.load(router_ckpt), augmenter=_StubAugmenter())
+    plans = pipe.plan([GEO, ARITH, GEO], tasks=[None, None, "poetry"])
+    assert [(p.task, p.task_source) for p in plans] == [("geography", "router"), ("arithmetic", "router"),
+                                                        ("poetry", "request")]
+    assert [p.prompt for p in plans] == [f"TEMPLATE[geography] {GEO}", f"TEMPLATE[arithmetic] {ARITH}",
+                                         f"TEMPLATE[poetry] {GEO}"]
+    chat = pipe.plan(conversations=[[{"role": "user", "content": GEO}]])[0]
+    assert chat.prompt[-1]["content"] == f"TEMPLATE[geography] {GEO}"
+
+
 def write_library(folder: Path) -> Path:
     """A real template library (thought level's format) embedded with the hashing encoder."""
     from fusion_lightning.data.embeddings import build_encoder

@@ -293,7 +293,8 @@ class FusedPipeline:
         """Everything before generation, for a batch: the backend (routed together in one call, or
         `models[i]` when given) and the prompt. `conversations` (chat message lists, as a server
         receives them) replace `queries`: the last user message is the query; it is rewritten only by
-        the thought stage or when a metric asks for an answer format."""
+        the thought stage or when a metric asks for an answer format. The thought stage writes for the
+        task routed under: the request's, else the one the router inferred."""
         if conversations is not None:
             queries = [_last_user(c) for c in conversations]
         if queries is None:
@@ -315,12 +316,14 @@ class FusedPipeline:
         for j, i in enumerate(todo):
             chosen[i], known[i] = routing.models[j], routing.tasks[j]
             propensity[i], explored[i], policy[i] = routing.propensity[j], routing.explored[j], self.policy_id
-        texts = self.prompts(queries, tasks, metrics, chosen)
+        # the thought stage reads the task routed under: a request without one gets the task the router's
+        # classifier inferred (its per-task mode, its task's examples), as the routing itself did
+        texts = self.prompts(queries, known, metrics, chosen)
         prompts: list[str | list[dict]] = list(texts)
         if conversations is not None:
             for i, conv in enumerate(conversations):
                 msgs = [dict(m) for m in conv]
-                if self._rewrites(chosen[i], tasks[i]) or metrics[i]:
+                if self._rewrites(chosen[i], known[i]) or metrics[i]:
                     j = max(k for k, m in enumerate(msgs) if m.get("role") == "user")
                     msgs[j]["content"] = texts[i]
                 prompts[i] = msgs
