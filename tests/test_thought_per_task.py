@@ -85,7 +85,11 @@ def test_the_per_task_rule_on_planted_scores() -> None:
     # the task's own bar: 2.36 SE is past the overall z (2.13) but not z_task -> zero-shot stays
     r = {"none": coin, "templates@3": coin, "exemplars@3": lift5}
     tasks = np.array(["t"] * 40)
-    assert per_task_choices(r, tasks, "none", z_task, names)["t"]["candidate"] == "none"
+    got = per_task_choices(r, tasks, "none", z_task, names)["t"]
+    assert got["candidate"] == "none"
+    # the strongest mode is reported beside the choice: how far it was from the bar
+    assert got["best"] == "exemplars@3" and got["best_gain"] == pytest.approx(0.125)
+    assert got["best_gain"] / got["best_gain_se"] == pytest.approx(2.36, abs=0.01)
     assert per_task_choices(r, tasks, "none", 2.0, names)["t"]["candidate"] == "exemplars@3"  # a lower bar: switches
     # a task's own winner must also beat the overall choice there: templates (the overall choice) +0.25 ± 0.133
     # (+20 -10, not past z 2.0), exemplars +0.125 ± 0.053 (past it) -> templates stays
@@ -127,6 +131,7 @@ def test_the_pipeline_applies_each_querys_task_choice(tmp_path: Path) -> None:
                                                          "beta": {"t": ThoughtSettings("exemplars", 1, None)}}
     md = (lib / "thought_selection.md").read_text()
     assert "| other | 40 | none |" in md and "below zero-shot" in md
+    assert "| t | 40 | exemplars@1 | +0.6000 ± " in md and "| exemplars@1 +0.6000 ± " in md  # strongest mode column
 
     aug = TemplateAugmenter.load(lib, mode="auto", k=2)
     assert aug.describe("alpha") == "exemplars@1 (none on other)" and aug.describe("beta") == "none (exemplars@1 on t)"

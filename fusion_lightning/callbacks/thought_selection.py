@@ -144,8 +144,13 @@ def per_task_choices(rewards: Mapping[str, np.ndarray], tasks: np.ndarray, overa
         else:
             pick, why = overall, "the overall choice"
         pg, pse = _paired_gain(task_rewards[pick], ref[m])
+        # the strongest mode on the task, chosen or not: how far the task's questions were from a choice of
+        # its own (the bar is z_task standard errors)
+        best = max((c for c in task_rewards if c != REFERENCE), key=lambda c: task_rewards[c].mean(), default=None)
+        bg, bse = _paired_gain(task_rewards[best], ref[m]) if best is not None else (0.0, None)
         out[t] = {"mode": settings[pick].mode, "k": settings[pick].k, "candidate": pick, "questions": n,
-                  "gain": pg, "gain_se": pse, "overall_gain": g, "why": why}
+                  "gain": pg, "gain_se": pse, "overall_gain": g, "why": why,
+                  "best": best, "best_gain": bg, "best_gain_se": bse}
     return out
 
 

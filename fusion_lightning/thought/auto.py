@@ -165,6 +165,10 @@ def write_selection(entry: Mapping[str, Any], model: str, library_dir: str | Pat
     return paths
 
 
+def _gain(gain: float, se: float | None) -> str:
+    return f"{gain:+.4f} ± {'—' if se is None else f'{se:.4f}'}"
+
+
 def selection_markdown(data: Mapping[str, Any]) -> str:
     lines = ["# Thought-level selection (per target model)", "",
              "Each candidate's prompts go through the target model on the selection questions: val, plus train when "
@@ -193,10 +197,11 @@ def selection_markdown(data: Mapping[str, Any]) -> str:
             lines += ["", f"Per task (a task's own winner needs z_task = {e.get('z_task', float('nan')):.2f} and to beat "
                       "the overall choice there; zero-shot where the overall choice is more than 1 SE below it on the "
                       "task's questions; tasks with fewer than 8 questions keep the overall choice):", "",
-                      "| task | questions | choice | gain over zero-shot (± SE) | overall choice's gain | why |",
-                      "|---|---:|---|---:|---:|---|"]
+                      "| task | questions | choice | gain over zero-shot (± SE) | overall choice's gain | "
+                      "strongest mode here (gain ± SE) | why |",
+                      "|---|---:|---|---:|---:|---|---|"]
             for t, c in sorted(e["per_task"].items()):
-                se = "—" if c["gain_se"] is None else f"{c['gain_se']:.4f}"
-                lines.append(f"| {t} | {c['questions']} | {c['candidate']} | {c['gain']:+.4f} ± {se} | "
-                             f"{c['overall_gain']:+.4f} | {c['why']} |")
+                best = "—" if not c.get("best") else f"{c['best']} {_gain(c['best_gain'], c['best_gain_se'])}"
+                lines.append(f"| {t} | {c['questions']} | {c['candidate']} | {_gain(c['gain'], c['gain_se'])} | "
+                             f"{c['overall_gain']:+.4f} | {best} | {c['why']} |")
     return "\n".join(lines) + "\n"
