@@ -192,8 +192,10 @@ class Pipeline:
                     cat.add(ModelInfo(variant, input_price=price, output_price=price, base_model=base))
         return cat
 
-    def backend(self, model: str) -> dict[str, Any]:
-        return {"type": "local", "model": model, "device": self.a.device, "progress": False}
+    def backend(self, model: str, progress: bool = False) -> dict[str, Any]:
+        """`progress`: a bar per generate call (the thought stage: an hour and more of generation on CPU;
+        collect has its own bar per call)."""
+        return {"type": "local", "model": model, "device": self.a.device, "progress": progress}
 
     def evaluate(self, **live):
         from fusion_lightning.fusion_table import evaluate
@@ -343,7 +345,7 @@ class Pipeline:
             start = time.perf_counter()
             # random few-shot like for like with exemplars: as many examples (shots = k by default), drawn from
             # the pool exemplars retrieves from (the library's, same task filter), the same prompt and token budget
-            cfg = {"backend": self.backend(m), "shots": self.a.shots, "k": self.a.k, "budget_tokens": self.a.budget_tokens,
+            cfg = {"backend": self.backend(m, progress=True), "shots": self.a.shots, "k": self.a.k, "budget_tokens": self.a.budget_tokens,
                    **({"library": lib} if ckpt else {})}
             modes = ["zero_shot", "few_shot"]
             if ckpt:  # no library: no template columns
@@ -390,7 +392,7 @@ class Pipeline:
 
             def augmenter_for(q):
                 return folds[fold_of(q.query_id, FOLDS, self.a.seed)] if q.split == "train" else aug
-        backend = build_backend(self.backend(model))
+        backend = build_backend(self.backend(model, progress=True))
         entry = select_thought(aug, backend, questions, ks=self.a.thought_ks, budget_tokens=self.a.budget_tokens,
                                sampling=self.sampling, retriever=ckpt, augmenter_for=augmenter_for, cross_fit=why)
         write_selection(entry, backend.name, lib, self.out / "thought")

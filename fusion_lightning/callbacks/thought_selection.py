@@ -234,7 +234,7 @@ class ThoughtSelection(L.Callback):
             raise ValueError("callbacks.thought_selection.backend: the target model is required (a zoo name or "
                              "model path, or a backend config such as {type: openai_compatible, base_url: ..., model: ...})")
         if isinstance(backend, str):
-            backend = {"type": "local", "model": backend, "progress": False}
+            backend = {"type": "local", "model": backend}  # its progress bar: generation is the long part
         self.backend_cfg, self.modes, self.ks = dict(backend), list(modes), [int(k) for k in ks]
         self.budget_tokens, self.se_factor, self.max_questions = budget_tokens, se_factor, max_questions
         self.split, self.sampling, self.seed, self.out_dir = split, dict(sampling or {}), seed, out_dir
