@@ -192,7 +192,7 @@ def selection_markdown(data: Mapping[str, Any]) -> str:
             per = r.get("perf_by_split") or {splits[0]: r["val_perf"]}
             lines.append(f"| {name} | {r['mode']} | {r['k'] if r['mode'] != 'none' else '—'} | {r['val_perf']:.4f} | "
                          + "".join(f"{per[s]:.4f} | " if s in per else "— | " for s in splits)
-                         + f"{r['gain']:+.4f} ± {r['gain_se']:.4f} | {r['prompt_tokens']:.0f} |")
+                         + f"{_gain(r['gain'], r['gain_se'])} | {r['prompt_tokens']:.0f} |")
         if e.get("per_task"):
             lines += ["", f"Per task (a task's own winner needs z_task = {e.get('z_task', float('nan')):.2f} and to beat "
                       "the overall choice there; zero-shot where the overall choice is more than 1 SE below it on the "
